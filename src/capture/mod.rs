@@ -1,0 +1,111 @@
+//! What rowsync keeps in the source: capture triggers, journals, the doorbell, and the listener.
+//!
+//! The objects themselves are defined in `sql/capture.sql` (embedded here, installable by hand with
+//! psql), so there is one definition whichever way they are installed.
+
+pub mod listener;
+
+use tokio_postgres::GenericClient;
+
+use crate::config::DatabaseRole;
+use crate::error::{Result, SqlContext};
+use crate::ident::QualifiedName;
+
+/// sql/capture.sql, as shipped.
+pub const CAPTURE_SQL: &str = include_str!("../../sql/capture.sql");
+
+/// The NOTIFY channel the doorbell rings on (case-sensitive, hence always quoted).
+pub const CHANNEL: &str = "rowsync";
+
+/// What `install_capture` did to a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallStatus {
+    /// Capture was created now.
+    Installed,
+    /// Something was missing or disabled and has been put back; changes made meanwhile were not
+    /// journaled, so the table needs a fresh copy.
+    Repaired,
+    /// Everything was already in place.
+    Unchanged,
+}
+
+/// Creates or updates the shared capture objects (schema, doorbell, functions). Idempotent.
+pub async fn install_objects(client: &impl GenericClient) -> Result<()> {
+    client
+        .batch_execute(CAPTURE_SQL)
+        .await
+        .context(DatabaseRole::Source, || "installing sql/capture.sql".into())
+}
+
+/// Installs (or repairs) capture on one table.
+pub async fn install_table(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<InstallStatus> {
+    let status: String = client
+        .query_one(
+            "SELECT rowsync.install_capture($1::text::regclass)",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("installing capture on {table}")
+        })?
+        .get(0);
+    Ok(match status.as_str() {
+        "installed" => InstallStatus::Installed,
+        "repaired" => InstallStatus::Repaired,
+        _ => InstallStatus::Unchanged,
+    })
+}
+
+/// Arms the doorbell: the next source write will NOTIFY. Returns false when a writer is ringing it
+/// at this moment (a notification is on its way).
+pub async fn arm_doorbell(client: &impl GenericClient) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT rowsync.arm_doorbell()", &[])
+        .await
+        .context(DatabaseRole::Source, || "arming the doorbell".into())?
+        .get(0))
+}
+
+/// Capture triggers of a table that are missing or not `ENABLE ALWAYS` (a restore or an ALTER TABLE
+/// … DISABLE TRIGGER can silently switch them off).
+pub async fn trigger_problems(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT t.name, tg.tgenabled::text \
+               FROM unnest(ARRAY['rowsync_capture_insert', 'rowsync_capture_update', \
+                                 'rowsync_capture_delete', 'rowsync_capture_truncate']) AS t(name) \
+               LEFT JOIN pg_catalog.pg_trigger tg \
+                 ON tg.tgrelid = $1::text::regclass AND tg.tgname = t.name",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("checking the triggers of {table}")
+        })?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            match row.get::<_, Option<String>>(1).as_deref() {
+                Some("A") => None,
+                Some(_) => Some(format!("{name} is not ENABLE ALWAYS")),
+                None => Some(format!("{name} is missing")),
+            }
+        })
+        .collect())
+}
+
+/// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).
+pub async fn journal_depth(client: &impl GenericClient, journal: &QualifiedName) -> Result<i64> {
+    Ok(client
+        .query_one(&format!("SELECT count(*) FROM {}", journal.quoted()), &[])
+        .await
+        .context(DatabaseRole::Source, || format!("counting {journal}"))?
+        .get(0))
+}

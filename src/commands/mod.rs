@@ -1,0 +1,7 @@
+//! The subcommands, one file each. Each takes resolved settings and returns what it did; printing
+//! and exit codes are the binary's business.
+
+pub mod demo;
+pub mod run;
+pub mod setup;
+pub mod verify;

@@ -1,0 +1,187 @@
+//! Connections to the source and target: pooled for queries and applies, dedicated for LISTEN and COPY.
+//!
+//! Every session rowsync opens carries an `application_name` (so operators can find it in
+//! `pg_stat_activity`) and bounded waits: `statement_timeout`, `lock_timeout` and
+//! `idle_in_transaction_session_timeout` as startup options, plus TCP keepalives and a user timeout so
+//! a peer that vanished without a reset is noticed within about half a minute.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{DatabaseRole, DatabaseSettings, Settings};
+use crate::error::{Error, Result};
+
+/// `application_name` of pooled sessions.
+pub const APP_POOL: &str = "rowsync";
+/// `application_name` of the dedicated LISTEN session on the source.
+pub const APP_LISTENER: &str = "rowsync-listener";
+/// `application_name` of the initial-copy sessions.
+pub const APP_COPY: &str = "rowsync-copy";
+
+/// Bounds applied to every session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl SessionLimits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            statement_timeout: settings.statement_timeout,
+            lock_timeout: settings.lock_timeout,
+            // A source transaction stays open, idle, while its batch is applied to the target
+            // statement by statement; each of those is bounded by statement_timeout.
+            idle_in_transaction_timeout: (settings.statement_timeout * 2)
+                .max(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// The connection configuration for one kind of session: the user's URL plus our name and limits.
+pub fn session_config(
+    db: &DatabaseSettings,
+    limits: SessionLimits,
+    application_name: &str,
+) -> tokio_postgres::Config {
+    let mut config = db.config.clone();
+    config.application_name(application_name);
+    let ours = format!(
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        limits.statement_timeout.as_millis().max(1),
+        limits.lock_timeout.as_millis().max(1),
+        limits.idle_in_transaction_timeout.as_millis().max(1),
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config.options(options);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(15))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    config
+}
+
+/// The two connection pools.
+#[derive(Clone)]
+pub struct Pools {
+    pub source: Pool,
+    pub target: Pool,
+}
+
+impl Pools {
+    pub fn new(settings: &Settings) -> Result<Self> {
+        let limits = SessionLimits::from_settings(settings);
+        Ok(Self {
+            source: pool(&settings.source, limits)?,
+            target: pool(&settings.target, limits)?,
+        })
+    }
+
+    pub async fn source(&self) -> Result<Object> {
+        checkout(&self.source, DatabaseRole::Source).await
+    }
+
+    pub async fn target(&self) -> Result<Object> {
+        checkout(&self.target, DatabaseRole::Target).await
+    }
+
+    pub fn close(&self) {
+        self.source.close();
+        self.target.close();
+    }
+}
+
+fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {
+    let manager = Manager::from_config(
+        session_config(db, limits, APP_POOL),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(db.pool_size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(15)))
+        .wait_timeout(Some(Duration::from_secs(60)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|err| Error::Schema {
+            table: "-".into(),
+            problem: format!("could not build the {} pool: {err}", db.role),
+        })
+}
+
+async fn checkout(pool: &Pool, role: DatabaseRole) -> Result<Object> {
+    pool.get()
+        .await
+        .map_err(|source| Error::Pool { role, source })
+}
+
+/// Opens a dedicated session (not pooled) and drives it on a background task. Use it for work that
+/// must not share a pooled session: COPY streams, or anything that outlives a checkout.
+pub async fn connect(db: &DatabaseSettings, config: &tokio_postgres::Config) -> Result<Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| Error::Connect {
+            role: db.role,
+            database: db.display(),
+            source,
+        })?;
+    let role = db.role;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%role, %error, "dedicated connection closed with an error");
+        }
+    });
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    #[test]
+    fn sessions_are_named_and_bounded_and_keep_user_options() {
+        let settings = Settings::from_env(&Env::from_pairs([
+            (
+                "SOURCE_DATABASE_URL",
+                "postgres://u:p@h/db?options=-c%20search_path%3Dapp",
+            ),
+            ("TARGET_DATABASE_URL", "postgres://u:p@h/db2"),
+            ("STATEMENT_TIMEOUT_SECONDS", "12"),
+        ]))
+        .unwrap();
+        let limits = SessionLimits::from_settings(&settings);
+        let config = session_config(&settings.source, limits, APP_LISTENER);
+        assert_eq!(config.get_application_name(), Some(APP_LISTENER));
+        let options = config.get_options().unwrap();
+        assert!(options.starts_with("-c search_path=app "), "{options}");
+        assert!(options.contains("statement_timeout=12000"), "{options}");
+        assert!(options.contains("lock_timeout=10000"), "{options}");
+        assert!(
+            options.contains("idle_in_transaction_session_timeout=60000"),
+            "{options}"
+        );
+        assert!(config.get_keepalives());
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+    }
+}

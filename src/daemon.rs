@@ -1,0 +1,445 @@
+//! The sync loop of `rowsync run`.
+//!
+//! One task applies, so batches of a table never run concurrently and are applied in snapshot
+//! order. It runs a batch per table whenever the listener rings, after every listener (re)connect,
+//! on a short poll timer while idle (the doorbell can race), and as a sweep every
+//! `SYNC_INTERVAL_MINUTES`. Sweeps are scheduled from the end of the previous one, so they never
+//! overlap; a sweep that takes more than 80% of the interval logs a warning.
+//!
+//! Before it waits, the loop arms the source's doorbell (only while the listener is listening) and
+//! looks at the journals once more, so a change committed just before arming is not left waiting for
+//! the poll timer.
+//!
+//! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
+//! the in-flight batch may take (`SHUTDOWN_TIMEOUT_SECONDS`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::apply::Counts;
+use crate::batch::{BatchKind, BatchReport, TableSync};
+use crate::capture::listener::{self, ListenerState};
+use crate::config::Settings;
+use crate::connection::Pools;
+use crate::error::{Error, Result};
+use crate::error_policy::{self, ErrorType};
+use crate::retry::Backoff;
+use crate::{capture, migrate, sync_errors};
+
+/// Figures for operators (and the demo), updated as the loop runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    inner: Mutex<StatsSnapshot>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub totals: Counts,
+    pub batches: u64,
+    pub sweeps: u64,
+    pub last_sweep: Option<SweepSummary>,
+    pub last_batch_at: Option<SystemTime>,
+    pub errors: u64,
+    pub consecutive_failures: u32,
+    pub sweep_in_progress: bool,
+    pub caught_up: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SweepSummary {
+    pub finished_at: SystemTime,
+    pub duration: Duration,
+    pub counts: Counts,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatsSnapshot> {
+        // A panic while holding this lock cannot leave the figures inconsistent in a harmful way.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn batch(&self, report: &BatchReport) {
+        let mut stats = self.lock();
+        stats.totals += report.counts;
+        stats.batches += 1;
+        stats.last_batch_at = Some(SystemTime::now());
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(
+    settings: Arc<Settings>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let pools = Pools::new(&settings)?;
+    let result = async {
+        let Some(tables) = start(&settings, &pools, &shutdown).await? else {
+            return Ok(());
+        };
+        let wake = Arc::new(Notify::new());
+        let (state_tx, state_rx) = watch::channel(ListenerState::Connecting);
+        let listener = tokio::spawn(listener::run(
+            settings.clone(),
+            pools.clone(),
+            wake.clone(),
+            state_tx,
+            shutdown.clone(),
+        ));
+        let mut sync = SyncLoop {
+            settings: settings.clone(),
+            pools: pools.clone(),
+            tables,
+            stats: stats.clone(),
+            wake,
+            listener: state_rx,
+            shutdown: shutdown.clone(),
+        };
+        sync.run().await;
+        let _ = listener.await;
+        Ok(())
+    }
+    .await;
+    pools.close();
+    result
+}
+
+/// Migrates the target and loads every table, retrying while the databases are unreachable.
+/// Returns None if shut down meanwhile.
+async fn start(
+    settings: &Settings,
+    pools: &Pools,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<TableSync>>> {
+    let mut backoff = Backoff::new(&settings.retry);
+    loop {
+        let attempt = async {
+            let mut target = pools.target().await?;
+            let applied = migrate::migrate(&mut target).await?;
+            if !applied.is_empty() {
+                info!(migrations = ?applied, "applied target migrations");
+            }
+            drop(target);
+            let mut tables = Vec::new();
+            for table in &settings.tables {
+                let mut sync = TableSync::load(pools, table, settings.batch_size).await?;
+                let cleaned = sync.clean_journal(pools).await?;
+                if cleaned > 0 {
+                    debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
+                }
+                if !sync.mapping.source_only.is_empty() {
+                    info!(
+                        table = %sync.name(),
+                        columns = ?sync.mapping.source_only,
+                        "source columns missing in the target are not synced"
+                    );
+                }
+                tables.push(sync);
+            }
+            Ok::<_, Error>(tables)
+        };
+        match attempt.await {
+            Ok(tables) => return Ok(Some(tables)),
+            Err(err) if error_policy::is_transient(&err) => {
+                let delay = backoff.next().unwrap_or(settings.retry.max_delay);
+                warn!(
+                    error = %crate::error::chain(&err),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "cannot start yet; retrying"
+                );
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+struct SyncLoop {
+    settings: Arc<Settings>,
+    pools: Pools,
+    tables: Vec<TableSync>,
+    stats: Arc<Stats>,
+    wake: Arc<Notify>,
+    listener: watch::Receiver<ListenerState>,
+    shutdown: CancellationToken,
+}
+
+/// A failed pass: which table, and what went wrong.
+struct PassError {
+    table: String,
+    error: Error,
+}
+
+impl SyncLoop {
+    async fn run(&mut self) {
+        // The first sweep runs at once: it catches up on everything journaled while rowsync was
+        // stopped, and on rows updated within the lookback window.
+        let mut next_sweep = Instant::now();
+        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(&self.settings.retry);
+        info!(
+            tables = self.tables.len(),
+            interval_ms = self.settings.sync_interval.as_millis() as u64,
+            lookback_ms = self.settings.sweep_lookback.as_millis() as u64,
+            "sync loop started"
+        );
+        while !self.shutdown.is_cancelled() {
+            let sweep_due = Instant::now() >= next_sweep;
+            let outcome = if sweep_due {
+                self.sweep().await
+            } else {
+                self.pass(BatchKind::Stream).await
+            };
+            let found = match outcome {
+                Ok(found) => {
+                    if failures > 0 {
+                        info!(failures, "sync recovered");
+                        self.resolve_failure_episode().await;
+                        failures = 0;
+                        backoff = Backoff::new(&self.settings.retry);
+                        self.stats.lock().consecutive_failures = 0;
+                    }
+                    if sweep_due {
+                        next_sweep = Instant::now() + self.settings.sync_interval;
+                    }
+                    found
+                }
+                Err(PassError {
+                    error: Error::ProgressMoved { table },
+                    ..
+                }) => {
+                    info!(table = %table, "progress was moved by another process; reloaded it");
+                    continue;
+                }
+                Err(failure) => {
+                    failures += 1;
+                    let delay = backoff.next().unwrap_or(self.settings.retry.max_delay);
+                    self.fail(&failure, failures, delay).await;
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
+            if found {
+                continue;
+            }
+            self.stats.lock().caught_up = true;
+            if *self.listener.borrow() == ListenerState::Listening {
+                match self.arm_doorbell().await {
+                    // Something may have been committed just before the bell was armed.
+                    Ok(()) => match self.pass(BatchKind::Stream).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(_) => continue,
+                    },
+                    Err(err) => {
+                        debug!(error = %crate::error::chain(&err), "could not arm the doorbell")
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                // Each arm is cancel-safe: they only wait.
+                _ = self.shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = tokio::time::sleep_until(next_sweep.into()) => {}
+            }
+        }
+        let stats = self.stats.snapshot();
+        info!(
+            batches = stats.batches,
+            sweeps = stats.sweeps,
+            created = stats.totals.created,
+            updated = stats.totals.updated,
+            deleted = stats.totals.deleted,
+            unchanged = stats.totals.unchanged,
+            failed = stats.totals.failed,
+            errors = stats.errors,
+            "sync loop stopped"
+        );
+    }
+
+    /// One batch per table. Returns whether any table had changes.
+    async fn pass(&mut self, kind: BatchKind) -> Result<bool, PassError> {
+        let mut found = false;
+        for table in &mut self.tables {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            match table.run_batch(&self.pools, kind).await {
+                Ok(Some(report)) => {
+                    found = true;
+                    debug!(
+                        table = %report.table,
+                        created = report.counts.created,
+                        updated = report.counts.updated,
+                        deleted = report.counts.deleted,
+                        unchanged = report.counts.unchanged,
+                        failed = report.counts.failed,
+                        duration_ms = report.duration.as_millis() as u64,
+                        "batch applied"
+                    );
+                    self.stats.batch(&report);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(PassError {
+                        table: table.name(),
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// A sweep: one batch per table with the lookback and the retries. Returns whether it found
+    /// anything.
+    async fn sweep(&mut self) -> Result<bool, PassError> {
+        let started = Instant::now();
+        let before = self.stats.snapshot().totals;
+        self.stats.lock().sweep_in_progress = true;
+        let result = self
+            .pass(BatchKind::Sweep {
+                lookback: self.settings.sweep_lookback,
+            })
+            .await;
+        let duration = started.elapsed();
+        let mut stats = self.stats.lock();
+        stats.sweep_in_progress = false;
+        let found = result?;
+        let counts = Counts {
+            created: stats.totals.created - before.created,
+            updated: stats.totals.updated - before.updated,
+            deleted: stats.totals.deleted - before.deleted,
+            unchanged: stats.totals.unchanged - before.unchanged,
+            failed: stats.totals.failed - before.failed,
+        };
+        stats.sweeps += 1;
+        stats.last_sweep = Some(SweepSummary {
+            finished_at: SystemTime::now(),
+            duration,
+            counts,
+        });
+        drop(stats);
+        info!(
+            created = counts.created,
+            updated = counts.updated,
+            deleted = counts.deleted,
+            unchanged = counts.unchanged,
+            failed = counts.failed,
+            duration_ms = duration.as_millis() as u64,
+            "sweep finished"
+        );
+        if duration > self.settings.sync_interval.mul_f64(0.8) {
+            warn!(
+                duration_ms = duration.as_millis() as u64,
+                interval_ms = self.settings.sync_interval.as_millis() as u64,
+                "sweep took more than 80% of the interval; the next one waits for it \
+                 (consider a longer SYNC_INTERVAL_MINUTES)"
+            );
+        }
+        Ok(found)
+    }
+
+    async fn arm_doorbell(&self) -> Result<()> {
+        let source = self.pools.source().await?;
+        capture::arm_doorbell(&**source).await?;
+        Ok(())
+    }
+
+    async fn fail(&self, failure: &PassError, failures: u32, delay: Duration) {
+        {
+            let mut stats = self.stats.lock();
+            stats.errors += 1;
+            stats.consecutive_failures = failures;
+        }
+        let message = crate::error::chain(&failure.error);
+        let retries_left = failures <= self.settings.retry.max_retries;
+        if retries_left && error_policy::is_transient(&failure.error) {
+            warn!(
+                table = %failure.table,
+                attempt = failures,
+                retry_in_ms = delay.as_millis() as u64,
+                error = %message,
+                "sync failed; retrying"
+            );
+            return;
+        }
+        error!(
+            table = %failure.table,
+            attempt = failures,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %message,
+            "sync keeps failing; recorded in sync_errors, still retrying"
+        );
+        let error_type = failure
+            .error
+            .postgres()
+            .map(|e| error_policy::classify(e).1)
+            .unwrap_or(if error_policy::is_transient(&failure.error) {
+                ErrorType::ConnectionError
+            } else {
+                ErrorType::SyncError
+            });
+        let record = sync_errors::Failure {
+            error_type,
+            table: Some(failure.table.clone()),
+            record_id: None,
+            message,
+            stack_trace: sync_errors::stack_trace(&failure.error),
+            metadata: sync_errors::metadata(
+                Some(&failure.table),
+                "batch",
+                failure.error.postgres(),
+                failures,
+            ),
+        };
+        if let Ok(target) = self.pools.target().await
+            && let Err(err) = sync_errors::record(&**target, &record).await
+        {
+            warn!(error = %crate::error::chain(&err), "could not record the failure in sync_errors");
+        }
+    }
+
+    /// After a recovery, closes the open records of failures that were not about a row.
+    async fn resolve_failure_episode(&self) {
+        let Ok(target) = self.pools.target().await else {
+            return;
+        };
+        for table in &self.tables {
+            let _ = sync_errors::resolve_episode(
+                &**target,
+                &[
+                    ErrorType::ConnectionError,
+                    ErrorType::Timeout,
+                    ErrorType::SyncError,
+                    ErrorType::SchemaMismatch,
+                    ErrorType::ConstraintViolation,
+                    ErrorType::DataError,
+                    ErrorType::PermissionDenied,
+                ],
+                Some(&table.name()),
+            )
+            .await;
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The crate's error type: what failed, on which database or table, with the cause as `source`.
+//!
+//! Messages never contain passwords: databases appear as `user@host:port/db` (see
+//! [`crate::config::DatabaseSettings::display`]), and driver errors carry no connection strings.
+
+use crate::config::{ConfigError, DatabaseRole};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error("could not connect to the {role} database {database}")]
+    Connect {
+        role: DatabaseRole,
+        database: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("no connection to the {role} database")]
+    Pool {
+        role: DatabaseRole,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+
+    #[error("{action} failed on the {role} database")]
+    Sql {
+        role: DatabaseRole,
+        action: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("{action} on the {role} database timed out")]
+    Timeout { role: DatabaseRole, action: String },
+
+    #[error("progress of {table} was moved by another process; reloading it")]
+    ProgressMoved { table: String },
+
+    #[error("table {table}: {problem}")]
+    Schema { table: String, problem: String },
+
+    #[error("table {table} is not set up for sync; run `rowsync setup` first")]
+    NotSetUp { table: String },
+
+    #[error("local PostgreSQL server: {action}")]
+    LocalServer {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{action}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("a background task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl Error {
+    /// The driver error underneath, if this error came from a database.
+    pub fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            Self::Connect { source, .. } | Self::Sql { source, .. } => Some(source),
+            Self::Pool {
+                source: deadpool_postgres::PoolError::Backend(source),
+                ..
+            } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches "what was being done, on which database" to driver errors.
+pub(crate) trait SqlContext<T> {
+    fn context(self, role: DatabaseRole, action: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> SqlContext<T> for Result<T, tokio_postgres::Error> {
+    fn context(self, role: DatabaseRole, action: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Sql {
+            role,
+            action: action(),
+            source,
+        })
+    }
+}
+
+/// Renders an error and its causes on one line each: `error: …` then `caused by: …`.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = format!("error: {err}");
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(&format!("\ncaused by: {err}"));
+        cause = err.source();
+    }
+    text
+}
+
+/// The error chain flattened to one line (for logs and `sync_errors.error_message`).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cause = err.source();
+    }
+    text
+}

@@ -1,0 +1,130 @@
+//! The `rowsync` binary: parse the command line, load and validate configuration, set up logging,
+//! run the subcommand, map the result to an exit status (0 ok, 1 failure or inconsistency, 2 bad
+//! configuration or usage).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use rowsync::commands::demo::{DemoOptions, DemoOutcome};
+use rowsync::commands::{demo, run, setup, verify};
+use rowsync::config::{Env, LogSettings, Settings};
+use rowsync::error::{Error, report};
+
+/// Keeps tables in one PostgreSQL database in sync with another: capture triggers on the source,
+/// an initial copy, then real-time LISTEN/NOTIFY plus periodic sweeps. Configured through
+/// environment variables (and a .env file); see the README.
+#[derive(Parser)]
+#[command(name = "rowsync", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install capture on the source and migrations on the target, then copy existing rows.
+    /// Idempotent.
+    Setup,
+    /// Run the sync daemon until SIGTERM or SIGINT.
+    Run,
+    /// Compare source and target; exit 0 when consistent, 1 when not.
+    Verify {
+        /// Re-check an inconsistent table this many times, a second apart (writes in flight).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        attempts: u32,
+    },
+    /// Try rowsync on two throwaway local PostgreSQL servers; needs no database of your own.
+    Demo {
+        /// How long the stream of writes runs, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Writes per second to the backend.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        rate: u32,
+        /// Users in the backend before setup.
+        #[arg(long, default_value_t = 1000)]
+        rows: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match try_main(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("{}", report(&err));
+            match err {
+                Error::Config(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> Result<ExitCode, Error> {
+    let env = Env::from_process()?;
+    let mut log = LogSettings::from_env(&env)?;
+    let settings = match cli.command {
+        Command::Demo { .. } => {
+            // The demo's own output is the show; its logs only matter when something is wrong.
+            if std::env::var_os("LOG_LEVEL").is_none() {
+                log.level = "warn".into();
+            }
+            None
+        }
+        _ => Some(Arc::new(Settings::from_env(&env)?)),
+    };
+    rowsync::logging::init(&log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            action: "starting the async runtime".into(),
+            source,
+        })?;
+    runtime.block_on(async move {
+        match (cli.command, settings) {
+            (Command::Setup, Some(settings)) => {
+                let tables = setup::setup(&settings).await?;
+                print!("{}", setup::summary(&tables));
+                Ok(ExitCode::SUCCESS)
+            }
+            (Command::Run, Some(settings)) => {
+                run::run(settings).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            (Command::Verify { attempts }, Some(settings)) => {
+                let verdicts = verify::verify(&settings, attempts).await?;
+                print!("{}", verify::report(&verdicts));
+                Ok(if verdicts.iter().all(verify::TableVerdict::consistent) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            (
+                Command::Demo {
+                    seconds,
+                    rate,
+                    rows,
+                },
+                _,
+            ) => {
+                let outcome = demo::demo(DemoOptions {
+                    seconds,
+                    rate,
+                    initial_rows: rows,
+                })
+                .await?;
+                Ok(match outcome {
+                    DemoOutcome::Consistent => ExitCode::SUCCESS,
+                    DemoOutcome::Inconsistent => ExitCode::FAILURE,
+                    DemoOutcome::Interrupted => ExitCode::from(130),
+                })
+            }
+            (_, None) => unreachable!("settings are loaded for every command but demo"),
+        }
+    })
+}

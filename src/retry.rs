@@ -1,0 +1,81 @@
+//! Backoff between attempts: from `RETRY_INITIAL_DELAY`, times `RETRY_BACKOFF_MULTIPLIER` per
+//! attempt, capped at `RETRY_MAX_DELAY`, with jitter so that many clients do not retry in step.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use crate::config::RetrySettings;
+
+/// An endless sequence of delays; use `.take(n)` to bound it.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+    multiplier: f64,
+}
+
+impl Backoff {
+    pub fn new(settings: &RetrySettings) -> Self {
+        Self {
+            next: settings.initial_delay,
+            max: settings.max_delay,
+            multiplier: settings.multiplier,
+        }
+    }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    /// The nominal delay with "equal jitter": between half of it and all of it.
+    fn next(&mut self) -> Option<Duration> {
+        let nominal = self.next;
+        self.next = self.next.mul_f64(self.multiplier).min(self.max);
+        Some(nominal.mul_f64(0.5 + 0.5 * random_unit()))
+    }
+}
+
+/// A number in [0, 1), random enough for jitter (std's per-instance randomised hasher keys).
+fn random_unit() -> f64 {
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_by_the_multiplier_up_to_the_cap_with_jitter() {
+        let settings = RetrySettings {
+            max_retries: 3,
+            initial_delay: Duration::from_millis(1000),
+            max_delay: Duration::from_millis(5000),
+            multiplier: 2.0,
+        };
+        let delays: Vec<Duration> = Backoff::new(&settings).take(6).collect();
+        let nominal = [1000, 2000, 4000, 5000, 5000, 5000];
+        for (delay, nominal) in delays.iter().zip(nominal) {
+            let ms = delay.as_millis() as u64;
+            assert!(
+                ms >= nominal / 2 && ms <= nominal,
+                "{ms} not within jitter of {nominal}"
+            );
+        }
+    }
+
+    #[test]
+    fn jitter_varies() {
+        let settings = RetrySettings {
+            max_retries: 3,
+            initial_delay: Duration::from_secs(10),
+            max_delay: Duration::from_secs(10),
+            multiplier: 1.0,
+        };
+        let delays: std::collections::HashSet<Duration> =
+            Backoff::new(&settings).take(20).collect();
+        assert!(delays.len() > 1, "all delays identical: {delays:?}");
+    }
+}
