@@ -59,6 +59,10 @@ $$;
 CREATE OR REPLACE FUNCTION rowsync.arm_doorbell() RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- Already armed (the common case while idle): a plain read, no row lock, no transaction id.
+    IF (SELECT armed FROM rowsync.doorbell) THEN
+        RETURN true;
+    END IF;
     PERFORM 1 FROM rowsync.doorbell FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN false;

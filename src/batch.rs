@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use postgres_types::ToSql;
+use postgres_types::{ToSql, Type};
 use serde_json::Value;
 use tokio_postgres::IsolationLevel;
 use tracing::{debug, info, warn};
@@ -139,7 +139,10 @@ impl TableSync {
             ),
         };
         let statement = stx
-            .prepare_cached(&self.change_sql)
+            .prepare_typed_cached(
+                &self.change_sql,
+                &[Type::TEXT, Type::FLOAT8, Type::JSONB_ARRAY],
+            )
             .await
             .context(DatabaseRole::Source, || {
                 format!("preparing the change query of {name}")

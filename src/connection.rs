@@ -79,6 +79,9 @@ pub fn session_config(
 pub struct Pools {
     pub source: Pool,
     pub target: Pool,
+    /// `user@host:port/db` of each, for errors.
+    source_name: String,
+    target_name: String,
 }
 
 impl Pools {
@@ -87,15 +90,17 @@ impl Pools {
         Ok(Self {
             source: pool(&settings.source, limits)?,
             target: pool(&settings.target, limits)?,
+            source_name: settings.source.display(),
+            target_name: settings.target.display(),
         })
     }
 
     pub async fn source(&self) -> Result<Object> {
-        checkout(&self.source, DatabaseRole::Source).await
+        checkout(&self.source, DatabaseRole::Source, &self.source_name).await
     }
 
     pub async fn target(&self) -> Result<Object> {
-        checkout(&self.target, DatabaseRole::Target).await
+        checkout(&self.target, DatabaseRole::Target, &self.target_name).await
     }
 
     pub fn close(&self) {
@@ -119,16 +124,18 @@ fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {
         .wait_timeout(Some(Duration::from_secs(60)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
-        .map_err(|err| Error::Schema {
-            table: "-".into(),
-            problem: format!("could not build the {} pool: {err}", db.role),
+        .map_err(|source| Error::PoolBuild {
+            role: db.role,
+            source,
         })
 }
 
-async fn checkout(pool: &Pool, role: DatabaseRole) -> Result<Object> {
-    pool.get()
-        .await
-        .map_err(|source| Error::Pool { role, source })
+async fn checkout(pool: &Pool, role: DatabaseRole, database: &str) -> Result<Object> {
+    pool.get().await.map_err(|source| Error::Pool {
+        role,
+        database: database.to_string(),
+        source,
+    })
 }
 
 /// Opens a dedicated session (not pooled) and drives it on a background task. Use it for work that

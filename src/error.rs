@@ -18,11 +18,19 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
-    #[error("no connection to the {role} database")]
+    #[error("no connection to the {role} database {database}")]
     Pool {
         role: DatabaseRole,
+        database: String,
         #[source]
         source: deadpool_postgres::PoolError,
+    },
+
+    #[error("could not build the {role} connection pool")]
+    PoolBuild {
+        role: DatabaseRole,
+        #[source]
+        source: deadpool_postgres::BuildError,
     },
 
     #[error("{action} failed on the {role} database")]

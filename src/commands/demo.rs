@@ -21,7 +21,6 @@ use crate::shutdown;
 
 /// The seed service's `users` table (the backend's and the chat app's).
 pub const USERS_DDL: &str = "\
-    CREATE EXTENSION IF NOT EXISTS pgcrypto;
     CREATE TABLE users (
         id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
         first_name  text NOT NULL,

@@ -1,0 +1,293 @@
+//! What a user of the daemon expects beyond the headline guarantees.
+
+use std::time::Duration;
+
+use crate::harness::{Pair, USERS, count, seed_users, wait_for};
+
+async fn xmins(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT id::text || ':' || xmin::text FROM users ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_twice_changes_and_duplicates_nothing() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    seed_users(&source, 300).await;
+    let first = pair.setup();
+    assert!(
+        first.contains("capture installed; copied 300 rows"),
+        "{first}"
+    );
+
+    let snapshot_sql = "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND NOT tgisinternal)::text \
+        || '/' || (SELECT count(*) FROM rowsync.captured_tables)::text \
+        || '/' || (SELECT string_agg(tgname::text || tgenabled::text, ',' ORDER BY tgname) FROM pg_trigger WHERE tgrelid = 'users'::regclass)";
+    let source_state: String = source.query_one(snapshot_sql, &[]).await.unwrap().get(0);
+    let progress_sql =
+        "SELECT string_agg(table_name || snapshot || copied_at::text, ';') FROM rowsync_progress";
+    let progress: String = target.query_one(progress_sql, &[]).await.unwrap().get(0);
+    let migrations = count(&target, "SELECT count(*) FROM rowsync_migrations").await;
+    let rows = xmins(&target).await;
+
+    let second = pair.setup();
+    assert!(
+        second.contains("capture already installed; already copied, nothing to do"),
+        "{second}"
+    );
+    let source_state_after: String = source.query_one(snapshot_sql, &[]).await.unwrap().get(0);
+    assert_eq!(source_state, source_state_after);
+    assert!(source_state.starts_with("4/1/"), "{source_state}");
+    let progress_after: String = target.query_one(progress_sql, &[]).await.unwrap().get(0);
+    assert_eq!(progress, progress_after);
+    assert_eq!(
+        migrations,
+        count(&target, "SELECT count(*) FROM rowsync_migrations").await
+    );
+    assert_eq!(rows, xmins(&target).await, "target rows were rewritten");
+    assert_eq!(count(&target, "SELECT count(*) FROM users").await, 300);
+    assert_eq!(count(&target, "SELECT count(*) FROM sync_errors").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_rows_are_not_rewritten() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 100).await;
+    pair.setup();
+    let daemon = pair.spawn(&[]);
+    daemon.wait_listening(&pair).await;
+    let target = pair.target().await;
+    let before = xmins(&target).await;
+    // Rewrites every source row with the same values: journaled, re-read, found identical.
+    source
+        .execute("UPDATE users SET name = name", &[])
+        .await
+        .unwrap();
+    source
+        .execute(
+            "UPDATE users SET status = 'changed' WHERE name = 'user-7'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    wait_for("the journal to drain", Duration::from_secs(10), || async {
+        count(&source, "SELECT count(*) FROM rowsync.public_users_journal").await == 0
+    })
+    .await;
+    let after = xmins(&target).await;
+    let rewritten = before.iter().filter(|x| !after.contains(x)).count();
+    assert_eq!(rewritten, 1, "only the changed row may be rewritten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    pair.setup();
+    let daemon = pair.spawn(&[
+        ("POLL_INTERVAL_MS", "600000"),
+        ("SYNC_INTERVAL_MINUTES", "60"),
+    ]);
+    daemon.wait_listening(&pair).await;
+    // Let the start-up sweep finish and the doorbell be armed.
+    wait_for("the first sweep", Duration::from_secs(10), || async {
+        daemon.log_text().contains("sweep finished")
+    })
+    .await;
+    for i in 0..5 {
+        source
+            .execute(
+                "INSERT INTO users (name) VALUES ($1)",
+                &[&format!("rt-{i}")],
+            )
+            .await
+            .unwrap();
+        pair.wait_synced("users", Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_catches_changes_made_with_capture_disabled() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 50).await;
+    pair.setup();
+    let daemon = pair.spawn(&[("SYNC_INTERVAL_MINUTES", "0.02")]);
+    daemon.wait_listening(&pair).await;
+    // A maintenance script bypasses the triggers; updated_at still moves, so the sweep sees it.
+    source
+        .batch_execute(
+            "ALTER TABLE users DISABLE TRIGGER ALL;
+             UPDATE users SET status = 'bulk-fix', updated_at = now() WHERE name LIKE 'user-1%';
+             ALTER TABLE users ENABLE ALWAYS TRIGGER rowsync_capture_insert,
+                 ENABLE ALWAYS TRIGGER rowsync_capture_update, ENABLE ALWAYS TRIGGER rowsync_capture_delete,
+                 ENABLE ALWAYS TRIGGER rowsync_capture_truncate;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&source, "SELECT count(*) FROM rowsync.public_users_journal").await,
+        0
+    );
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_key_changes_and_varied_types_sync() {
+    let source_ddl = "
+        CREATE TYPE mood AS ENUM ('happy', 'sad');
+        CREATE TABLE items (
+            tenant   integer,
+            code     text,
+            price    numeric(12, 2),
+            tags     text[],
+            doc      json,
+            raw      bytea,
+            at       timestamptz,
+            spot     point,
+            feeling  mood,
+            note     varchar(20),
+            only_src text,
+            PRIMARY KEY (tenant, code)
+        );";
+    let target_ddl = "
+        CREATE TYPE mood AS ENUM ('sad', 'happy');
+        CREATE TABLE items (
+            code     text,
+            tenant   bigint,
+            price    numeric(12, 2),
+            tags     text[],
+            doc      json,
+            raw      bytea,
+            at       timestamptz,
+            spot     point,
+            feeling  mood,
+            note     text,
+            only_tgt text DEFAULT 'kept',
+            PRIMARY KEY (tenant, code)
+        );";
+    let pair = Pair::with_ddl(source_ddl, target_ddl).await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO items VALUES
+               (1, 'a', 9.99, '{x,y}', '{\"k\": [1, 2]}', '\\x00ff', '2024-01-02 03:04:05+00', '(1,2)', 'happy', 'n1', 's'),
+               (1, 'b', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (2, 'it''s', 0.5, '{}', '[]', '', 'infinity', '(0,0)', 'sad', '', '');",
+        )
+        .await
+        .unwrap();
+    let output = pair.rowsync(&["setup"], &[("SYNC_TABLES", "items")]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let daemon = pair.spawn(&[("SYNC_TABLES", "items")]);
+    daemon.wait_listening(&pair).await;
+    source
+        .batch_execute(
+            "UPDATE items SET code = 'renamed', price = 1.10 WHERE tenant = 1 AND code = 'a';
+             UPDATE items SET doc = '{\"new\": true}', spot = '(5,5)', feeling = 'sad' WHERE code = 'b';
+             INSERT INTO items VALUES (3, 'c', 3, '{\"q,r\"}', 'null', '\\xdeadbeef', now(), '(9,9)', 'happy', 'n3', 'z');
+             DELETE FROM items WHERE tenant = 2;",
+        )
+        .await
+        .unwrap();
+    let target = pair.target().await;
+    let shared = "SELECT tenant::bigint, code, price, tags, doc::text, raw, at, spot::text, feeling::text, note::text \
+                  FROM items ORDER BY tenant, code";
+    let render = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| format!("{:?}", r.try_get::<_, Option<String>>(i).ok().flatten()))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect()
+    };
+    let text_sql = format!("SELECT t::text FROM ({shared}) t");
+    pair.wait("items to converge", Duration::from_secs(20), || async {
+        render(source.query(&text_sql, &[]).await.unwrap())
+            == render(target.query(&text_sql, &[]).await.unwrap())
+    })
+    .await;
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM items WHERE code = 'a'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM items WHERE only_tgt = 'kept'"
+        )
+        .await,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_on_the_source_empties_the_target() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 200).await;
+    pair.setup();
+    let daemon = pair.spawn(&[]);
+    daemon.wait_listening(&pair).await;
+    source
+        .batch_execute("TRUNCATE users; INSERT INTO users (name) VALUES ('after-truncate')")
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    assert_eq!(
+        count(&pair.target().await, "SELECT count(*) FROM users").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_merges_into_a_target_that_already_has_rows() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    seed_users(&source, 100).await;
+    // The target holds a stale copy: one row changed, one missing, one extra.
+    for row in source
+        .query("SELECT t::text FROM users t", &[])
+        .await
+        .unwrap()
+    {
+        let text: String = row.get(0);
+        target
+            .execute("INSERT INTO users SELECT ($1::text::users).*", &[&text])
+            .await
+            .unwrap();
+    }
+    target
+        .batch_execute(
+            "UPDATE users SET status = 'stale' WHERE name = 'user-1';
+             DELETE FROM users WHERE name = 'user-2';
+             INSERT INTO users (name) VALUES ('only-in-target');",
+        )
+        .await
+        .unwrap();
+    let summary = pair.setup();
+    assert!(
+        summary.contains("copied 100 rows")
+            && summary.contains("(1 created, 1 updated, 1 deleted, 98 unchanged)"),
+        "{summary}"
+    );
+    pair.assert_synced("users").await;
+}

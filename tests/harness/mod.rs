@@ -1,0 +1,381 @@
+//! Test harness: a fresh pair of real PostgreSQL servers per test, the real `rowsync` binary, and
+//! waits that fail with a message saying what they waited for.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rowsync::ephemeral::{LocalServer, ServerOptions};
+use tokio_postgres::{Client, NoTls};
+
+/// The users table most tests sync: the seed's shape plus a version counter.
+pub const USERS: &str = "
+    CREATE TABLE users (
+        id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        name       text NOT NULL,
+        email      text,
+        status     text NOT NULL DEFAULT 'active',
+        version    integer NOT NULL DEFAULT 1,
+        bio        text,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX users_updated_at_idx ON users (updated_at);";
+
+/// A source and a target server, each with a database `app`.
+pub struct Pair {
+    pub source: LocalServer,
+    pub target: LocalServer,
+    /// Working directory of rowsync processes (no stray .env) and home of their logs.
+    pub dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Starts both servers and runs `ddl` in both databases.
+    pub async fn new(ddl: &str) -> Pair {
+        Self::with_ddl(ddl, ddl).await
+    }
+
+    pub async fn with_ddl(source_ddl: &str, target_ddl: &str) -> Pair {
+        let source = LocalServer::start("source", ServerOptions::default()).expect("start source");
+        let target = LocalServer::start("target", ServerOptions::default()).expect("start target");
+        source
+            .create_database("app")
+            .await
+            .expect("create source db");
+        target
+            .create_database("app")
+            .await
+            .expect("create target db");
+        let pair = Pair {
+            source,
+            target,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        pair.source()
+            .await
+            .batch_execute(source_ddl)
+            .await
+            .expect("source ddl");
+        pair.target()
+            .await
+            .batch_execute(target_ddl)
+            .await
+            .expect("target ddl");
+        pair
+    }
+
+    pub fn source_url(&self) -> String {
+        self.source.url("app")
+    }
+
+    pub fn target_url(&self) -> String {
+        self.target.url("app")
+    }
+
+    pub async fn source(&self) -> Client {
+        connect(&self.source_url()).await
+    }
+
+    pub async fn target(&self) -> Client {
+        connect(&self.target_url()).await
+    }
+
+    /// Environment of a rowsync process: these databases, fast timers.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("SOURCE_DATABASE_URL", self.source_url()),
+            ("TARGET_DATABASE_URL", self.target_url()),
+            ("SYNC_INTERVAL_MINUTES", "0.05".to_string()),
+            ("POLL_INTERVAL_MS", "200".to_string()),
+            ("RETRY_INITIAL_DELAY", "100".to_string()),
+            ("RETRY_MAX_DELAY", "1000".to_string()),
+            ("LOG_LEVEL", "debug".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn command(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rowsync"));
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env())
+            .envs(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+        command
+    }
+
+    /// Runs `rowsync <args>` to completion.
+    pub fn rowsync(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+        self.command(args, extra_env).output().expect("run rowsync")
+    }
+
+    /// `rowsync setup`, which must succeed.
+    pub fn setup(&self) -> String {
+        let output = self.rowsync(&["setup"], &[]);
+        assert!(
+            output.status.success(),
+            "rowsync setup failed: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts `rowsync run` in the background.
+    pub fn spawn(&self, extra_env: &[(&str, &str)]) -> Daemon {
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = self.dir.path().join(format!("rowsync-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = self
+            .command(&["run"], extra_env)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn rowsync run");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Waits until the target's table equals the source's, row for row.
+    pub async fn wait_synced(&self, table: &str, timeout: Duration) {
+        let source = self.source().await;
+        let target = self.target().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (s, t) = (
+                contents(&source, table).await,
+                contents(&target, table).await,
+            );
+            if s == t {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "target {table} did not converge within {timeout:?}: {}\n{}",
+                    describe_difference(&s, &t),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Like [`wait_for`], but a timeout also shows the logs of every rowsync process of this pair.
+    pub async fn wait<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !check().await {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of every rowsync log of this pair, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|dir| dir.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        let mut text = String::new();
+        for log in logs {
+            let content = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = content.lines().collect();
+            text.push_str(&format!("--- {} (last 60 lines)\n", log.display()));
+            text.push_str(&lines[lines.len().saturating_sub(60)..].join("\n"));
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Asserts the target's table equals the source's now.
+    pub async fn assert_synced(&self, table: &str) {
+        let s = contents(&self.source().await, table).await;
+        let t = contents(&self.target().await, table).await;
+        assert!(s == t, "{table} differs: {}", describe_difference(&s, &t));
+    }
+}
+
+/// A running `rowsync run`. Killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child process.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("daemon running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "rowsync did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the listener is connected (its session shows in pg_stat_activity).
+    pub async fn wait_listening(&self, pair: &Pair) {
+        let source = pair.source().await;
+        wait_for(
+            "rowsync's listener to connect",
+            Duration::from_secs(20),
+            || async { listener_pids(&source).await.len() == 1 },
+        )
+        .await;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Every row of `table` as text, ordered by its primary key.
+pub async fn contents(client: &Client, table: &str) -> Vec<String> {
+    let key: String = client
+        .query_one(
+            "SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) \
+               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+              WHERE i.indrelid = $1::text::regclass AND i.indisprimary",
+            &[&table],
+        )
+        .await
+        .expect("primary key")
+        .get(0);
+    client
+        .query(
+            &format!("SELECT t::text FROM {table} t ORDER BY {key}"),
+            &[],
+        )
+        .await
+        .expect("read contents")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+fn describe_difference(source: &[String], target: &[String]) -> String {
+    let only_source: Vec<&String> = source
+        .iter()
+        .filter(|r| !target.contains(r))
+        .take(3)
+        .collect();
+    let only_target: Vec<&String> = target
+        .iter()
+        .filter(|r| !source.contains(r))
+        .take(3)
+        .collect();
+    format!(
+        "source has {} rows, target {}; first rows only in source: {only_source:?}; only in target: {only_target:?}",
+        source.len(),
+        target.len()
+    )
+}
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn listener_pids(source: &Client) -> Vec<i32> {
+    source
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'rowsync-listener'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// Inserts `n` users named user-1 … user-n.
+pub async fn seed_users(client: &Client, n: i32) {
+    client
+        .execute(
+            "INSERT INTO users (name, email, bio) \
+             SELECT 'user-' || g, 'user' || g || '@example.com', repeat('bio ', g % 20) \
+               FROM generate_series(1, $1::int) g",
+            &[&n],
+        )
+        .await
+        .expect("seed users");
+}

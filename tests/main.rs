@@ -1,0 +1,11 @@
+//! Integration tests: real PostgreSQL servers started by the harness, the real rowsync binary.
+//! One test binary (modules below) keeps link time down.
+
+// Tests may unwrap: a panic is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+mod behaviour;
+mod cli;
+mod guarantees;
