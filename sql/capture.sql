@@ -55,9 +55,10 @@ END
 $$;
 
 -- Arms the doorbell; called by the consumer just before it waits. Returns false when a writer is
--- ringing it right now (its notification is on the way, so there is nothing to arm).
+-- ringing it right now (its notification is on the way, so there is nothing to arm). Runs as the
+-- owner, so the consumer's role needs no UPDATE privilege on the doorbell.
 CREATE OR REPLACE FUNCTION rowsync.arm_doorbell() RETURNS boolean
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     -- Already armed (the common case while idle): a plain read, no row lock, no transaction id.
     IF (SELECT armed FROM rowsync.doorbell) THEN
