@@ -317,6 +317,7 @@ impl SyncLoop {
         let started = Instant::now();
         let before = self.stats.snapshot().totals;
         self.stats.lock().sweep_in_progress = true;
+        debug!("sweep started");
         let result = self
             .pass(BatchKind::Sweep {
                 lookback: self.settings.sweep_lookback,

@@ -43,6 +43,28 @@ fn random_unit() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Runs `operation` until it succeeds, fails for good, or `MAX_RETRIES` retries of transient
+/// failures (see [`crate::error_policy`]) are used up, with [`Backoff`] between attempts.
+pub async fn transient<T, F, Fut>(
+    settings: &RetrySettings,
+    what: &str,
+    operation: F,
+) -> crate::error::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<T>>,
+{
+    let strategy = Backoff::new(settings).take(settings.max_retries as usize);
+    tokio_retry::RetryIf::start(strategy, operation, |error: &crate::error::Error| {
+        let transient = crate::error_policy::is_transient(error);
+        if transient {
+            tracing::warn!(action = what, error = %crate::error::chain(error), "transient failure; retrying");
+        }
+        transient
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -291,3 +291,67 @@ async fn setup_merges_into_a_target_that_already_has_rows() {
     );
     pair.assert_synced("users").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_slower_than_80_percent_of_the_interval_warns_and_sweeps_never_overlap() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 30_000).await;
+    pair.setup();
+    // Every sweep re-reads the 30,000 recently updated rows: far longer than 80% of 120 ms.
+    let mut daemon = pair.spawn(&[
+        ("SYNC_INTERVAL_MINUTES", "0.002"),
+        ("SYNC_WINDOW_MULTIPLIER", "1000"),
+    ]);
+    pair.wait("three sweeps", Duration::from_secs(30), || async {
+        daemon.log_text().matches("sweep finished").count() >= 3
+    })
+    .await;
+    source
+        .execute(
+            "UPDATE users SET status = 'during-sweeps' WHERE name = 'user-9'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("sweep took more than 80% of the interval"),
+        "{log}"
+    );
+    // Sequential: every "started" is followed by its "finished" before the next "started".
+    let events: Vec<&str> = log
+        .lines()
+        .filter_map(|line| {
+            if line.contains("sweep started") {
+                Some("started")
+            } else if line.contains("sweep finished") {
+                Some("finished")
+            } else {
+                None
+            }
+        })
+        .collect();
+    for pair in events.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "sweeps overlapped or a sweep was lost: {events:?}"
+        );
+    }
+}
+
+#[test]
+fn run_before_setup_fails_and_says_what_to_do() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pair = runtime.block_on(Pair::new(USERS));
+    let output = pair.rowsync(&["run"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("run `rowsync setup` first"), "{stderr}");
+}

@@ -6,6 +6,7 @@ use crate::capture::{self, InstallStatus};
 use crate::config::Settings;
 use crate::connection::Pools;
 use crate::error::Result;
+use crate::retry::transient;
 use crate::schema::load_mapping;
 use crate::snapshot::{CopyReport, copy_table};
 use crate::{migrate, progress};
@@ -20,6 +21,10 @@ pub struct TableSetup {
 }
 
 /// Runs setup for every table in `SYNC_TABLES`. Running it again changes and duplicates nothing.
+///
+/// Each step is retried on transient failures (`MAX_RETRIES`): installing a trigger waits for
+/// transactions that are writing the table, up to `LOCK_TIMEOUT_SECONDS`, and gives up rather than
+/// queue the application's writes behind it.
 pub async fn setup(settings: &Settings) -> Result<Vec<TableSetup>> {
     let pools = Pools::new(settings)?;
     let result = setup_with(settings, &pools).await;
@@ -28,29 +33,49 @@ pub async fn setup(settings: &Settings) -> Result<Vec<TableSetup>> {
 }
 
 async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup>> {
-    let mut target = pools.target().await?;
-    let applied = migrate::migrate(&mut target).await?;
+    let retry = &settings.retry;
+    let applied = transient(retry, "migrating the target", || async {
+        let mut target = pools.target().await?;
+        migrate::migrate(&mut target).await
+    })
+    .await?;
     if !applied.is_empty() {
         tracing::info!(migrations = ?applied, "applied target migrations");
     }
-    let source = pools.source().await?;
-    capture::install_objects(&**source).await?;
+    transient(retry, "installing sql/capture.sql", || async {
+        capture::install_objects(&**pools.source().await?).await
+    })
+    .await?;
 
     let mut done = Vec::new();
     for table in &settings.tables {
         // Check the mapping before touching the source: a table the target cannot take gets no
         // triggers.
-        let mapping = load_mapping(&**source, &**target, table).await?;
-        let status = capture::install_table(&**source, &mapping.source).await?;
-        let mapping = load_mapping(&**source, &**target, table).await?;
+        let mapping = transient(retry, "reading the table definitions", || async {
+            load_mapping(&**pools.source().await?, &**pools.target().await?, table).await
+        })
+        .await?;
+        let status = transient(retry, "installing capture", || async {
+            capture::install_table(&**pools.source().await?, &mapping.source).await
+        })
+        .await?;
+        let (mapping, copied_before) = transient(retry, "reading the table's state", || async {
+            let target = pools.target().await?;
+            let mapping = load_mapping(&**pools.source().await?, &**target, table).await?;
+            let copied_before = progress::load(&**target, &mapping.name()).await?.is_some();
+            Ok((mapping, copied_before))
+        })
+        .await?;
         let name = mapping.name();
         tracing::info!(table = %name, capture = ?status, "capture in place");
-        let copied_before = progress::load(&**target, &name).await?.is_some();
         let copy = if status == InstallStatus::Unchanged && copied_before {
             None
         } else {
             tracing::info!(table = %name, "copying existing rows");
-            let report = copy_table(settings, &mapping).await?;
+            let report = transient(retry, "copying existing rows", || {
+                copy_table(settings, &mapping)
+            })
+            .await?;
             tracing::info!(
                 table = %name,
                 rows = report.rows,
