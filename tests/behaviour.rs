@@ -2,20 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Pair, USERS, count, seed_users, wait_for};
-
-async fn xmins(client: &tokio_postgres::Client) -> Vec<String> {
-    client
-        .query(
-            "SELECT id::text || ':' || xmin::text FROM users ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
+use crate::harness::{Pair, USERS, count, seed_users, wait_for, xmins};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_twice_changes_and_duplicates_nothing() {
@@ -37,7 +24,7 @@ async fn setup_twice_changes_and_duplicates_nothing() {
         "SELECT string_agg(table_name || snapshot || copied_at::text, ';') FROM rowsync_progress";
     let progress: String = target.query_one(progress_sql, &[]).await.unwrap().get(0);
     let migrations = count(&target, "SELECT count(*) FROM rowsync_migrations").await;
-    let rows = xmins(&target).await;
+    let rows = xmins(&target, "true").await;
 
     let second = pair.setup();
     assert!(
@@ -53,21 +40,21 @@ async fn setup_twice_changes_and_duplicates_nothing() {
         migrations,
         count(&target, "SELECT count(*) FROM rowsync_migrations").await
     );
-    assert_eq!(rows, xmins(&target).await, "target rows were rewritten");
+    assert_eq!(
+        rows,
+        xmins(&target, "true").await,
+        "target rows were rewritten"
+    );
     assert_eq!(count(&target, "SELECT count(*) FROM users").await, 300);
     assert_eq!(count(&target, "SELECT count(*) FROM sync_errors").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_rows_are_not_rewritten() {
-    let pair = Pair::new(USERS).await;
+    let (pair, _daemon) = Pair::running(100, &[]).await;
     let source = pair.source().await;
-    seed_users(&source, 100).await;
-    pair.setup();
-    let daemon = pair.spawn(&[]);
-    daemon.wait_listening(&pair).await;
     let target = pair.target().await;
-    let before = xmins(&target).await;
+    let before = xmins(&target, "true").await;
     // Rewrites every source row with the same values: journaled, re-read, found identical.
     source
         .execute("UPDATE users SET name = name", &[])
@@ -85,21 +72,22 @@ async fn unchanged_rows_are_not_rewritten() {
         count(&source, "SELECT count(*) FROM rowsync.public_users_journal").await == 0
     })
     .await;
-    let after = xmins(&target).await;
+    let after = xmins(&target, "true").await;
     let rewritten = before.iter().filter(|x| !after.contains(x)).count();
     assert_eq!(rewritten, 1, "only the changed row may be rewritten");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() {
-    let pair = Pair::new(USERS).await;
+    let (pair, daemon) = Pair::running(
+        0,
+        &[
+            ("POLL_INTERVAL_MS", "600000"),
+            ("SYNC_INTERVAL_MINUTES", "60"),
+        ],
+    )
+    .await;
     let source = pair.source().await;
-    pair.setup();
-    let daemon = pair.spawn(&[
-        ("POLL_INTERVAL_MS", "600000"),
-        ("SYNC_INTERVAL_MINUTES", "60"),
-    ]);
-    daemon.wait_listening(&pair).await;
     // Let the start-up sweep finish and the doorbell be armed.
     wait_for("the first sweep", Duration::from_secs(10), || async {
         daemon.log_text().contains("sweep finished")
@@ -119,12 +107,8 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_catches_changes_made_with_capture_disabled() {
-    let pair = Pair::new(USERS).await;
+    let (pair, _daemon) = Pair::running(50, &[("SYNC_INTERVAL_MINUTES", "0.02")]).await;
     let source = pair.source().await;
-    seed_users(&source, 50).await;
-    pair.setup();
-    let daemon = pair.spawn(&[("SYNC_INTERVAL_MINUTES", "0.02")]);
-    daemon.wait_listening(&pair).await;
     // A maintenance script bypasses the triggers; updated_at still moves, so the sweep sees it.
     source
         .batch_execute(
@@ -240,12 +224,8 @@ async fn composite_keys_key_changes_and_varied_types_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_on_the_source_empties_the_target() {
-    let pair = Pair::new(USERS).await;
+    let (pair, _daemon) = Pair::running(200, &[]).await;
     let source = pair.source().await;
-    seed_users(&source, 200).await;
-    pair.setup();
-    let daemon = pair.spawn(&[]);
-    daemon.wait_listening(&pair).await;
     source
         .batch_execute("TRUNCATE users; INSERT INTO users (name) VALUES ('after-truncate')")
         .await

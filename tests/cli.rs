@@ -246,12 +246,8 @@ async fn sql_files_install_by_hand_with_psql_as_the_readme_shows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
-    let pair = Pair::new(USERS).await;
+    let (pair, mut daemon) = Pair::running(100, &[("SHUTDOWN_TIMEOUT_SECONDS", "20")]).await;
     let source = pair.source().await;
-    seed_users(&source, 100).await;
-    pair.setup();
-    let mut daemon = pair.spawn(&[("SHUTDOWN_TIMEOUT_SECONDS", "20")]);
-    daemon.wait_listening(&pair).await;
     source
         .execute("UPDATE users SET version = version + 1", &[])
         .await

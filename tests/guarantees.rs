@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-use crate::harness::{Pair, USERS, connect, count, listener_pids, seed_users, wait_for};
+use crate::harness::{Pair, USERS, connect, count, listener_pids, seed_users, wait_for, xmins};
 
 /// One writer's share of a mixed workload: inserts, single-row and multi-row updates, deletes,
 /// and multi-statement transactions, against keys other writers touch too.
@@ -56,11 +56,7 @@ async fn mixed_writes(client: Client, operations: usize, stop: Option<Arc<Atomic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_converges_after_10k_concurrent_mixed_writes() {
-    let pair = Pair::new(USERS).await;
-    seed_users(&pair.source().await, 1000).await;
-    pair.setup();
-    let daemon = pair.spawn(&[]);
-    daemon.wait_listening(&pair).await;
+    let (pair, _daemon) = Pair::running(1000, &[]).await;
 
     let mut writers = Vec::new();
     for _ in 0..8 {
@@ -83,12 +79,8 @@ async fn target_converges_after_10k_concurrent_mixed_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_stopped_are_applied_at_start_including_deletes() {
-    let pair = Pair::new(USERS).await;
+    let (pair, mut daemon) = Pair::running(500, &[]).await;
     let source = pair.source().await;
-    seed_users(&source, 500).await;
-    pair.setup();
-    let mut daemon = pair.spawn(&[]);
-    daemon.wait_listening(&pair).await;
     pair.wait_synced("users", Duration::from_secs(20)).await;
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(0));
@@ -114,29 +106,11 @@ async fn changes_made_while_stopped_are_applied_at_start_including_deletes() {
         .await
         .unwrap();
 
-    let xmins_before: Vec<String> = target
-        .query(
-            "SELECT xmin::text FROM users WHERE name LIKE 'user-1%' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let xmins_before = xmins(&target, "name LIKE 'user-1%'").await;
     let _daemon = pair.spawn(&[]);
     pair.wait_synced("users", Duration::from_secs(30)).await;
     // Caught up from the journal, not by copying the table again: untouched rows were not rewritten.
-    let xmins_after: Vec<String> = target
-        .query(
-            "SELECT xmin::text FROM users WHERE name LIKE 'user-1%' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let xmins_after = xmins(&target, "name LIKE 'user-1%'").await;
     assert_eq!(xmins_before.len() as i64, untouched_before);
     assert_eq!(xmins_before, xmins_after, "untouched rows were rewritten");
     let copied_at_after: String = target
@@ -156,18 +130,18 @@ async fn changes_made_while_stopped_are_applied_at_start_including_deletes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_whose_notification_was_lost_is_still_applied() {
-    let pair = Pair::new(USERS).await;
-    let source = pair.source().await;
-    seed_users(&source, 10).await;
-    pair.setup();
     // No polling and no sweeps within the test's time: only the listener can bring a change.
-    let daemon = pair.spawn(&[
-        ("POLL_INTERVAL_MS", "600000"),
-        ("SYNC_INTERVAL_MINUTES", "60"),
-        ("RETRY_INITIAL_DELAY", "3000"),
-        ("RETRY_MAX_DELAY", "3000"),
-    ]);
-    daemon.wait_listening(&pair).await;
+    let (pair, daemon) = Pair::running(
+        10,
+        &[
+            ("POLL_INTERVAL_MS", "600000"),
+            ("SYNC_INTERVAL_MINUTES", "60"),
+            ("RETRY_INITIAL_DELAY", "3000"),
+            ("RETRY_MAX_DELAY", "3000"),
+        ],
+    )
+    .await;
+    let source = pair.source().await;
     // The first sweep runs at start; let it finish and the doorbell be armed.
     pair.wait_synced("users", Duration::from_secs(20)).await;
     source
@@ -214,16 +188,16 @@ async fn change_whose_notification_was_lost_is_still_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_open_longer_than_the_lookback_window_is_not_lost() {
-    let pair = Pair::new(USERS).await;
-    let source = pair.source().await;
-    seed_users(&source, 100).await;
-    pair.setup();
     // Sweeps every 0.6 s looking back 0.6 s; the transaction below stays open for 4 s.
-    let daemon = pair.spawn(&[
-        ("SYNC_INTERVAL_MINUTES", "0.01"),
-        ("SYNC_WINDOW_MULTIPLIER", "1"),
-    ]);
-    daemon.wait_listening(&pair).await;
+    let (pair, _daemon) = Pair::running(
+        100,
+        &[
+            ("SYNC_INTERVAL_MINUTES", "0.01"),
+            ("SYNC_WINDOW_MULTIPLIER", "1"),
+        ],
+    )
+    .await;
+    let source = pair.source().await;
 
     let long = connect(&pair.source_url()).await;
     long.batch_execute(
@@ -275,11 +249,8 @@ async fn transaction_open_longer_than_the_lookback_window_is_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_over_8000_bytes_sync_and_the_source_write_succeeds() {
-    let pair = Pair::new(USERS).await;
+    let (pair, _daemon) = Pair::running(0, &[]).await;
     let source = pair.source().await;
-    pair.setup();
-    let daemon = pair.spawn(&[]);
-    daemon.wait_listening(&pair).await;
     // Incompressible text well over NOTIFY's 8000-byte payload limit (and TOASTed).
     let big_insert = source
         .execute(

@@ -68,6 +68,19 @@ impl Pair {
         pair
     }
 
+    /// The common start of a test: `users` with `rows` seeded users, set up, and a daemon running
+    /// (with `extra_env`) whose listener is connected.
+    pub async fn running(rows: i32, extra_env: &[(&str, &str)]) -> (Pair, Daemon) {
+        let pair = Pair::new(USERS).await;
+        if rows > 0 {
+            seed_users(&pair.source().await, rows).await;
+        }
+        pair.setup();
+        let daemon = pair.spawn(extra_env);
+        daemon.wait_listening(&pair).await;
+        (pair, daemon)
+    }
+
     pub fn source_url(&self) -> String {
         self.source.url("app")
     }
@@ -178,20 +191,16 @@ impl Pair {
     }
 
     /// Like [`wait_for`], but a timeout also shows the logs of every rowsync process of this pair.
-    pub async fn wait<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
+    pub async fn wait<F, Fut>(&self, what: &str, timeout: Duration, check: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let deadline = Instant::now() + timeout;
-        while !check().await {
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if !poll_until(timeout, check).await {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.logs()
+            );
         }
     }
 
@@ -336,7 +345,18 @@ fn describe_difference(source: &[String], target: &[String]) -> String {
 }
 
 /// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !poll_until(timeout, check).await {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Polls `check` every 100 ms; false if it did not hold within `timeout`.
+async fn poll_until<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -344,10 +364,11 @@ where
     let deadline = Instant::now() + timeout;
     while !check().await {
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    true
 }
 
 pub async fn listener_pids(source: &Client) -> Vec<i32> {
@@ -378,4 +399,19 @@ pub async fn seed_users(client: &Client, n: i32) {
         )
         .await
         .expect("seed users");
+}
+
+/// `id:xmin` of the users matching `filter` (a WHERE condition), ordered by id: a row rewritten
+/// by anyone gets a new xmin.
+pub async fn xmins(client: &Client, filter: &str) -> Vec<String> {
+    client
+        .query(
+            &format!("SELECT id::text || ':' || xmin::text FROM users WHERE {filter} ORDER BY id"),
+            &[],
+        )
+        .await
+        .expect("read xmins")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }
