@@ -12,6 +12,9 @@
 //! A crash before 4 commits leaves `prev`: the batch is redone. A crash between 4 and 5 leaves
 //! journal rows whose transactions are visible in the recorded snapshot: they are skipped by the next
 //! batch and deleted by its step 5. So every change is applied, and none twice.
+//!
+//! Every call is bounded on the client side; a batch that times out is abandoned (both transactions
+//! roll back with their sessions) and redone later.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,12 +24,13 @@ use serde_json::Value;
 use tokio_postgres::IsolationLevel;
 use tracing::{debug, info, warn};
 
-use crate::apply::{Applier, ChunkOutcome, Counts, Mode, connection_lost};
+use crate::apply::{Applier, ChunkOutcome, Counts, Mode, RowFailure, connection_lost};
 use crate::changes::{Layout, change_query, journal_cleanup};
-use crate::config::DatabaseRole;
-use crate::connection::Pools;
-use crate::error::{Error, Result, SqlContext};
+use crate::config::{DatabaseRole, RetrySettings, Settings};
+use crate::connection::{Pools, SessionLimits, Within, bounded};
+use crate::error::{Error, Result};
 use crate::ident::TableRef;
+use crate::retry::Backoff;
 use crate::schema::{TableMapping, load_mapping};
 use crate::{progress, sync_errors};
 
@@ -35,7 +39,8 @@ use crate::{progress, sync_errors};
 pub enum BatchKind {
     /// The real-time path: only the journal.
     Stream,
-    /// A sweep: the journal, rows updated within `lookback`, and rows whose apply failed before.
+    /// A sweep: the journal, rows updated within `lookback`, and rows whose apply failed before
+    /// and whose retry is due.
     Sweep { lookback: Duration },
 }
 
@@ -47,6 +52,14 @@ pub struct BatchReport {
     pub duration: Duration,
 }
 
+/// A row the target rejected, waiting for a retry.
+#[derive(Debug, Clone)]
+struct Pending {
+    key: Value,
+    retry_count: u32,
+    due: Instant,
+}
+
 /// A synced table and its replication state.
 pub struct TableSync {
     pub mapping: TableMapping,
@@ -55,35 +68,70 @@ pub struct TableSync {
     applier: Applier,
     /// The applied snapshot as last read or written; None means "reload from the target".
     progress: Option<String>,
-    /// Open row failures in `sync_errors`: record_id → key.
-    unresolved: HashMap<String, Value>,
+    /// Open row failures in `sync_errors`, by record_id.
+    unresolved: HashMap<String, Pending>,
     batch_size: usize,
+    /// Client-side bound of each call.
+    limit: Duration,
+    retry: RetrySettings,
 }
+
+const SOURCE: DatabaseRole = DatabaseRole::Source;
+const TARGET: DatabaseRole = DatabaseRole::Target;
 
 impl TableSync {
     /// Loads the mapping and state of a table that `setup` has prepared.
-    pub async fn load(pools: &Pools, table: &TableRef, batch_size: usize) -> Result<Self> {
+    pub async fn load(pools: &Pools, table: &TableRef, settings: &Settings) -> Result<Self> {
+        let limit = SessionLimits::from_settings(settings).client_timeout();
         let source = pools.source().await?;
         let target = pools.target().await?;
-        let mapping = load_mapping(&**source, &**target, table).await?;
+        let mapping = bounded(
+            limit,
+            SOURCE,
+            "reading the table definitions",
+            load_mapping(&**source, &**target, table),
+        )
+        .await?;
         let journal = mapping.journal()?.quoted();
         let name = mapping.name();
-        let progress = progress::load(&**target, &name).await?;
+        let progress = bounded(
+            limit,
+            TARGET,
+            "reading progress",
+            progress::load(&**target, &name),
+        )
+        .await?;
         if progress.is_none() {
             return Err(Error::NotSetUp { table: name });
         }
-        let unresolved = sync_errors::unresolved_rows(&**target, &name)
-            .await?
-            .into_iter()
-            .collect();
+        let now = Instant::now();
+        let unresolved = bounded(
+            limit,
+            TARGET,
+            "reading sync_errors",
+            sync_errors::unresolved_rows(&**target, &name),
+        )
+        .await?
+        .into_iter()
+        .map(|open| {
+            let pending = Pending {
+                key: open.key,
+                retry_count: open.retry_count,
+                due: now + open.due_in,
+            };
+            (open.record_id, pending)
+        })
+        .collect();
         Ok(Self {
             change_sql: change_query(&mapping, &journal),
             cleanup_sql: journal_cleanup(&journal),
-            applier: Applier::new(&mapping),
+            applier: Applier::new(&mapping, limit),
             mapping,
             progress,
             unresolved,
-            batch_size,
+            batch_size: settings.batch_size,
+            limit,
+            retry: settings.retry,
         })
     }
 
@@ -104,15 +152,21 @@ impl TableSync {
     ) -> Result<Option<BatchReport>> {
         let started = Instant::now();
         let name = self.name();
+        let limit = self.limit;
         let prev = match self.progress.take() {
             Some(prev) => prev,
             None => {
                 let target = pools.target().await?;
-                progress::load(&**target, &name)
-                    .await?
-                    .ok_or_else(|| Error::NotSetUp {
-                        table: name.clone(),
-                    })?
+                bounded(
+                    limit,
+                    TARGET,
+                    "reading progress",
+                    progress::load(&**target, &name),
+                )
+                .await?
+                .ok_or_else(|| Error::NotSetUp {
+                    table: name.clone(),
+                })?
             }
         };
 
@@ -121,21 +175,24 @@ impl TableSync {
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .start()
-            .await
-            .context(DatabaseRole::Source, || {
-                format!("starting a batch of {name}")
-            })?;
+            .within(limit, SOURCE, || format!("starting a batch of {name}"))
+            .await?;
         let cur: String = stx
             .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
-            .await
-            .context(DatabaseRole::Source, || "taking a snapshot".into())?
+            .within(limit, SOURCE, || "taking a snapshot".into())
+            .await?
             .get(0);
 
+        let now = Instant::now();
         let (lookback, retry_keys): (Option<f64>, Vec<Value>) = match kind {
             BatchKind::Stream => (None, Vec::new()),
             BatchKind::Sweep { lookback } => (
                 Some(lookback.as_secs_f64()),
-                self.unresolved.values().cloned().collect(),
+                self.unresolved
+                    .values()
+                    .filter(|pending| pending.due <= now)
+                    .map(|pending| pending.key.clone())
+                    .collect(),
             ),
         };
         let statement = stx
@@ -143,10 +200,10 @@ impl TableSync {
                 &self.change_sql,
                 &[Type::TEXT, Type::FLOAT8, Type::JSONB_ARRAY],
             )
-            .await
-            .context(DatabaseRole::Source, || {
+            .within(limit, SOURCE, || {
                 format!("preparing the change query of {name}")
-            })?;
+            })
+            .await?;
         let params: [&(dyn ToSql + Sync); 3] = [&prev, &lookback, &retry_keys];
         let chunk = self.batch_size as i32;
 
@@ -154,16 +211,12 @@ impl TableSync {
         let outcome = loop {
             let portal = stx
                 .bind(&statement, &params)
-                .await
-                .context(DatabaseRole::Source, || {
-                    format!("reading changes of {name}")
-                })?;
+                .within(limit, SOURCE, || format!("reading changes of {name}"))
+                .await?;
             let mut rows = stx
                 .query_portal(&portal, chunk)
-                .await
-                .context(DatabaseRole::Source, || {
-                    format!("reading changes of {name}")
-                })?;
+                .within(limit, SOURCE, || format!("reading changes of {name}"))
+                .await?;
             if rows.is_empty() {
                 // Nothing visible since `prev`; the snapshot need not move.
                 self.progress = Some(prev);
@@ -173,11 +226,16 @@ impl TableSync {
             let mut target = pools.target().await?;
             let ttx = target
                 .transaction()
-                .await
-                .context(DatabaseRole::Target, || {
-                    format!("starting the apply of {name}")
-                })?;
-            if progress::lock(&*ttx, &name).await?.as_deref() != Some(prev.as_str()) {
+                .within(limit, TARGET, || format!("starting the apply of {name}"))
+                .await?;
+            let locked = bounded(
+                limit,
+                TARGET,
+                "locking progress",
+                progress::lock(&*ttx, &name),
+            )
+            .await?;
+            if locked.as_deref() != Some(prev.as_str()) {
                 return Err(Error::ProgressMoved { table: name });
             }
 
@@ -190,27 +248,21 @@ impl TableSync {
                         outcome.counts += chunk_outcome.counts;
                         outcome.failures.extend(chunk_outcome.failures);
                     }
-                    Err(err) if mode == Mode::Fast && !connection_lost(&err) => {
-                        debug!(table = %name, error = %err, "target rejected a row; replaying the batch to isolate it");
+                    Err(Error::Sql { source, .. })
+                        if mode == Mode::Fast && !connection_lost(&source) =>
+                    {
+                        debug!(table = %name, error = %source, "target rejected a row; replaying the batch to isolate it");
                         break true;
                     }
-                    Err(source) => {
-                        return Err(Error::Sql {
-                            role: DatabaseRole::Target,
-                            action: format!("applying changes of {name}"),
-                            source,
-                        });
-                    }
+                    Err(other) => return Err(other),
                 }
                 if rows.len() < chunk as usize {
                     break false;
                 }
                 rows = stx
                     .query_portal(&portal, chunk)
-                    .await
-                    .context(DatabaseRole::Source, || {
-                        format!("reading changes of {name}")
-                    })?;
+                    .within(limit, SOURCE, || format!("reading changes of {name}"))
+                    .await?;
                 if rows.is_empty() {
                     break false;
                 }
@@ -223,44 +275,48 @@ impl TableSync {
                 continue;
             }
 
+            let mut delays = Vec::with_capacity(outcome.failures.len());
             for failure in &outcome.failures {
-                let record_id = sync_errors::record_id(&failure.key);
-                let mut metadata = sync_errors::metadata(
-                    Some(&name),
-                    failure.operation.as_str(),
-                    Some(&failure.error),
-                    1,
-                );
-                metadata["key"] = failure.key.clone();
-                let record = sync_errors::Failure {
-                    error_type: failure.error_type(),
-                    table: Some(name.clone()),
-                    record_id: Some(record_id.clone()),
-                    message: crate::error::chain(&failure.error),
-                    stack_trace: sync_errors::stack_trace(&failure.error),
-                    metadata,
-                };
-                sync_errors::record(&*ttx, &record).await?;
-                warn!(
-                    table = %name,
-                    record_id = %record_id,
-                    operation = failure.operation.as_str(),
-                    error_type = failure.error_type().as_str(),
-                    "target rejected a row; recorded in sync_errors, will retry on later sweeps"
-                );
+                let delay = self.record_failure(&ttx, &name, failure).await?;
+                delays.push(delay);
             }
-            sync_errors::resolve_rows(&*ttx, &name, &resolved).await?;
-            progress::advance(&*ttx, &name, &cur, false).await?;
-            ttx.commit().await.context(DatabaseRole::Target, || {
-                format!("committing changes of {name}")
-            })?;
+            bounded(
+                limit,
+                TARGET,
+                "resolving sync_errors",
+                sync_errors::resolve_rows(&*ttx, &name, &resolved),
+            )
+            .await?;
+            bounded(
+                limit,
+                TARGET,
+                "recording progress",
+                progress::advance(&*ttx, &name, &cur, false),
+            )
+            .await?;
+            ttx.commit()
+                .within(limit, TARGET, || format!("committing changes of {name}"))
+                .await?;
+
             for record_id in &resolved {
                 self.unresolved.remove(record_id);
                 info!(table = %name, record_id = %record_id, "previously failed row is now synced");
             }
-            for failure in &outcome.failures {
-                self.unresolved
-                    .insert(sync_errors::record_id(&failure.key), failure.key.clone());
+            let now = Instant::now();
+            for (failure, delay) in outcome.failures.iter().zip(delays) {
+                let record_id = sync_errors::record_id(&failure.key);
+                let retry_count = self
+                    .unresolved
+                    .get(&record_id)
+                    .map_or(0, |p| p.retry_count + 1);
+                self.unresolved.insert(
+                    record_id,
+                    Pending {
+                        key: failure.key.clone(),
+                        retry_count,
+                        due: now + delay,
+                    },
+                );
             }
             break outcome;
         };
@@ -269,11 +325,15 @@ impl TableSync {
         // The target has the batch; the journal rows behind it can go. If this fails they are
         // skipped by later batches anyway (visible in the recorded snapshot) and deleted next time.
         let cleanup = async {
-            stx.execute(&self.cleanup_sql, &[&cur]).await?;
-            stx.commit().await
+            stx.execute(&self.cleanup_sql, &[&cur])
+                .within(limit, SOURCE, || "deleting consumed journal rows".into())
+                .await?;
+            stx.commit()
+                .within(limit, SOURCE, || "ending the batch".into())
+                .await
         };
         if let Err(err) = cleanup.await {
-            warn!(table = %name, error = %err, "could not delete consumed journal rows; will retry");
+            warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
         }
 
         Ok(Some(BatchReport {
@@ -281,6 +341,58 @@ impl TableSync {
             counts: outcome.counts,
             duration: started.elapsed(),
         }))
+    }
+
+    /// Records a rejected row in `sync_errors` (inside the batch's target transaction) and returns
+    /// when to retry it.
+    async fn record_failure(
+        &self,
+        ttx: &deadpool_postgres::Transaction<'_>,
+        table: &str,
+        failure: &RowFailure,
+    ) -> Result<Duration> {
+        let record_id = sync_errors::record_id(&failure.key);
+        let retry_count = self
+            .unresolved
+            .get(&record_id)
+            .map_or(0, |p| p.retry_count + 1);
+        let delay = Backoff::nth(&self.retry, retry_count);
+        let mut metadata = sync_errors::metadata(
+            Some(table),
+            failure.operation.as_str(),
+            None,
+            retry_count + 1,
+        );
+        metadata["key"] = failure.key.clone();
+        if let Some(sqlstate) = &failure.sqlstate {
+            metadata["sqlstate"] = Value::String(sqlstate.clone());
+        }
+        let record = sync_errors::Failure {
+            error_type: failure.error_type,
+            table: Some(table.to_string()),
+            record_id: Some(record_id.clone()),
+            message: failure.message.clone(),
+            stack_trace: failure.stack_trace.clone(),
+            metadata,
+            retry_in: Some(delay),
+        };
+        bounded(
+            self.limit,
+            TARGET,
+            "recording a rejected row",
+            sync_errors::record(&**ttx, &record),
+        )
+        .await?;
+        warn!(
+            table = %table,
+            record_id = %record_id,
+            operation = failure.operation.as_str(),
+            error_type = failure.error_type.as_str(),
+            attempt = retry_count + 1,
+            retry_in_ms = delay.as_millis() as u64,
+            "target rejected a row; recorded in sync_errors, retried by later sweeps"
+        );
+        Ok(delay)
     }
 
     /// Keys that had failed before and went through in this chunk.
@@ -310,17 +422,24 @@ impl TableSync {
     /// a batch's commit and its cleanup).
     pub async fn clean_journal(&mut self, pools: &Pools) -> Result<u64> {
         let target = pools.target().await?;
-        let Some(snapshot) = progress::load(&**target, &self.name()).await? else {
+        let snapshot = bounded(
+            self.limit,
+            TARGET,
+            "reading progress",
+            progress::load(&**target, &self.name()),
+        )
+        .await?;
+        let Some(snapshot) = snapshot else {
             return Ok(0);
         };
         drop(target);
         let source = pools.source().await?;
         let deleted = source
             .execute(&self.cleanup_sql, &[&snapshot])
-            .await
-            .context(DatabaseRole::Source, || {
+            .within(self.limit, SOURCE, || {
                 "deleting consumed journal rows".into()
-            })?;
+            })
+            .await?;
         self.progress = Some(snapshot);
         Ok(deleted)
     }

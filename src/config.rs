@@ -314,8 +314,8 @@ impl Settings {
             statement_timeout: Duration::from_secs_f64(positive_decimal(
                 env,
                 "STATEMENT_TIMEOUT_SECONDS",
-                60.0,
-                "a positive number of seconds such as 60",
+                30.0,
+                "a positive number of seconds such as 30",
             )?),
             lock_timeout: Duration::from_secs_f64(positive_decimal(
                 env,

@@ -4,6 +4,12 @@
 //! `pg_stat_activity`) and bounded waits: `statement_timeout`, `lock_timeout` and
 //! `idle_in_transaction_session_timeout` as startup options, plus TCP keepalives and a user timeout so
 //! a peer that vanished without a reset is noticed within about half a minute.
+//!
+//! None of that helps when the path to the server still acknowledges packets but the server never
+//! answers (a hung proxy, a black-holed route): TCP looks healthy forever. So every call on the sync
+//! path is also bounded on the client side ([`Within`]), at `statement_timeout` plus a margin, and
+//! after such a timeout the idle pooled sessions are evicted ([`Pools::evict_idle`]) so that a hung
+//! session is never handed out again.
 
 use std::time::Duration;
 
@@ -29,6 +35,13 @@ pub struct SessionLimits {
 }
 
 impl SessionLimits {
+    /// How long the client waits for any one call before it gives the session up: the server's own
+    /// statement_timeout fires first when the server is there to fire it.
+    pub fn client_timeout(&self) -> Duration {
+        self.statement_timeout
+            + (self.statement_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
     pub fn from_settings(settings: &Settings) -> Self {
         Self {
             statement_timeout: settings.statement_timeout,
@@ -107,6 +120,55 @@ impl Pools {
         self.source.close();
         self.target.close();
     }
+
+    /// Drops every idle session of both pools: after a timeout or a lost connection, none of them
+    /// can be trusted, and new ones are cheap.
+    pub fn evict_idle(&self) {
+        self.source.retain(|_, _| false);
+        self.target.retain(|_, _| false);
+    }
+}
+
+/// Bounds a driver call on the client side and names it: a timeout becomes [`Error::Timeout`], a
+/// driver error [`Error::Sql`] with `action` as context.
+pub(crate) trait Within<T>:
+    Future<Output = Result<T, tokio_postgres::Error>> + Sized
+{
+    async fn within(
+        self,
+        limit: Duration,
+        role: DatabaseRole,
+        action: impl FnOnce() -> String,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, self).await {
+            Ok(result) => result.map_err(|source| Error::Sql {
+                role,
+                action: action(),
+                source,
+            }),
+            Err(_) => Err(Error::Timeout {
+                role,
+                action: action(),
+            }),
+        }
+    }
+}
+
+impl<T, F: Future<Output = Result<T, tokio_postgres::Error>>> Within<T> for F {}
+
+/// Like [`Within`], for calls that already return rowsync's errors.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    role: DatabaseRole,
+    action: &str,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Error::Timeout {
+            role,
+            action: action.to_string(),
+        })
+    })
 }
 
 fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {

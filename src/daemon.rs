@@ -23,8 +23,8 @@ use tracing::{debug, error, info, warn};
 use crate::apply::Counts;
 use crate::batch::{BatchKind, BatchReport, TableSync};
 use crate::capture::listener::{self, ListenerState};
-use crate::config::Settings;
-use crate::connection::Pools;
+use crate::config::{DatabaseRole, Settings};
+use crate::connection::{Pools, SessionLimits, bounded};
 use crate::error::{Error, Result};
 use crate::error_policy::{self, ErrorType};
 use crate::retry::Backoff;
@@ -132,7 +132,7 @@ async fn start(
             drop(target);
             let mut tables = Vec::new();
             for table in &settings.tables {
-                let mut sync = TableSync::load(pools, table, settings.batch_size).await?;
+                let mut sync = TableSync::load(pools, table, settings).await?;
                 let cleaned = sync.clean_journal(pools).await?;
                 if cleaned > 0 {
                     debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
@@ -227,6 +227,10 @@ impl SyncLoop {
                 }
                 Err(failure) => {
                     failures += 1;
+                    if error_policy::is_transient(&failure.error) {
+                        // A session that timed out or lost its server must not be handed out again.
+                        self.pools.evict_idle();
+                    }
                     let delay = backoff.next().unwrap_or(self.settings.retry.max_delay);
                     self.fail(&failure, failures, delay).await;
                     tokio::select! {
@@ -363,8 +367,18 @@ impl SyncLoop {
 
     async fn arm_doorbell(&self) -> Result<()> {
         let source = self.pools.source().await?;
-        capture::arm_doorbell(&**source).await?;
+        bounded(
+            self.limit(),
+            DatabaseRole::Source,
+            "arming the doorbell",
+            capture::arm_doorbell(&**source),
+        )
+        .await?;
         Ok(())
+    }
+
+    fn limit(&self) -> Duration {
+        SessionLimits::from_settings(&self.settings).client_timeout()
     }
 
     async fn fail(&self, failure: &PassError, failures: u32, delay: Duration) {
@@ -413,9 +427,16 @@ impl SyncLoop {
                 failure.error.postgres(),
                 failures,
             ),
+            retry_in: None,
         };
         if let Ok(target) = self.pools.target().await
-            && let Err(err) = sync_errors::record(&**target, &record).await
+            && let Err(err) = bounded(
+                self.limit(),
+                DatabaseRole::Target,
+                "recording a failure",
+                sync_errors::record(&**target, &record),
+            )
+            .await
         {
             warn!(error = %crate::error::chain(&err), "could not record the failure in sync_errors");
         }
@@ -427,18 +448,23 @@ impl SyncLoop {
             return;
         };
         for table in &self.tables {
-            let _ = sync_errors::resolve_episode(
-                &**target,
-                &[
-                    ErrorType::ConnectionError,
-                    ErrorType::Timeout,
-                    ErrorType::SyncError,
-                    ErrorType::SchemaMismatch,
-                    ErrorType::ConstraintViolation,
-                    ErrorType::DataError,
-                    ErrorType::PermissionDenied,
-                ],
-                Some(&table.name()),
+            let _ = bounded(
+                self.limit(),
+                DatabaseRole::Target,
+                "resolving sync_errors",
+                sync_errors::resolve_episode(
+                    &**target,
+                    &[
+                        ErrorType::ConnectionError,
+                        ErrorType::Timeout,
+                        ErrorType::SyncError,
+                        ErrorType::SchemaMismatch,
+                        ErrorType::ConstraintViolation,
+                        ErrorType::DataError,
+                        ErrorType::PermissionDenied,
+                    ],
+                    Some(&table.name()),
+                ),
             )
             .await;
         }

@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "002_rowsync_progress",
         include_str!("../migrations/002_rowsync_progress.sql"),
     ),
+    (
+        3,
+        "003_sync_errors_retry",
+        include_str!("../migrations/003_sync_errors_retry.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded, in one transaction. Returns the names applied.

@@ -24,6 +24,15 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    /// The nominal delay before attempt `n + 1` (no jitter): initial × multiplier^n, capped.
+    pub fn nth(settings: &RetrySettings, n: u32) -> Duration {
+        let seconds =
+            settings.initial_delay.as_secs_f64() * settings.multiplier.powi(n.min(1000) as i32);
+        Duration::from_secs_f64(seconds.min(settings.max_delay.as_secs_f64()))
+    }
+}
+
 impl Iterator for Backoff {
     type Item = Duration;
 
@@ -86,6 +95,24 @@ mod tests {
                 "{ms} not within jitter of {nominal}"
             );
         }
+    }
+
+    #[test]
+    fn nth_delay_is_deterministic_and_capped() {
+        let settings = RetrySettings {
+            max_retries: 3,
+            initial_delay: Duration::from_millis(1000),
+            max_delay: Duration::from_millis(30_000),
+            multiplier: 2.0,
+        };
+        let delays: Vec<u64> = (0..7)
+            .map(|n| Backoff::nth(&settings, n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert_eq!(
+            Backoff::nth(&settings, u32::MAX),
+            Duration::from_millis(30_000)
+        );
     }
 
     #[test]

@@ -22,29 +22,45 @@ pub struct Failure {
     pub message: String,
     pub stack_trace: String,
     pub metadata: Value,
+    /// For row failures: when later sweeps should retry the row.
+    pub retry_in: Option<std::time::Duration>,
+}
+
+/// An open row failure, waiting for its retry.
+#[derive(Debug, Clone)]
+pub struct OpenRow {
+    pub record_id: String,
+    pub key: Value,
+    pub retry_count: u32,
+    /// Time until the next retry is due (zero when due now).
+    pub due_in: std::time::Duration,
 }
 
 /// Records a failure, as a new episode or as one more occurrence of the open one.
 pub async fn record(client: &impl GenericClient, failure: &Failure) -> Result<()> {
     let role = DatabaseRole::Target;
     let error_type = failure.error_type.as_str();
+    let retry_in = failure.retry_in.map(|delay| delay.as_secs_f64());
+    let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
+        &error_type,
+        &failure.table,
+        &failure.record_id,
+        &failure.message,
+        &failure.stack_trace,
+        &failure.metadata,
+        &retry_in,
+    ];
     let bumped = client
         .execute(
             "UPDATE sync_errors \
                 SET retry_count = retry_count + 1, error_type = $1, error_message = $4, \
-                    stack_trace = $5, metadata = metadata || $6 \
+                    stack_trace = $5, metadata = coalesce(metadata, '{}') || $6, last_attempt_at = now(), \
+                    next_retry_at = now() + pg_catalog.make_interval(secs => $7::float8) \
               WHERE NOT resolved \
                 AND table_name IS NOT DISTINCT FROM $2 \
                 AND record_id IS NOT DISTINCT FROM $3 \
                 AND (record_id IS NOT NULL OR error_type = $1)",
-            &[
-                &error_type,
-                &failure.table,
-                &failure.record_id,
-                &failure.message,
-                &failure.stack_trace,
-                &failure.metadata,
-            ],
+            &params,
         )
         .await
         .context(role, || "updating sync_errors".into())?;
@@ -52,16 +68,11 @@ pub async fn record(client: &impl GenericClient, failure: &Failure) -> Result<()
         client
             .execute(
                 "INSERT INTO sync_errors \
-                     (error_type, table_name, record_id, error_message, stack_trace, metadata) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &error_type,
-                    &failure.table,
-                    &failure.record_id,
-                    &failure.message,
-                    &failure.stack_trace,
-                    &failure.metadata,
-                ],
+                     (error_type, table_name, record_id, error_message, stack_trace, metadata, \
+                      last_attempt_at, next_retry_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), \
+                         now() + pg_catalog.make_interval(secs => $7::float8))",
+                &params,
             )
             .await
             .context(role, || "inserting into sync_errors".into())?;
@@ -106,24 +117,29 @@ pub async fn resolve_episode(
         .context(DatabaseRole::Target, || "resolving sync_errors".into())
 }
 
-/// Open row failures of a table: `(record_id, key)` for each, to retry.
-pub async fn unresolved_rows(
-    client: &impl GenericClient,
-    table: &str,
-) -> Result<Vec<(String, Value)>> {
+/// Open row failures of a table, to retry.
+pub async fn unresolved_rows(client: &impl GenericClient, table: &str) -> Result<Vec<OpenRow>> {
     let rows = client
         .query(
-            "SELECT DISTINCT ON (record_id) record_id, metadata -> 'key' \
+            "SELECT DISTINCT ON (record_id) record_id, metadata -> 'key', retry_count, \
+                    greatest(0, extract(epoch FROM coalesce(next_retry_at, now()) - now()))::float8 \
                FROM sync_errors \
               WHERE NOT resolved AND table_name = $1 AND record_id IS NOT NULL \
-                AND jsonb_typeof(metadata -> 'key') = 'object'",
+                AND jsonb_typeof(metadata -> 'key') = 'object' \
+              ORDER BY record_id, created_at DESC",
             &[&table],
         )
         .await
-        .context(DatabaseRole::Target, || {
-            "reading unresolved sync_errors".into()
-        })?;
-    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        .context(DatabaseRole::Target, || "reading unresolved sync_errors".into())?;
+    Ok(rows
+        .iter()
+        .map(|row| OpenRow {
+            record_id: row.get(0),
+            key: row.get(1),
+            retry_count: row.get::<_, i32>(2).max(0) as u32,
+            due_in: std::time::Duration::from_secs_f64(row.get::<_, f64>(3)),
+        })
+        .collect())
 }
 
 /// The human form of a key for `record_id`: the bare value for a one-column key (`42`,

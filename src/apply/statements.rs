@@ -10,6 +10,10 @@ pub struct ApplyStatements {
     pub upsert: String,
     /// Parameters: one array per key column. Returns the deleted rows' count.
     pub delete: String,
+    /// Parameters: one array per key column. Locks (`FOR UPDATE SKIP LOCKED`) the target rows of
+    /// these keys that nobody else holds, and returns the 1-based positions of the keys whose
+    /// target row exists but is locked by another session.
+    pub locked: String,
 }
 
 impl ApplyStatements {
@@ -17,6 +21,7 @@ impl ApplyStatements {
         Self {
             upsert: upsert(mapping),
             delete: delete(mapping),
+            locked: locked(mapping),
         }
     }
 }
@@ -96,6 +101,32 @@ fn delete(mapping: &TableMapping) -> String {
         "DELETE FROM {target} AS t USING unnest({params}) AS d({key_list}) WHERE {matches}",
         target = mapping.target.quoted(),
         key_list = mapping.key_list(),
+    )
+}
+
+fn locked(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
+    let on = |left: &str, right: &str| {
+        keys.iter()
+            .map(|k| format!("{left}.{} = {}", k.quoted(), value_expr(right, k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    format!(
+        "WITH d AS (SELECT * FROM unnest({params}) WITH ORDINALITY AS d({key_list}, rowsync_n)), \
+              mine AS (SELECT {mine_keys} FROM {target} t JOIN d ON {t_d} FOR UPDATE OF t SKIP LOCKED) \
+         SELECT d.rowsync_n FROM d JOIN {target} t ON {t_d} \
+          WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE {m_t})",
+        target = mapping.target.quoted(),
+        key_list = mapping.key_list(),
+        mine_keys = join(keys.iter().map(|k| format!("t.{}", k.quoted()))),
+        t_d = on("t", "d"),
+        m_t = keys
+            .iter()
+            .map(|k| format!("m.{0} = t.{0}", k.quoted()))
+            .collect::<Vec<_>>()
+            .join(" AND "),
     )
 }
 

@@ -28,9 +28,15 @@ use crate::error_policy::ErrorType;
 use crate::retry::Backoff;
 use crate::sync_errors;
 
-/// How often the listening session is pinged, and how long a ping may take.
-const PING_INTERVAL: Duration = Duration::from_secs(15);
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the listening session is pinged (half the statement timeout, 1 to 15 s), and how long a
+/// ping may take (the client-side timeout, at most 10 s). With the defaults a silently dead session
+/// is noticed within 25 s.
+fn ping_timing(limits: &SessionLimits) -> (Duration, Duration) {
+    (
+        (limits.statement_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(15)),
+        limits.client_timeout().min(Duration::from_secs(10)),
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerState {
@@ -59,15 +65,13 @@ pub async fn run(
     state: watch::Sender<ListenerState>,
     shutdown: CancellationToken,
 ) {
-    let config = session_config(
-        &settings.source,
-        SessionLimits::from_settings(&settings),
-        APP_LISTENER,
-    );
+    let limits = SessionLimits::from_settings(&settings);
+    let config = session_config(&settings.source, limits, APP_LISTENER);
+    let timing = ping_timing(&limits);
     let mut failures: u32 = 0;
     let mut backoff = Backoff::new(&settings.retry);
     loop {
-        let outcome = listen(&config, &pools, &wake, &state, &shutdown).await;
+        let outcome = listen(&config, timing, &pools, &wake, &state, &shutdown).await;
         let (listened, err) = match outcome {
             Ok(()) => return,
             Err(failure) => failure,
@@ -114,6 +118,7 @@ pub async fn run(
 /// on failure, whether LISTEN had taken effect (so the failure count starts afresh).
 async fn listen(
     config: &tokio_postgres::Config,
+    (ping_interval, ping_timeout): (Duration, Duration),
     pools: &Pools,
     wake: &Notify,
     state: &watch::Sender<ListenerState>,
@@ -129,14 +134,17 @@ async fn listen(
     let (client, connection) = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(()),
-        result = connect => result.map_err(|err| (false, err))?,
+        result = tokio::time::timeout(ping_timeout * 2, connect) => match result {
+            Ok(result) => result.map_err(|err| (false, err))?,
+            Err(_) => return Err((false, timeout_error("connecting the listener"))),
+        },
     };
     let (notify_tx, mut notifications) = mpsc::unbounded_channel();
     let mut driver = tokio::spawn(drive(connection, notify_tx));
     let _abort_driver = AbortOnDrop(driver.abort_handle());
 
     let listen_sql = format!("LISTEN {}", crate::ident::quote(super::CHANNEL));
-    let listen = tokio::time::timeout(PING_TIMEOUT, client.batch_execute(&listen_sql));
+    let listen = tokio::time::timeout(ping_timeout, client.batch_execute(&listen_sql));
     match listen.await {
         Ok(result) => result
             .context(DatabaseRole::Source, || "LISTEN".into())
@@ -148,15 +156,15 @@ async fn listen(
     // Notifications sent while we were not listening are gone: catch up now.
     wake.notify_one();
     if let Ok(target) = pools.target().await {
-        let _ = sync_errors::resolve_episode(
+        let resolve = sync_errors::resolve_episode(
             &**target,
             &[ErrorType::RealtimeSyncConnectionError],
             None,
-        )
-        .await;
+        );
+        let _ = tokio::time::timeout(ping_timeout, resolve).await;
     }
 
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
     loop {
         tokio::select! {
@@ -182,7 +190,7 @@ async fn listen(
             }
             // Cancel-safe: Interval::tick.
             _ = ping.tick() => {
-                match tokio::time::timeout(PING_TIMEOUT, client.simple_query("")).await {
+                match tokio::time::timeout(ping_timeout, client.simple_query("")).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(err)) => {
                         return Err((true, Error::Sql {
@@ -230,10 +238,20 @@ async fn record_failure(pools: &Pools, err: &Error, attempt: u32) {
         message: crate::error::chain(err),
         stack_trace: sync_errors::stack_trace(err),
         metadata: sync_errors::metadata(None, "listen", err.postgres(), attempt),
+        retry_in: None,
     };
     match pools.target().await {
         Ok(target) => {
-            if let Err(err) = sync_errors::record(&**target, &failure).await {
+            let record = sync_errors::record(&**target, &failure);
+            let outcome = tokio::time::timeout(Duration::from_secs(10), record)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        role: DatabaseRole::Target,
+                        action: "recording a listener failure".into(),
+                    })
+                });
+            if let Err(err) = outcome {
                 warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors");
             }
         }

@@ -14,6 +14,7 @@ use crate::shutdown;
 pub async fn run(settings: Arc<Settings>) -> Result<()> {
     let token = shutdown::on_signals()?;
     let stats = Arc::new(Stats::default());
+    let final_stats = stats.clone();
     info!(
         source = %settings.source.display(),
         target = %settings.target.display(),
@@ -33,12 +34,28 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
                         "in-flight work did not finish within SHUTDOWN_TIMEOUT_SECONDS; \
                          it is rolled back and will be redone at the next start"
                     );
+                    log_final(&final_stats);
                     return Ok(());
                 }
             }
         }
     };
     let result = result.map_err(Error::Task)?;
-    info!("rowsync stopped");
+    log_final(&final_stats);
     result
+}
+
+fn log_final(stats: &Stats) {
+    let stats = stats.snapshot();
+    info!(
+        batches = stats.batches,
+        sweeps = stats.sweeps,
+        created = stats.totals.created,
+        updated = stats.totals.updated,
+        deleted = stats.totals.deleted,
+        unchanged = stats.totals.unchanged,
+        failed = stats.totals.failed,
+        errors = stats.errors,
+        "rowsync stopped"
+    );
 }
