@@ -27,10 +27,9 @@ use tracing::{debug, info, warn};
 use crate::apply::{Applier, ChunkOutcome, Counts, Mode, RowFailure, connection_lost};
 use crate::changes::{Layout, change_query, journal_cleanup};
 use crate::config::{DatabaseRole, RetrySettings, Settings};
-use crate::connection::{Pools, SessionLimits, Within, bounded};
+use crate::connection::{Pools, SessionLimits, Within, bounded, end_abandoned_sessions};
 use crate::error::{Error, Result};
 use crate::ident::TableRef;
-use crate::retry::Backoff;
 use crate::schema::{TableMapping, load_mapping};
 use crate::{progress, sync_errors};
 
@@ -228,13 +227,34 @@ impl TableSync {
                 .transaction()
                 .within(limit, TARGET, || format!("starting the apply of {name}"))
                 .await?;
-            let locked = bounded(
+            let locked = match bounded(
                 limit,
                 TARGET,
                 "locking progress",
                 progress::lock(&*ttx, &name),
             )
-            .await?;
+            .await
+            {
+                Ok(locked) => locked,
+                Err(err) => {
+                    if waited_for_a_lock(&err) {
+                        // Most likely a session of ours that hung and was given up on still holds
+                        // the progress row, idle in its transaction. End it, then retry.
+                        drop(ttx);
+                        let ended = bounded(
+                            limit,
+                            TARGET,
+                            "ending abandoned sessions",
+                            end_abandoned_sessions(&**target, TARGET, limit),
+                        )
+                        .await?;
+                        if ended > 0 {
+                            warn!(table = %name, sessions = ended, "ended abandoned rowsync sessions that held the progress lock");
+                        }
+                    }
+                    return Err(err);
+                }
+            };
             if locked.as_deref() != Some(prev.as_str()) {
                 return Err(Error::ProgressMoved { table: name });
             }
@@ -334,6 +354,8 @@ impl TableSync {
         };
         if let Err(err) = cleanup.await {
             warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
+            // The session may be hung or broken: keep it out of the pool.
+            drop(deadpool_postgres::Object::take(source));
         }
 
         Ok(Some(BatchReport {
@@ -356,43 +378,13 @@ impl TableSync {
             .unresolved
             .get(&record_id)
             .map_or(0, |p| p.retry_count + 1);
-        let delay = Backoff::nth(&self.retry, retry_count);
-        let mut metadata = sync_errors::metadata(
-            Some(table),
-            failure.operation.as_str(),
-            None,
-            retry_count + 1,
-        );
-        metadata["key"] = failure.key.clone();
-        if let Some(sqlstate) = &failure.sqlstate {
-            metadata["sqlstate"] = Value::String(sqlstate.clone());
-        }
-        let record = sync_errors::Failure {
-            error_type: failure.error_type,
-            table: Some(table.to_string()),
-            record_id: Some(record_id.clone()),
-            message: failure.message.clone(),
-            stack_trace: failure.stack_trace.clone(),
-            metadata,
-            retry_in: Some(delay),
-        };
         bounded(
             self.limit,
             TARGET,
             "recording a rejected row",
-            sync_errors::record(&**ttx, &record),
+            sync_errors::record_rejected(&**ttx, table, failure, retry_count, &self.retry),
         )
-        .await?;
-        warn!(
-            table = %table,
-            record_id = %record_id,
-            operation = failure.operation.as_str(),
-            error_type = failure.error_type.as_str(),
-            attempt = retry_count + 1,
-            retry_in_ms = delay.as_millis() as u64,
-            "target rejected a row; recorded in sync_errors, retried by later sweeps"
-        );
-        Ok(delay)
+        .await
     }
 
     /// Keys that had failed before and went through in this chunk.
@@ -442,5 +434,16 @@ impl TableSync {
             .await?;
         self.progress = Some(snapshot);
         Ok(deleted)
+    }
+}
+
+/// Whether a call failed waiting for a lock (lock_timeout, or statement_timeout while waiting).
+fn waited_for_a_lock(error: &Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match error {
+        Error::Timeout { .. } => true,
+        other => other.postgres().and_then(|e| e.code()).is_some_and(|code| {
+            code == &SqlState::LOCK_NOT_AVAILABLE || code == &SqlState::QUERY_CANCELED
+        }),
     }
 }

@@ -100,6 +100,22 @@ pub fn change_query(mapping: &TableMapping, journal: &str) -> String {
     )
 }
 
+/// Every row of the source table, in the change query's layout (all present): the initial copy's
+/// careful path, which applies rows like a batch when COPY cannot take them all.
+pub fn full_table_query(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let key_json = join(
+        keys.iter()
+            .map(|k| format!("{}, t.{}", quote_literal(&k.name), k.quoted())),
+    );
+    format!(
+        "SELECT true, pg_catalog.jsonb_build_object({key_json}), {key_values}, {columns} FROM {source} t",
+        key_values = join(keys.iter().map(|k| select_expr("t", k))),
+        columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
+        source = mapping.source.quoted(),
+    )
+}
+
 /// Deletes journal rows of every transaction visible in snapshot `$1`: all of them are applied.
 /// Runs in the batch's own transaction, whose snapshot is `$1`.
 pub fn journal_cleanup(journal: &str) -> String {

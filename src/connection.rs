@@ -31,10 +31,16 @@ pub const APP_COPY: &str = "rowsync-copy";
 pub struct SessionLimits {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
-    pub idle_in_transaction_timeout: Duration,
 }
 
 impl SessionLimits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            statement_timeout: settings.statement_timeout,
+            lock_timeout: settings.lock_timeout,
+        }
+    }
+
     /// How long the client waits for any one call before it gives the session up: the server's own
     /// statement_timeout fires first when the server is there to fire it.
     pub fn client_timeout(&self) -> Duration {
@@ -42,14 +48,14 @@ impl SessionLimits {
             + (self.statement_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
     }
 
-    pub fn from_settings(settings: &Settings) -> Self {
-        Self {
-            statement_timeout: settings.statement_timeout,
-            lock_timeout: settings.lock_timeout,
-            // A source transaction stays open, idle, while its batch is applied to the target
-            // statement by statement; each of those is bounded by statement_timeout.
-            idle_in_transaction_timeout: (settings.statement_timeout * 2)
-                .max(Duration::from_secs(60)),
+    /// `idle_in_transaction_session_timeout`. A target transaction is idle only while one source
+    /// call runs, so anything idle much longer is a session rowsync gave up on (its connection hung)
+    /// and that would otherwise keep its locks. A source transaction stays idle while its batch is
+    /// applied to the target, call after call, so it gets more room.
+    pub fn idle_in_transaction_timeout(&self, role: DatabaseRole) -> Duration {
+        match role {
+            DatabaseRole::Target => (self.client_timeout() * 2).max(Duration::from_secs(10)),
+            DatabaseRole::Source => (self.statement_timeout * 2).max(Duration::from_secs(60)),
         }
     }
 }
@@ -66,7 +72,10 @@ pub fn session_config(
         "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
-        limits.idle_in_transaction_timeout.as_millis().max(1),
+        limits
+            .idle_in_transaction_timeout(db.role)
+            .as_millis()
+            .max(1),
     );
     let options = match config.get_options() {
         Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
@@ -129,6 +138,32 @@ impl Pools {
     }
 }
 
+/// Ends sessions of this process's kind that were given up on: pooled rowsync sessions of the same
+/// user in this database, idle inside a transaction for longer than `older_than` (no live batch
+/// leaves a target transaction idle that long). Such a zombie keeps its locks, the progress row's
+/// among them, until the server notices it is gone. Returns how many were ended.
+pub async fn end_abandoned_sessions(
+    client: &impl tokio_postgres::GenericClient,
+    role: DatabaseRole,
+    older_than: Duration,
+) -> Result<u64> {
+    client
+        .execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+              WHERE datname = current_database() AND usename = current_user \
+                AND application_name = $1 AND pid <> pg_catalog.pg_backend_pid() \
+                AND state IN ('idle in transaction', 'idle in transaction (aborted)') \
+                AND state_change < now() - pg_catalog.make_interval(secs => $2::float8)",
+            &[&APP_POOL, &older_than.as_secs_f64()],
+        )
+        .await
+        .map_err(|source| Error::Sql {
+            role,
+            action: "ending abandoned sessions".into(),
+            source,
+        })
+}
+
 /// Bounds a driver call on the client side and names it: a timeout becomes [`Error::Timeout`], a
 /// driver error [`Error::Sql`] with `action` as context.
 pub(crate) trait Within<T>:
@@ -179,12 +214,15 @@ fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // connect_timeout only covers the TCP connect; a server that accepts and then never answers the
+    // startup handshake is caught by the pool's create timeout, on the same bound as any call.
+    let bound = limits.client_timeout().min(Duration::from_secs(15));
     Pool::builder(manager)
         .max_size(db.pool_size)
         .runtime(Runtime::Tokio1)
-        .create_timeout(Some(Duration::from_secs(15)))
-        .wait_timeout(Some(Duration::from_secs(60)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(bound))
+        .wait_timeout(Some(limits.client_timeout()))
+        .recycle_timeout(Some(bound))
         .build()
         .map_err(|source| Error::PoolBuild {
             role: db.role,
@@ -245,6 +283,13 @@ mod tests {
         assert!(options.contains("lock_timeout=10000"), "{options}");
         assert!(
             options.contains("idle_in_transaction_session_timeout=60000"),
+            "{options}"
+        );
+        let target = session_config(&settings.target, limits, APP_POOL);
+        let options = target.get_options().unwrap();
+        // 12 s + 3 s client margin, twice.
+        assert!(
+            options.contains("idle_in_transaction_session_timeout=30000"),
             "{options}"
         );
         assert!(config.get_keepalives());

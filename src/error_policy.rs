@@ -94,7 +94,7 @@ pub fn classify_sqlstate(code: &SqlState) -> (Disposition, ErrorType) {
 /// Whether an error of ours, wherever it came from, is worth retrying.
 pub fn is_transient(error: &crate::error::Error) -> bool {
     match error {
-        crate::error::Error::Pool { .. } => true,
+        crate::error::Error::Pool { .. } | crate::error::Error::Timeout { .. } => true,
         other => other
             .postgres()
             .is_some_and(|e| classify(e).0 == Disposition::Transient),

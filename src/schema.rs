@@ -30,7 +30,10 @@ pub enum Transfer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    /// The target's type, as `format_type` spells it (for casts).
+    /// The target's type without its modifier (`character varying`, not `character varying(20)`),
+    /// for casts. Casting to the full type would apply the modifier the way explicit casts do,
+    /// truncating a too-long string silently; without it, the INSERT's assignment applies the
+    /// modifier and a value that does not fit is an error (and the row is isolated and recorded).
     pub target_type: String,
     pub transfer: Transfer,
 }
@@ -96,7 +99,10 @@ pub(crate) fn join(parts: impl Iterator<Item = String>) -> String {
 struct CatalogColumn {
     name: String,
     type_oid: u32,
+    /// With modifier: `character varying(20)`.
     type_name: String,
+    /// Without modifier: `character varying`.
+    base_type: String,
     is_array: bool,
     is_base: bool,
     generated: bool,
@@ -139,7 +145,7 @@ pub async fn load_mapping(
                 };
                 columns.push(Column {
                     name: column.name.clone(),
-                    target_type: target.type_name.clone(),
+                    target_type: target.base_type.clone(),
                     transfer,
                 });
             }
@@ -248,7 +254,8 @@ async fn columns(
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                    t.typcategory = 'A', t.typtype = 'b', a.attgenerated <> '' \
+                    t.typcategory = 'A', t.typtype = 'b', a.attgenerated <> '', \
+                    pg_catalog.format_type(a.atttypid, NULL) \
                FROM pg_catalog.pg_attribute a \
                JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
               WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -266,6 +273,7 @@ async fn columns(
             is_array: row.get(3),
             is_base: row.get(4),
             generated: row.get(5),
+            base_type: row.get(6),
         })
         .collect())
 }

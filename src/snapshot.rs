@@ -11,6 +11,11 @@
 //! empty target takes the rows directly; otherwise they go through a temporary table and are merged:
 //! new rows inserted, changed rows updated, identical rows left alone, and target rows whose key is
 //! not in the source deleted (the target table mirrors the source).
+//!
+//! If the target rejects a row (a constraint or a type the source does not have), COPY fails as a
+//! whole. Then the copy starts over row by row, through the same careful apply as batches: rejected
+//! rows are isolated and recorded in `sync_errors` (and retried by the daemon's sweeps), every other
+//! row is copied.
 
 use std::time::{Duration, Instant};
 
@@ -18,14 +23,15 @@ use bytes::Bytes;
 use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 
-use crate::apply::Counts;
 use crate::apply::statements::on_conflict;
-use crate::changes::journal_cleanup;
+use crate::apply::{Applier, Counts, Mode};
+use crate::changes::{full_table_query, journal_cleanup};
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{self, APP_COPY, SessionLimits, session_config};
-use crate::error::{Result, SqlContext};
-use crate::progress;
+use crate::connection::{self, APP_COPY, Pools, SessionLimits, Within, session_config};
+use crate::error::{Error, Result, SqlContext};
+use crate::error_policy::{self, Disposition};
 use crate::schema::TableMapping;
+use crate::{progress, sync_errors};
 
 /// What the copy of one table did.
 #[derive(Debug, Clone)]
@@ -45,7 +51,33 @@ const UNBOUNDED: &str =
     "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0";
 
 /// Copies every row of `mapping`'s source table into its target table and records the snapshot.
-pub async fn copy_table(settings: &Settings, mapping: &TableMapping) -> Result<CopyReport> {
+pub async fn copy_table(
+    settings: &Settings,
+    pools: &Pools,
+    mapping: &TableMapping,
+) -> Result<CopyReport> {
+    let started = Instant::now();
+    match copy_streaming(settings, mapping).await {
+        Err(Error::Sql {
+            role: DatabaseRole::Target,
+            source,
+            ..
+        }) if error_policy::classify(&source).0 == Disposition::RowRejected => {
+            tracing::warn!(
+                table = %mapping.name(),
+                error = %crate::error::chain(&source),
+                "the target rejected a row during COPY; copying row by row to isolate it"
+            );
+            let mut report = copy_careful(settings, pools, mapping).await?;
+            report.duration = started.elapsed();
+            Ok(report)
+        }
+        other => other,
+    }
+}
+
+/// The fast path: COPY piped from source to target.
+async fn copy_streaming(settings: &Settings, mapping: &TableMapping) -> Result<CopyReport> {
     let started = Instant::now();
     let name = mapping.name();
     let journal = mapping.journal()?.quoted();
@@ -162,12 +194,7 @@ pub async fn copy_table(settings: &Settings, mapping: &TableMapping) -> Result<C
     ttx.commit().await.context(DatabaseRole::Target, || {
         format!("committing the copy of {name}")
     })?;
-    // Journal rows of transactions visible in the copy's snapshot are in the copy.
-    stx.execute(&journal_cleanup(&journal), &[&snapshot])
-        .await
-        .context(DatabaseRole::Source, || {
-            "deleting journal rows covered by the copy".into()
-        })?;
+    clean_copied_journal(&stx, &journal, &snapshot).await?;
     stx.commit().await.context(DatabaseRole::Source, || {
         "ending the copy transaction".into()
     })?;
@@ -179,6 +206,20 @@ pub async fn copy_table(settings: &Settings, mapping: &TableMapping) -> Result<C
         merged: !target_empty,
         duration: started.elapsed(),
     })
+}
+
+/// Deletes the journal rows of transactions visible in the copy's snapshot: they are in the copy.
+async fn clean_copied_journal(
+    stx: &tokio_postgres::Transaction<'_>,
+    journal: &str,
+    snapshot: &str,
+) -> Result<()> {
+    stx.execute(&journal_cleanup(journal), &[&snapshot])
+        .await
+        .context(DatabaseRole::Source, || {
+            "deleting journal rows covered by the copy".into()
+        })?;
+    Ok(())
 }
 
 /// Streams COPY data from source to target. Memory holds a few messages, whatever the table size.
@@ -255,5 +296,137 @@ async fn merge(
         deleted,
         unchanged: rows - total_written,
         failed: 0,
+    })
+}
+
+/// The careful path: every source row applied like a batch in [`Mode::Careful`], so rejected rows
+/// are isolated and recorded instead of failing the copy. Same snapshot discipline as the fast path.
+async fn copy_careful(
+    settings: &Settings,
+    pools: &Pools,
+    mapping: &TableMapping,
+) -> Result<CopyReport> {
+    let started = Instant::now();
+    let name = mapping.name();
+    let journal = mapping.journal()?.quoted();
+    let limit = SessionLimits::from_settings(settings).client_timeout();
+    let applier = Applier::new(mapping, limit);
+
+    let mut target = pools.target().await?;
+    progress::ensure_row(&**target, &name).await?;
+    let ttx = target
+        .transaction()
+        .within(limit, DatabaseRole::Target, || {
+            format!("starting the copy of {name}")
+        })
+        .await?;
+    ttx.batch_execute(UNBOUNDED)
+        .await
+        .context(DatabaseRole::Target, || {
+            "lifting the statement timeout".into()
+        })?;
+    progress::lock(&*ttx, &name).await?;
+    let mut source = pools.source().await?;
+    let stx = source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .within(limit, DatabaseRole::Source, || {
+            format!("starting the copy of {name}")
+        })
+        .await?;
+    stx.batch_execute(UNBOUNDED)
+        .await
+        .context(DatabaseRole::Source, || {
+            "lifting the statement timeout".into()
+        })?;
+    let snapshot: String = stx
+        .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+        .within(limit, DatabaseRole::Source, || {
+            "taking the copy snapshot".into()
+        })
+        .await?
+        .get(0);
+    ttx.batch_execute(&format!(
+        "CREATE TEMPORARY TABLE rowsync_stage_keys ON COMMIT DROP AS \
+         SELECT {} FROM {} WITH NO DATA",
+        mapping.key_list(),
+        mapping.target.quoted()
+    ))
+    .await
+    .context(DatabaseRole::Target, || {
+        "creating the key staging table".into()
+    })?;
+
+    let statement = stx
+        .prepare(&full_table_query(mapping))
+        .within(limit, DatabaseRole::Source, || {
+            format!("reading {}", mapping.source)
+        })
+        .await?;
+    let portal = stx
+        .bind(&statement, &[])
+        .within(limit, DatabaseRole::Source, || {
+            format!("reading {}", mapping.source)
+        })
+        .await?;
+    let chunk = settings.batch_size as i32;
+    let mut rows_read = 0u64;
+    let mut counts = Counts::default();
+    let mut failures = Vec::new();
+    loop {
+        let rows = stx
+            .query_portal(&portal, chunk)
+            .within(limit, DatabaseRole::Source, || {
+                format!("reading {}", mapping.source)
+            })
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        rows_read += rows.len() as u64;
+        let outcome = applier.apply(&ttx, &rows, Mode::Careful).await?;
+        applier.stage_keys(&ttx, &rows).await?;
+        counts += outcome.counts;
+        failures.extend(outcome.failures);
+        if rows.len() < chunk as usize {
+            break;
+        }
+    }
+    let key_match = mapping
+        .key_columns()
+        .map(|k| format!("s.{0} = t.{0}", k.quoted()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    counts.deleted += ttx
+        .execute(
+            &format!(
+                "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM rowsync_stage_keys s WHERE {key_match})",
+                mapping.target.quoted()
+            ),
+            &[],
+        )
+        .await
+        .context(DatabaseRole::Target, || format!("deleting rows of {} not in the source", mapping.target))?;
+    for failure in &failures {
+        sync_errors::record_rejected(&*ttx, &name, failure, 0, &settings.retry).await?;
+    }
+    progress::advance(&*ttx, &name, &snapshot, true).await?;
+    ttx.commit()
+        .within(limit, DatabaseRole::Target, || {
+            format!("committing the copy of {name}")
+        })
+        .await?;
+    clean_copied_journal(&stx, &journal, &snapshot).await?;
+    stx.commit().await.context(DatabaseRole::Source, || {
+        "ending the copy transaction".into()
+    })?;
+
+    Ok(CopyReport {
+        table: name,
+        rows: rows_read,
+        counts,
+        merged: true,
+        duration: started.elapsed(),
     })
 }

@@ -8,9 +8,11 @@
 use serde_json::{Value, json};
 use tokio_postgres::GenericClient;
 
-use crate::config::DatabaseRole;
+use crate::apply::RowFailure;
+use crate::config::{DatabaseRole, RetrySettings};
 use crate::error::{Result, SqlContext};
 use crate::error_policy::ErrorType;
+use crate::retry::Backoff;
 
 /// A failure to record.
 #[derive(Debug, Clone)]
@@ -78,6 +80,49 @@ pub async fn record(client: &impl GenericClient, failure: &Failure) -> Result<()
             .context(role, || "inserting into sync_errors".into())?;
     }
     Ok(())
+}
+
+/// Records a row the target rejected (attempt `retry_count + 1`) and logs it. Returns when the
+/// row's next retry is due (the configured backoff, growing with `retry_count`).
+pub async fn record_rejected(
+    client: &impl GenericClient,
+    table: &str,
+    failure: &RowFailure,
+    retry_count: u32,
+    retry: &RetrySettings,
+) -> Result<std::time::Duration> {
+    let record_id = record_id(&failure.key);
+    let delay = Backoff::nth(retry, retry_count);
+    let mut metadata = metadata(
+        Some(table),
+        failure.operation.as_str(),
+        None,
+        retry_count + 1,
+    );
+    metadata["key"] = failure.key.clone();
+    if let Some(sqlstate) = &failure.sqlstate {
+        metadata["sqlstate"] = Value::String(sqlstate.clone());
+    }
+    let record = Failure {
+        error_type: failure.error_type,
+        table: Some(table.to_string()),
+        record_id: Some(record_id.clone()),
+        message: failure.message.clone(),
+        stack_trace: failure.stack_trace.clone(),
+        metadata,
+        retry_in: Some(delay),
+    };
+    self::record(client, &record).await?;
+    tracing::warn!(
+        table = %table,
+        record_id = %record_id,
+        operation = failure.operation.as_str(),
+        error_type = failure.error_type.as_str(),
+        attempt = retry_count + 1,
+        retry_in_ms = delay.as_millis() as u64,
+        "target rejected a row; recorded in sync_errors, retried by later sweeps"
+    );
+    Ok(delay)
 }
 
 /// Marks the open records of these rows resolved. Returns how many records it closed.

@@ -8,4 +8,5 @@ mod harness;
 
 mod behaviour;
 mod cli;
+mod faults;
 mod guarantees;

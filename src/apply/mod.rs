@@ -202,6 +202,22 @@ impl Applier {
         Ok(outcome)
     }
 
+    /// Adds the keys of `rows` to the temporary table `rowsync_stage_keys` (initial copy).
+    pub async fn stage_keys(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        rows: &[Row],
+    ) -> Result<()> {
+        let rows: Vec<&Row> = rows.iter().collect();
+        let arrays = self.arrays(&rows, Operation::Delete)?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        tx.execute(&self.statements.stage_keys, &params)
+            .within(self.limit, ROLE, || "recording copied keys".into())
+            .await?;
+        Ok(())
+    }
+
     /// Locks the target rows of `rows` that nobody else holds; rows whose target row another
     /// session holds become failures (retried later) instead of waiting for `lock_timeout`.
     async fn set_aside_locked<'r>(

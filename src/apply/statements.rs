@@ -10,6 +10,9 @@ pub struct ApplyStatements {
     pub upsert: String,
     /// Parameters: one array per key column. Returns the deleted rows' count.
     pub delete: String,
+    /// Parameters: one array per key column. Adds the keys to the temporary table
+    /// `rowsync_stage_keys` (the initial copy's record of which keys the source has).
+    pub stage_keys: String,
     /// Parameters: one array per key column. Locks (`FOR UPDATE SKIP LOCKED`) the target rows of
     /// these keys that nobody else holds, and returns the 1-based positions of the keys whose
     /// target row exists but is locked by another session.
@@ -21,6 +24,7 @@ impl ApplyStatements {
         Self {
             upsert: upsert(mapping),
             delete: delete(mapping),
+            stage_keys: stage_keys(mapping),
             locked: locked(mapping),
         }
     }
@@ -101,6 +105,16 @@ fn delete(mapping: &TableMapping) -> String {
         "DELETE FROM {target} AS t USING unnest({params}) AS d({key_list}) WHERE {matches}",
         target = mapping.target.quoted(),
         key_list = mapping.key_list(),
+    )
+}
+
+fn stage_keys(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    format!(
+        "INSERT INTO rowsync_stage_keys ({key_list}) SELECT {values} FROM unnest({params}) AS d({key_list})",
+        key_list = mapping.key_list(),
+        values = join(keys.iter().map(|k| value_expr("d", k))),
+        params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c))),
     )
 }
 

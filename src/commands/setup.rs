@@ -73,7 +73,7 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
         } else {
             tracing::info!(table = %name, "copying existing rows");
             let report = transient(retry, "copying existing rows", || {
-                copy_table(settings, &mapping)
+                copy_table(settings, pools, &mapping)
             })
             .await?;
             tracing::info!(
@@ -118,14 +118,22 @@ pub fn summary(tables: &[TableSetup]) -> String {
                 let c = copy.counts;
                 let _ = writeln!(
                     text,
-                    "{}: {capture}; copied {} rows in {:.1} s ({} created, {} updated, {} deleted, {} unchanged)",
+                    "{}: {capture}; copied {} rows in {:.1} s ({} created, {} updated, {} deleted, {} unchanged{})",
                     table.table,
                     copy.rows,
                     copy.duration.as_secs_f64(),
                     c.created,
                     c.updated,
                     c.deleted,
-                    c.unchanged
+                    c.unchanged,
+                    if c.failed > 0 {
+                        format!(
+                            ", {} rejected by the target: see sync_errors; the daemon retries them",
+                            c.failed
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -414,4 +416,57 @@ pub async fn xmins(client: &Client, filter: &str) -> Vec<String> {
         .iter()
         .map(|row| row.get(0))
         .collect()
+}
+
+/// Writes a mix of inserts, updates (each bumps `version`) and deletes until `stop`, reconnecting
+/// whenever the server goes away (restarts, cuts). Returns how many statements committed.
+pub async fn resilient_writes(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    use std::sync::atomic::Ordering;
+    let statements = [
+        "INSERT INTO users (name) VALUES ('r-' || gen_random_uuid())",
+        "UPDATE users SET version = version + 1, status = md5(random()::text), updated_at = now() \
+          WHERE id = (SELECT id FROM users OFFSET floor(random() * 100) LIMIT 1)",
+        "UPDATE users SET version = version + 1, updated_at = now() \
+          WHERE id IN (SELECT id FROM users OFFSET floor(random() * 100) LIMIT 10)",
+        "DELETE FROM users WHERE id = (SELECT id FROM users OFFSET floor(random() * 100) LIMIT 1)",
+    ];
+    let mut committed = 0;
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((client, connection)) = tokio_postgres::connect(&url, NoTls).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        tokio::spawn(connection);
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            match client.execute(statements[i % statements.len()], &[]).await {
+                Ok(_) => committed += 1,
+                Err(err) if err.code().is_some() && !client.is_closed() => {}
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    committed
+}
+
+/// Asserts from a rowsync log that sweeps ran one after another: every "sweep started" is followed
+/// by its "sweep finished" before the next one starts. Returns how many sweeps finished.
+pub fn assert_sweeps_never_overlapped(log: &str) -> usize {
+    let events: Vec<bool> = log
+        .lines()
+        .filter(|l| l.contains("sweep started") || l.contains("sweep finished"))
+        .map(|l| l.contains("sweep started"))
+        .collect();
+    for window in events.windows(2) {
+        assert_ne!(
+            window[0], window[1],
+            "sweeps overlapped or one was lost: {events:?}"
+        );
+    }
+    events.iter().filter(|started| !**started).count()
 }
