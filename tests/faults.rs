@@ -530,3 +530,39 @@ async fn a_sweep_slower_than_its_1_second_interval_never_overlaps_and_loses_noth
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_a_restart_still_converges() {
+    let pair = pair_with_backlog(150_000).await;
+    let mut daemon = pair.spawn(&[("SHUTDOWN_TIMEOUT_SECONDS", "60"), ("BATCH_SIZE", "1000")]);
+    pair.wait("the catch-up to start", Duration::from_secs(20), || async {
+        daemon.log_text().contains("sync loop started")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.signal(libc::SIGINT);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGINT);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(128 + libc::SIGINT)
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "second signal took {:?}",
+        signalled.elapsed()
+    );
+    assert!(
+        daemon.log_text().contains("second signal: exiting now"),
+        "{}",
+        daemon.log_text()
+    );
+
+    let _daemon = pair.spawn(&[]);
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+    assert_eq!(
+        count(&pair.target().await, "SELECT count(*) FROM sync_errors").await,
+        0
+    );
+}
