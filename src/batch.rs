@@ -17,7 +17,8 @@
 //! roll back with their sessions) and redone later.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres_types::{ToSql, Type};
 use serde_json::Value;
@@ -31,6 +32,7 @@ use crate::connection::{Pools, SessionLimits, Within, bounded, end_abandoned_ses
 use crate::error::{Error, Result};
 use crate::ident::TableRef;
 use crate::schema::{TableMapping, load_mapping};
+use crate::telemetry::Telemetry;
 use crate::{progress, sync_errors};
 
 /// Why a batch runs.
@@ -73,6 +75,7 @@ pub struct TableSync {
     /// Client-side bound of each call.
     limit: Duration,
     retry: RetrySettings,
+    telemetry: Arc<Telemetry>,
 }
 
 const SOURCE: DatabaseRole = DatabaseRole::Source;
@@ -80,7 +83,12 @@ const TARGET: DatabaseRole = DatabaseRole::Target;
 
 impl TableSync {
     /// Loads the mapping and state of a table that `setup` has prepared.
-    pub async fn load(pools: &Pools, table: &TableRef, settings: &Settings) -> Result<Self> {
+    pub async fn load(
+        pools: &Pools,
+        table: &TableRef,
+        settings: &Settings,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self> {
         let limit = SessionLimits::from_settings(settings).client_timeout();
         let source = pools.source().await?;
         let target = pools.target().await?;
@@ -121,7 +129,7 @@ impl TableSync {
             (open.record_id, pending)
         })
         .collect();
-        Ok(Self {
+        let sync = Self {
             change_sql: change_query(&mapping, &journal),
             cleanup_sql: journal_cleanup(&journal),
             applier: Applier::new(&mapping, limit),
@@ -131,7 +139,12 @@ impl TableSync {
             batch_size: settings.batch_size,
             limit,
             retry: settings.retry,
-        })
+            telemetry,
+        };
+        sync.telemetry.add_table(&sync.name());
+        sync.telemetry
+            .set_table_backlog(&sync.name(), None, sync.unresolved_count());
+        Ok(sync)
     }
 
     pub fn name(&self) -> String {
@@ -176,6 +189,7 @@ impl TableSync {
             .start()
             .within(limit, SOURCE, || format!("starting a batch of {name}"))
             .await?;
+        let snapshot_at = SystemTime::now();
         let cur: String = stx
             .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
             .within(limit, SOURCE, || "taking a snapshot".into())
@@ -219,6 +233,7 @@ impl TableSync {
             if rows.is_empty() {
                 // Nothing visible since `prev`; the snapshot need not move.
                 self.progress = Some(prev);
+                self.telemetry.checked(&name, snapshot_at);
                 return Ok(None);
             }
 
@@ -276,6 +291,7 @@ impl TableSync {
                     }
                     Err(other) => return Err(other),
                 }
+                self.telemetry.beat();
                 if rows.len() < chunk as usize {
                     break false;
                 }
@@ -358,6 +374,9 @@ impl TableSync {
             drop(deadpool_postgres::Object::take(source));
         }
 
+        self.telemetry.batch(&name, outcome.counts, snapshot_at);
+        self.telemetry
+            .set_table_backlog(&name, None, self.unresolved.len());
         Ok(Some(BatchReport {
             table: name,
             counts: outcome.counts,
@@ -378,6 +397,7 @@ impl TableSync {
             .unresolved
             .get(&record_id)
             .map_or(0, |p| p.retry_count + 1);
+        self.telemetry.recorded(failure.error_type.as_str());
         bounded(
             self.limit,
             TARGET,

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -105,7 +106,14 @@ pub struct Settings {
     pub batch_size: usize,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// Where `/health`, `/status`, `/metrics` and `POST /sync` are served (None: `off`).
+    pub health_addr: Option<SocketAddr>,
+    /// How long `sync_runs` keeps history.
+    pub sync_runs_retention: Duration,
 }
+
+/// Default of `HEALTH_ADDR`: loopback only, a fixed port.
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9393";
 
 /// One database: its connection settings (password inside, redacted in `Debug`) and pool size.
 #[derive(Clone)]
@@ -323,8 +331,33 @@ impl Settings {
                 10.0,
                 "a positive number of seconds such as 10",
             )?),
+            health_addr: health_addr(env)?,
+            sync_runs_retention: Duration::from_secs_f64(
+                positive_decimal(
+                    env,
+                    "SYNC_RUNS_RETENTION_DAYS",
+                    30.0,
+                    "a positive number of days such as 30",
+                )? * 86_400.0,
+            ),
         })
     }
+}
+
+/// `HEALTH_ADDR`: `host:port` (an IP address), or `off`.
+pub fn health_addr(env: &Env) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = env.get("HEALTH_ADDR").unwrap_or(DEFAULT_HEALTH_ADDR);
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        ConfigError::new(
+            "HEALTH_ADDR",
+            format!(
+                "expected an address such as 127.0.0.1:9393 or [::1]:9393, or off; got {text:?}"
+            ),
+        )
+    })
 }
 
 fn database(
@@ -499,6 +532,16 @@ mod tests {
         assert_eq!(settings.max_reconnect_attempts, 10);
         assert_eq!(settings.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(
+            settings.health_addr,
+            Some("127.0.0.1:9393".parse().unwrap())
+        );
+        assert_eq!(
+            settings.sync_runs_retention,
+            Duration::from_secs(30 * 86_400)
+        );
+        let off = Settings::from_env(&env(&[("HEALTH_ADDR", "OFF")])).unwrap();
+        assert_eq!(off.health_addr, None);
+        assert_eq!(
             settings.source.display(),
             "backend@db1.example:5433/myusta_backend"
         );
@@ -538,6 +581,9 @@ mod tests {
             ("SYNC_TABLES", "a.b.c"),
             ("POLL_INTERVAL_MS", "0"),
             ("BATCH_SIZE", "x"),
+            ("HEALTH_ADDR", "localhost"),
+            ("HEALTH_ADDR", "9393"),
+            ("SYNC_RUNS_RETENTION_DAYS", "0"),
         ];
         for (variable, value) in cases {
             let err = error_for(&[(variable, value)]);

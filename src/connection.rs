@@ -96,6 +96,18 @@ pub fn session_config(
     config
 }
 
+/// Server-side TCP keepalives for long-lived sessions (the listener, the leader lock): a client
+/// that vanished without a reset is noticed by the server within about 15 s, so its session (its
+/// LISTEN, its advisory lock) does not linger for the kernel default of two hours.
+pub fn with_server_keepalives(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    let options = format!(
+        "{} -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 -c tcp_user_timeout=10000",
+        config.get_options().unwrap_or_default()
+    );
+    config.options(options.trim());
+    config
+}
+
 /// The two connection pools.
 #[derive(Clone)]
 pub struct Pools {

@@ -1,8 +1,12 @@
-//! The sync loop of `rowsync run`.
+//! The daemon behind `rowsync run`: leadership, the listener, and the sync loop.
+//!
+//! A process first takes the leader lock ([`crate::leader`]); until it has it, it stands by. As the
+//! active instance it runs the listener and the sync loop. If it loses the lock it stops applying at
+//! once (the batch in flight is rolled back) and stands by again.
 //!
 //! One task applies, so batches of a table never run concurrently and are applied in snapshot
 //! order. It runs a batch per table whenever the listener rings, after every listener (re)connect,
-//! on a short poll timer while idle (the doorbell can race), and as a sweep every
+//! on a short poll timer while idle (the doorbell can race), on `POST /sync`, and as a sweep every
 //! `SYNC_INTERVAL_MINUTES`. Sweeps are scheduled from the end of the previous one, so they never
 //! overlap; a sweep that takes more than 80% of the interval logs a warning.
 //!
@@ -13,113 +17,108 @@
 //! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
 //! the in-flight batch may take (`SHUTDOWN_TIMEOUT_SECONDS`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::Counts;
-use crate::batch::{BatchKind, BatchReport, TableSync};
+use crate::batch::{BatchKind, TableSync};
 use crate::capture::listener::{self, ListenerState};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{Pools, SessionLimits, bounded};
 use crate::error::{Error, Result};
 use crate::error_policy::{self, ErrorType};
 use crate::retry::Backoff;
-use crate::{capture, migrate, sync_errors};
+use crate::runs::{self, Kind};
+use crate::telemetry::{Role, SweepSummary, Telemetry};
+use crate::{capture, leader, migrate, sync_errors};
 
-/// Figures for operators (and the demo), updated as the loop runs.
-#[derive(Debug, Default)]
-pub struct Stats {
-    inner: Mutex<StatsSnapshot>,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StatsSnapshot {
-    pub totals: Counts,
-    pub batches: u64,
-    pub sweeps: u64,
-    pub last_sweep: Option<SweepSummary>,
-    pub last_batch_at: Option<SystemTime>,
-    pub errors: u64,
-    pub consecutive_failures: u32,
-    pub sweep_in_progress: bool,
-    pub caught_up: bool,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SweepSummary {
-    pub finished_at: SystemTime,
-    pub duration: Duration,
-    pub counts: Counts,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, StatsSnapshot> {
-        // A panic while holding this lock cannot leave the figures inconsistent in a harmful way.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn batch(&self, report: &BatchReport) {
-        let mut stats = self.lock();
-        stats.totals += report.counts;
-        stats.batches += 1;
-        stats.last_batch_at = Some(SystemTime::now());
-    }
-}
-
-/// Runs the daemon until `shutdown` is cancelled.
+/// Runs the daemon until `shutdown` is cancelled: standing by, or active, as the leader lock says.
 pub async fn run(
     settings: Arc<Settings>,
-    stats: Arc<Stats>,
+    pools: Pools,
+    telemetry: Arc<Telemetry>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let pools = Pools::new(&settings)?;
-    let result = async {
-        let Some(tables) = start(&settings, &pools, &shutdown).await? else {
+    let mut abandoned = None;
+    loop {
+        let Some(leadership) =
+            leader::acquire(&settings, &telemetry, &shutdown, abandoned.take()).await?
+        else {
             return Ok(());
         };
-        let wake = Arc::new(Notify::new());
-        let (state_tx, state_rx) = watch::channel(ListenerState::Connecting);
-        let listener = tokio::spawn(listener::run(
+        telemetry.set_role(Role::Active);
+        let lost = leadership.lost();
+        let stop = shutdown.child_token();
+        let active = run_active(
             settings.clone(),
             pools.clone(),
-            wake.clone(),
-            state_tx,
-            shutdown.clone(),
-        ));
-        let mut sync = SyncLoop {
-            settings: settings.clone(),
-            pools: pools.clone(),
-            tables,
-            stats: stats.clone(),
-            wake,
-            listener: state_rx,
-            shutdown: shutdown.clone(),
+            telemetry.clone(),
+            stop.clone(),
+        );
+        tokio::pin!(active);
+        let outcome = tokio::select! {
+            // Cancel-safe: losing the lock means stopping at once; the batch in flight is dropped
+            // and its transactions roll back with their sessions.
+            _ = lost.cancelled() => None,
+            result = &mut active => Some(result),
         };
-        sync.run().await;
-        let _ = listener.await;
-        Ok(())
+        stop.cancel();
+        let session = leadership.session();
+        drop(leadership);
+        match outcome {
+            Some(result) => return result,
+            None => {
+                abandoned = Some(session);
+                warn!("lost the leader lock: stopped applying, standing by");
+                telemetry.set_role(Role::Standby);
+                pools.evict_idle();
+            }
+        }
     }
-    .await;
-    pools.close();
-    result
+}
+
+/// The active instance's work, until `stop`.
+async fn run_active(
+    settings: Arc<Settings>,
+    pools: Pools,
+    telemetry: Arc<Telemetry>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let Some(tables) = start(&settings, &pools, &telemetry, &stop).await? else {
+        return Ok(());
+    };
+    let wake = Arc::new(Notify::new());
+    let listener = tokio::spawn(listener::run(
+        settings.clone(),
+        pools.clone(),
+        wake.clone(),
+        telemetry.clone(),
+        stop.clone(),
+    ));
+    let mut sync = SyncLoop {
+        settings,
+        pools,
+        tables,
+        telemetry,
+        wake,
+        shutdown: stop,
+    };
+    sync.run().await;
+    let _ = listener.await;
+    Ok(())
 }
 
 /// Migrates the target and loads every table, retrying while the databases are unreachable.
-/// Returns None if shut down meanwhile.
+/// Returns None if stopped meanwhile.
 async fn start(
     settings: &Settings,
     pools: &Pools,
-    shutdown: &CancellationToken,
+    telemetry: &Arc<Telemetry>,
+    stop: &CancellationToken,
 ) -> Result<Option<Vec<TableSync>>> {
     let mut backoff = Backoff::new(&settings.retry);
     loop {
@@ -129,10 +128,17 @@ async fn start(
             if !applied.is_empty() {
                 info!(migrations = ?applied, "applied target migrations");
             }
+            let closed = runs::close_interrupted(&**target).await?;
+            if closed > 0 {
+                info!(
+                    runs = closed,
+                    "marked runs cut short by a previous process as failed"
+                );
+            }
             drop(target);
             let mut tables = Vec::new();
             for table in &settings.tables {
-                let mut sync = TableSync::load(pools, table, settings).await?;
+                let mut sync = TableSync::load(pools, table, settings, telemetry.clone()).await?;
                 let cleaned = sync.clean_journal(pools).await?;
                 if cleaned > 0 {
                     debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
@@ -157,9 +163,10 @@ async fn start(
                     retry_in_ms = delay.as_millis() as u64,
                     "cannot start yet; retrying"
                 );
+                telemetry.beat();
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = stop.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -172,9 +179,8 @@ struct SyncLoop {
     settings: Arc<Settings>,
     pools: Pools,
     tables: Vec<TableSync>,
-    stats: Arc<Stats>,
+    telemetry: Arc<Telemetry>,
     wake: Arc<Notify>,
-    listener: watch::Receiver<ListenerState>,
     shutdown: CancellationToken,
 }
 
@@ -198,6 +204,7 @@ impl SyncLoop {
             "sync loop started"
         );
         while !self.shutdown.is_cancelled() {
+            self.telemetry.beat();
             let sweep_due = Instant::now() >= next_sweep;
             let outcome = if sweep_due {
                 self.sweep().await
@@ -211,7 +218,7 @@ impl SyncLoop {
                         self.resolve_failure_episode().await;
                         failures = 0;
                         backoff = Backoff::new(&self.settings.retry);
-                        self.stats.lock().consecutive_failures = 0;
+                        self.telemetry.recovered();
                     }
                     if sweep_due {
                         next_sweep = Instant::now() + self.settings.sync_interval;
@@ -244,8 +251,7 @@ impl SyncLoop {
             if found {
                 continue;
             }
-            self.stats.lock().caught_up = true;
-            if *self.listener.borrow() == ListenerState::Listening {
+            if self.telemetry.listener() == ListenerState::Listening {
                 match self.arm_doorbell().await {
                     // Something may have been committed just before the bell was armed.
                     Ok(()) => match self.pass(BatchKind::Stream).await {
@@ -262,12 +268,13 @@ impl SyncLoop {
                 biased;
                 // Each arm is cancel-safe: they only wait.
                 _ = self.shutdown.cancelled() => break,
+                _ = self.telemetry.sweep_requested() => next_sweep = Instant::now(),
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = tokio::time::sleep_until(next_sweep.into()) => {}
             }
         }
-        let stats = self.stats.snapshot();
+        let stats = self.telemetry.snapshot();
         info!(
             batches = stats.batches,
             sweeps = stats.sweeps,
@@ -301,7 +308,6 @@ impl SyncLoop {
                         duration_ms = report.duration.as_millis() as u64,
                         "batch applied"
                     );
-                    self.stats.batch(&report);
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -315,36 +321,46 @@ impl SyncLoop {
         Ok(found)
     }
 
-    /// A sweep: one batch per table with the lookback and the retries. Returns whether it found
-    /// anything.
+    /// A sweep: one batch per table with the lookback and the retries, recorded in `sync_runs`.
+    /// Returns whether it found anything.
     async fn sweep(&mut self) -> Result<bool, PassError> {
         let started = Instant::now();
-        let before = self.stats.snapshot().totals;
-        self.stats.lock().sweep_in_progress = true;
+        let before = self.telemetry.snapshot().totals;
+        self.telemetry.sweep_started();
         debug!("sweep started");
+        let run = self.run_started().await;
         let result = self
             .pass(BatchKind::Sweep {
                 lookback: self.settings.sweep_lookback,
             })
             .await;
         let duration = started.elapsed();
-        let mut stats = self.stats.lock();
-        stats.sweep_in_progress = false;
-        let found = result?;
+        let after = self.telemetry.snapshot().totals;
         let counts = Counts {
-            created: stats.totals.created - before.created,
-            updated: stats.totals.updated - before.updated,
-            deleted: stats.totals.deleted - before.deleted,
-            unchanged: stats.totals.unchanged - before.unchanged,
-            failed: stats.totals.failed - before.failed,
+            created: after.created - before.created,
+            updated: after.updated - before.updated,
+            deleted: after.deleted - before.deleted,
+            unchanged: after.unchanged - before.unchanged,
+            failed: after.failed - before.failed,
         };
-        stats.sweeps += 1;
-        stats.last_sweep = Some(SweepSummary {
+        let error = result
+            .as_ref()
+            .err()
+            .map(|failure| crate::error::chain(&failure.error));
+        self.run_finished(run, counts, error.as_deref()).await;
+        let found = match result {
+            Ok(found) => found,
+            Err(failure) => {
+                self.telemetry.sweep_finished(None);
+                return Err(failure);
+            }
+        };
+        self.update_backlog().await;
+        self.telemetry.sweep_finished(Some(SweepSummary {
             finished_at: SystemTime::now(),
             duration,
             counts,
-        });
-        drop(stats);
+        }));
         info!(
             created = counts.created,
             updated = counts.updated,
@@ -365,6 +381,63 @@ impl SyncLoop {
         Ok(found)
     }
 
+    /// Records the sweep's start in `sync_runs` (best effort: history must not stop syncing).
+    async fn run_started(&self) -> Option<i64> {
+        let target = self.pools.target().await.ok()?;
+        let started = bounded(
+            self.limit(),
+            DatabaseRole::Target,
+            "recording a sweep",
+            runs::start(&**target, Kind::Sweep, None),
+        )
+        .await;
+        started
+            .map_err(|err| warn!(error = %crate::error::chain(&err), "could not record the sweep in sync_runs"))
+            .ok()
+    }
+
+    async fn run_finished(&self, run: Option<i64>, counts: Counts, error: Option<&str>) {
+        let Some(id) = run else {
+            return;
+        };
+        let Ok(target) = self.pools.target().await else {
+            return;
+        };
+        let recorded = bounded(
+            self.limit(),
+            DatabaseRole::Target,
+            "recording a sweep",
+            async {
+                runs::finish(&**target, id, counts, error).await?;
+                runs::prune(&**target, self.settings.sync_runs_retention).await
+            },
+        )
+        .await;
+        if let Err(err) = recorded {
+            warn!(error = %crate::error::chain(&err), "could not complete the sweep's sync_runs row");
+        }
+    }
+
+    /// Journal depth and open row failures per table, for /status and /metrics.
+    async fn update_backlog(&self) {
+        let source = self.pools.source().await.ok();
+        for table in &self.tables {
+            let pending = match (&source, &table.mapping.journal) {
+                (Some(source), Some(journal)) => bounded(
+                    self.limit(),
+                    DatabaseRole::Source,
+                    "counting the journal",
+                    capture::journal_depth(&***source, journal),
+                )
+                .await
+                .ok(),
+                _ => None,
+            };
+            self.telemetry
+                .set_table_backlog(&table.name(), pending, table.unresolved_count());
+        }
+    }
+
     async fn arm_doorbell(&self) -> Result<()> {
         let source = self.pools.source().await?;
         bounded(
@@ -382,11 +455,7 @@ impl SyncLoop {
     }
 
     async fn fail(&self, failure: &PassError, failures: u32, delay: Duration) {
-        {
-            let mut stats = self.stats.lock();
-            stats.errors += 1;
-            stats.consecutive_failures = failures;
-        }
+        self.telemetry.failure(failures);
         let message = crate::error::chain(&failure.error);
         let retries_left = failures <= self.settings.retry.max_retries;
         if retries_left && error_policy::is_transient(&failure.error) {
@@ -429,6 +498,7 @@ impl SyncLoop {
             ),
             retry_in: None,
         };
+        self.telemetry.recorded(error_type.as_str());
         if let Ok(target) = self.pools.target().await
             && let Err(err) = bounded(
                 self.limit(),

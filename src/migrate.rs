@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "003_sync_errors_retry",
         include_str!("../migrations/003_sync_errors_retry.sql"),
     ),
+    (
+        4,
+        "004_sync_runs",
+        include_str!("../migrations/004_sync_runs.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded, in one transaction. Returns the names applied.

@@ -129,10 +129,12 @@ async fn cut_then_refused_target_connections_lose_nothing() {
     stop_writers(stop, writers).await;
     pair.wait_synced("users", Duration::from_secs(30)).await;
     wait_all_resolved(&pair).await;
+    // With the target gone, rowsync either retries its batches or, having lost its leader-lock
+    // session, stands by until it can take the lock again.
+    let log = daemon.log_text();
     assert!(
-        daemon.log_text().contains("sync failed; retrying"),
-        "{}",
-        daemon.log_text()
+        log.contains("sync failed; retrying") || log.contains("stepping down"),
+        "{log}"
     );
 }
 

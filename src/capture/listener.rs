@@ -15,18 +15,21 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{APP_LISTENER, Pools, SessionLimits, session_config};
+use crate::connection::{
+    APP_LISTENER, Pools, SessionLimits, session_config, with_server_keepalives,
+};
 use crate::error::{Error, Result, SqlContext};
 use crate::error_policy::ErrorType;
 use crate::retry::Backoff;
 use crate::sync_errors;
+use crate::telemetry::Telemetry;
 
 /// How often the listening session is pinged (half the statement timeout, 1 to 15 s), and how long a
 /// ping may take (the client-side timeout, at most 10 s). With the defaults a silently dead session
@@ -38,7 +41,8 @@ fn ping_timing(limits: &SessionLimits) -> (Duration, Duration) {
     )
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ListenerState {
     /// Not listening yet, or reconnecting after a failure.
     Connecting,
@@ -62,40 +66,48 @@ pub async fn run(
     settings: Arc<Settings>,
     pools: Pools,
     wake: Arc<Notify>,
-    state: watch::Sender<ListenerState>,
+    telemetry: Arc<Telemetry>,
     shutdown: CancellationToken,
 ) {
     let limits = SessionLimits::from_settings(&settings);
-    let config = session_config(&settings.source, limits, APP_LISTENER);
+    let config = with_server_keepalives(session_config(&settings.source, limits, APP_LISTENER));
     let timing = ping_timing(&limits);
     let mut failures: u32 = 0;
     let mut backoff = Backoff::new(&settings.retry);
     loop {
-        let outcome = listen(&config, timing, &pools, &wake, &state, &shutdown).await;
+        let outcome = listen(&config, timing, &pools, &wake, &telemetry, &shutdown).await;
         let (listened, err) = match outcome {
-            Ok(()) => return,
+            Ok(()) => {
+                telemetry.set_listener(ListenerState::Connecting);
+                return;
+            }
             Err(failure) => failure,
         };
         if shutdown.is_cancelled() {
+            telemetry.set_listener(ListenerState::Connecting);
             return;
         }
+        telemetry.listener_failure();
+        telemetry.recorded(ErrorType::RealtimeSyncConnectionError.as_str());
         if listened {
             failures = 0;
             backoff = Backoff::new(&settings.retry);
         }
         failures += 1;
         let delay = if failures >= settings.max_reconnect_attempts {
-            if *state.borrow() != ListenerState::Down {
+            if telemetry.listener() != ListenerState::Down {
                 error!(
                     failures,
                     error = %crate::error::chain(&err),
                     "real-time path is down; sweeps and polling go on, reconnecting at the maximum delay"
                 );
             }
-            state.send_replace(ListenerState::Down);
+            telemetry.set_listener(ListenerState::Down);
             settings.retry.max_delay
         } else {
-            state.send_replace(ListenerState::Connecting);
+            if telemetry.listener() != ListenerState::Down {
+                telemetry.set_listener(ListenerState::Connecting);
+            }
             backoff.next().unwrap_or(settings.retry.max_delay)
         };
         warn!(
@@ -121,7 +133,7 @@ async fn listen(
     (ping_interval, ping_timeout): (Duration, Duration),
     pools: &Pools,
     wake: &Notify,
-    state: &watch::Sender<ListenerState>,
+    telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), (bool, Error)> {
     let connect = async {
@@ -152,7 +164,7 @@ async fn listen(
         Err(_) => return Err((false, timeout_error("LISTEN"))),
     }
     info!("listening for changes");
-    state.send_replace(ListenerState::Listening);
+    telemetry.set_listener(ListenerState::Listening);
     // Notifications sent while we were not listening are gone: catch up now.
     wake.notify_one();
     if let Ok(target) = pools.target().await {

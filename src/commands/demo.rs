@@ -14,10 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::{setup, verify};
 use crate::config::{DatabaseRole, Env, Settings};
-use crate::daemon::{self, Stats};
+use crate::connection::Pools;
+use crate::daemon;
 use crate::ephemeral::{LocalServer, ServerOptions};
 use crate::error::{Error, Result, SqlContext};
 use crate::shutdown;
+use crate::telemetry::Telemetry;
 
 /// The seed service's `users` table (the backend's and the chat app's).
 pub const USERS_DDL: &str = "\
@@ -129,10 +131,12 @@ async fn run_demo(
     print!("{}", setup::summary(&tables));
 
     say("\n$ rowsync run");
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Telemetry::new());
     let stop_daemon = CancellationToken::new();
+    let pools = Pools::new(&settings)?;
     let daemon = tokio::spawn(daemon::run(
         settings.clone(),
+        pools.clone(),
         stats.clone(),
         stop_daemon.clone(),
     ));
@@ -170,6 +174,7 @@ async fn run_demo(
     }
     stop_daemon.cancel();
     daemon.await.map_err(Error::Task)??;
+    pools.close();
     if interrupted || interrupt.is_cancelled() {
         return Ok(DemoOutcome::Interrupted);
     }
@@ -225,7 +230,7 @@ async fn write_stream(url: String, rate: u32, stop: CancellationToken) -> Result
 async fn show(
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
-    stats: &Stats,
+    stats: &Telemetry,
     elapsed: Duration,
 ) -> Result<()> {
     let source_rows: i64 = source

@@ -1,32 +1,66 @@
-//! `rowsync run`: the daemon, with signal handling and a bounded drain.
+//! `rowsync run`: the daemon, with its HTTP listener, systemd notifications, signal handling and a
+//! bounded drain.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::daemon::{self, Stats};
+use crate::connection::Pools;
+use crate::daemon;
 use crate::error::{Error, Result};
-use crate::shutdown;
+use crate::systemd::Notifier;
+use crate::telemetry::{Role, Telemetry, rfc3339};
+use crate::{http, shutdown};
 
 /// Runs until SIGTERM or SIGINT, then lets the in-flight batch finish within
 /// `SHUTDOWN_TIMEOUT_SECONDS` (after that it is abandoned and rolled back by the server).
 pub async fn run(settings: Arc<Settings>) -> Result<()> {
     let token = shutdown::on_signals()?;
-    let stats = Arc::new(Stats::default());
-    let final_stats = stats.clone();
+    let telemetry = Arc::new(Telemetry::new());
+    let pools = Pools::new(&settings)?;
     info!(
         source = %settings.source.display(),
         target = %settings.target.display(),
         tables = ?settings.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "rowsync starting"
     );
-    let mut daemon = tokio::spawn(daemon::run(settings.clone(), stats, token.clone()));
+    let stop_http = CancellationToken::new();
+    let http = match settings.health_addr {
+        Some(addr) => Some(
+            http::serve(
+                addr,
+                telemetry.clone(),
+                settings.clone(),
+                pools.clone(),
+                stop_http.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let notifier = Arc::new(Notifier::from_env());
+    let systemd = tokio::spawn(notify_systemd(
+        notifier.clone(),
+        telemetry.clone(),
+        settings.clone(),
+        token.clone(),
+    ));
+
+    let mut daemon = tokio::spawn(daemon::run(
+        settings.clone(),
+        pools.clone(),
+        telemetry.clone(),
+        token.clone(),
+    ));
     let result = tokio::select! {
-        result = &mut daemon => result,
+        result = &mut daemon => result.map_err(Error::Task).and_then(|r| r),
         () = token.cancelled() => {
+            notifier.stopping();
             match tokio::time::timeout(settings.shutdown_timeout, &mut daemon).await {
-                Ok(result) => result,
+                Ok(result) => result.map_err(Error::Task).and_then(|r| r),
                 Err(_) => {
                     daemon.abort();
                     warn!(
@@ -34,19 +68,108 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
                         "in-flight work did not finish within SHUTDOWN_TIMEOUT_SECONDS; \
                          it is rolled back and will be redone at the next start"
                     );
-                    log_final(&final_stats);
-                    return Ok(());
+                    Ok(())
                 }
             }
         }
     };
-    let result = result.map_err(Error::Task)?;
-    log_final(&final_stats);
+    notifier.stopping();
+    systemd.abort();
+    stop_http.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    pools.close();
+    log_final(&telemetry);
     result
 }
 
-fn log_final(stats: &Stats) {
-    let stats = stats.snapshot();
+/// Tells systemd (when it started us with `Type=notify`) how things stand:
+/// - `READY=1` once the start-up catch-up is done (or this process stands by);
+/// - `EXTEND_TIMEOUT_USEC` while a long start-up catch-up makes progress;
+/// - `STATUS=` with the last sweep's figures, the role and the lag;
+/// - `WATCHDOG=1` only while the sync loop's heartbeat is fresh: a hung loop stops the pings and
+///   systemd restarts the service.
+async fn notify_systemd(
+    notifier: Arc<Notifier>,
+    telemetry: Arc<Telemetry>,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+) {
+    if !notifier.enabled() {
+        return;
+    }
+    let watchdog = notifier.watchdog_interval();
+    // Fresh enough: one ping interval (half of WatchdogSec), so a loop that hangs stops the pings
+    // soon and systemd restarts it within about 1.5 × WatchdogSec; a minute without a watchdog.
+    let fresh = watchdog.unwrap_or(Duration::from_secs(60));
+    let period = watchdog
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let mut ready = false;
+    let mut last_status = String::new();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = telemetry.snapshot();
+        let alive = telemetry.heartbeat_age() < fresh;
+        if !ready {
+            if snapshot.caught_up || snapshot.role == Role::Standby {
+                notifier.ready();
+                ready = true;
+            } else if alive {
+                // Still catching up, and making progress: keep systemd's start timeout away.
+                notifier.extend_timeout(Duration::from_secs(60));
+            }
+        }
+        if alive && watchdog.is_some() {
+            notifier.watchdog();
+        }
+        let status = status_line(&snapshot, &settings);
+        if status != last_status {
+            notifier.status(&status);
+            last_status = status;
+        }
+    }
+}
+
+/// One line for `systemctl status`.
+pub fn status_line(snapshot: &crate::telemetry::Snapshot, settings: &Settings) -> String {
+    match snapshot.role {
+        Role::Starting => "starting".to_string(),
+        Role::Standby => "standby: another rowsync is active".to_string(),
+        Role::Active => {
+            let sweep = match &snapshot.last_sweep {
+                Some(s) => format!(
+                    "last sweep {}: {} created, {} updated, {} deleted, {} unchanged, {} failed in {} ms",
+                    rfc3339(s.finished_at),
+                    s.counts.created,
+                    s.counts.updated,
+                    s.counts.deleted,
+                    s.counts.unchanged,
+                    s.counts.failed,
+                    s.duration.as_millis()
+                ),
+                None => "catching up".to_string(),
+            };
+            format!(
+                "active; {sweep}; lag {}; real-time {}; every {} s",
+                snapshot
+                    .lag_seconds
+                    .map_or("n/a".to_string(), |lag| format!("{lag:.2} s")),
+                snapshot.listener.as_str(),
+                settings.sync_interval.as_secs_f64()
+            )
+        }
+    }
+}
+
+fn log_final(telemetry: &Telemetry) {
+    let stats = telemetry.snapshot();
     info!(
         batches = stats.batches,
         sweeps = stats.sweeps,

@@ -109,6 +109,8 @@ impl Pair {
             ("RETRY_INITIAL_DELAY", "100".to_string()),
             ("RETRY_MAX_DELAY", "1000".to_string()),
             ("LOG_LEVEL", "debug".to_string()),
+            // Tests run in parallel: each HTTP test picks its own port.
+            ("HEALTH_ADDR", "off".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
