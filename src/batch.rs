@@ -286,7 +286,11 @@ impl TableSync {
                     Err(Error::Sql { source, .. })
                         if mode == Mode::Fast && !connection_lost(&source) =>
                     {
-                        debug!(table = %name, error = %source, "target rejected a row; replaying the batch to isolate it");
+                        debug!(
+                            table = %name,
+                            sqlstate = source.code().map(|c| c.code()).unwrap_or(""),
+                            "target rejected a row; replaying the batch to isolate it"
+                        );
                         break true;
                     }
                     Err(other) => return Err(other),

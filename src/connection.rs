@@ -60,6 +60,25 @@ impl SessionLimits {
     }
 }
 
+/// `host:pid` of this process. Every session carries it as the setting `rowsync.instance`
+/// (`SHOW rowsync.instance`), and `sync_runs` records it, so two rowsync processes can be told apart.
+pub fn instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    // Startup options are space-separated: keep the value to safe characters.
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
+        .collect();
+    let host = if host.is_empty() {
+        "unknown-host".into()
+    } else {
+        host
+    };
+    format!("{host}:{}", std::process::id())
+}
+
 /// The connection configuration for one kind of session: the user's URL plus our name and limits.
 pub fn session_config(
     db: &DatabaseSettings,
@@ -69,13 +88,14 @@ pub fn session_config(
     let mut config = db.config.clone();
     config.application_name(application_name);
     let ours = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c rowsync.instance={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
         limits
             .idle_in_transaction_timeout(db.role)
             .as_millis()
             .max(1),
+        instance(),
     );
     let options = match config.get_options() {
         Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),

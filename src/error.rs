@@ -104,23 +104,37 @@ impl<T> SqlContext<T> for Result<T, tokio_postgres::Error> {
 
 /// Renders an error and its causes on one line each: `error: …` then `caused by: …`.
 pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = format!("error: {err}");
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        text.push_str(&format!("\ncaused by: {err}"));
-        cause = err.source();
+    let mut parts = causes(err).into_iter();
+    let mut text = format!("error: {}", parts.next().unwrap_or_default());
+    for cause in parts {
+        text.push_str(&format!("\ncaused by: {cause}"));
     }
     text
 }
 
-/// The error chain flattened to one line (for logs and `sync_errors.error_message`).
+/// The error chain flattened to one line, for logs and `sync_errors.error_message`.
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
+    causes(err).join(": ")
+}
+
+/// Each error of the chain as text. A server error is shown as `SEVERITY SQLSTATE: message`,
+/// without its DETAIL and HINT: PostgreSQL puts row contents there ("Failing row contains …",
+/// "Key (email)=(…) already exists"), and logs must not carry them. `sync_errors.stack_trace`
+/// keeps the detail (see [`crate::sync_errors::stack_trace`]).
+fn causes(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(err) = cause {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
+        match err.downcast_ref::<tokio_postgres::error::DbError>() {
+            Some(db) => parts.push(format!(
+                "{} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            )),
+            None => parts.push(err.to_string()),
+        }
         cause = err.source();
     }
-    text
+    parts
 }

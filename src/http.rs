@@ -200,3 +200,41 @@ async fn sync_handler(State(state): State<AppState>) -> Response {
             .into_response()
     }
 }
+
+/// A minimal HTTP/1.1 client for `rowsync status` and `rowsync sync-now`: one request to the
+/// daemon's listener, the status code and body back.
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A listener on every interface is reached on loopback.
+    let addr = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        }
+    } else {
+        addr
+    };
+    let limit = std::time::Duration::from_secs(10);
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+    let mut stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out())??;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| timed_out())??;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
+        })?;
+    Ok((code, body.to_string()))
+}

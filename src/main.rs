@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use rowsync::commands::demo::{DemoOptions, DemoOutcome};
-use rowsync::commands::{demo, run, setup, verify};
+use rowsync::commands::{demo, run, setup, status, sync_now, verify};
 use rowsync::config::{Env, LogSettings, Settings};
 use rowsync::error::{Error, report};
 
@@ -35,6 +35,11 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         attempts: u32,
     },
+    /// Summarise what rowsync is doing: from the running daemon's /status (HEALTH_ADDR), or from
+    /// the databases when no daemon answers.
+    Status,
+    /// Ask the running daemon for a sweep now (POST /sync on HEALTH_ADDR).
+    SyncNow,
     /// Try rowsync on two throwaway local PostgreSQL servers; needs no database of your own.
     Demo {
         /// How long the stream of writes runs, in seconds.
@@ -123,6 +128,14 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                     DemoOutcome::Inconsistent => ExitCode::FAILURE,
                     DemoOutcome::Interrupted => ExitCode::from(130),
                 })
+            }
+            (Command::Status, Some(settings)) => {
+                print!("{}", status::status(&settings).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            (Command::SyncNow, Some(settings)) => {
+                println!("{}", sync_now::sync_now(&settings).await?);
+                Ok(ExitCode::SUCCESS)
             }
             (_, None) => unreachable!("settings are loaded for every command but demo"),
         }

@@ -6,6 +6,7 @@ use tokio_postgres::GenericClient;
 
 use crate::apply::Counts;
 use crate::config::DatabaseRole;
+use crate::connection::instance;
 use crate::error::{Result, SqlContext};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,14 +22,6 @@ impl Kind {
             Self::Copy => "copy",
         }
     }
-}
-
-/// `host:pid` of this process, to tell instances apart in `sync_runs`.
-pub fn instance() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into());
-    format!("{host}:{}", std::process::id())
 }
 
 /// Records the start of a run; returns its id.

@@ -10,3 +10,4 @@ mod behaviour;
 mod cli;
 mod faults;
 mod guarantees;
+mod operations;

@@ -4,4 +4,6 @@
 pub mod demo;
 pub mod run;
 pub mod setup;
+pub mod status;
+pub mod sync_now;
 pub mod verify;

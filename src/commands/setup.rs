@@ -2,11 +2,13 @@
 
 use std::fmt::Write as _;
 
+use crate::apply::Counts;
 use crate::capture::{self, InstallStatus};
 use crate::config::Settings;
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::retry::transient;
+use crate::runs::{self, Kind};
 use crate::schema::load_mapping;
 use crate::snapshot::{CopyReport, copy_table};
 use crate::{migrate, progress};
@@ -72,10 +74,21 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
             None
         } else {
             tracing::info!(table = %name, "copying existing rows");
-            let report = transient(retry, "copying existing rows", || {
+            let run = runs::start(&**pools.target().await?, Kind::Copy, Some(&name)).await?;
+            let copied = transient(retry, "copying existing rows", || {
                 copy_table(settings, pools, &mapping)
             })
-            .await?;
+            .await;
+            let (counts, error) = match &copied {
+                Ok(report) => (report.counts, None),
+                Err(err) => (Counts::default(), Some(crate::error::chain(err))),
+            };
+            if let Err(err) =
+                runs::finish(&**pools.target().await?, run, counts, error.as_deref()).await
+            {
+                tracing::warn!(error = %crate::error::chain(&err), "could not complete the copy's sync_runs row");
+            }
+            let report = copied?;
             tracing::info!(
                 table = %name,
                 rows = report.rows,
