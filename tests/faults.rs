@@ -452,6 +452,16 @@ async fn a_target_row_locked_longer_than_lock_timeout_neither_hangs_nor_loses_th
     wait_all_resolved(&pair).await;
 }
 
+/// Starts rowsync again and waits until the target equals the source, with no error recorded.
+async fn restart_converges_cleanly(pair: &Pair) {
+    let _daemon = pair.spawn(&[]);
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+    assert_eq!(
+        count(&pair.target().await, "SELECT count(*) FROM sync_errors").await,
+        0
+    );
+}
+
 /// A backlog big enough that its catch-up is still running when the signal comes.
 async fn pair_with_backlog(rows: i32) -> Pair {
     let pair = Pair::new(USERS).await;
@@ -497,12 +507,7 @@ async fn sigterm_with_a_large_backlog_exits_0_within_the_timeout_and_a_restart_c
         daemon.log_text()
     );
 
-    let _daemon = pair.spawn(&[]);
-    pair.wait_synced("users", Duration::from_secs(60)).await;
-    assert_eq!(
-        count(&pair.target().await, "SELECT count(*) FROM sync_errors").await,
-        0
-    );
+    restart_converges_cleanly(&pair).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,10 +566,5 @@ async fn a_second_signal_exits_at_once_and_a_restart_still_converges() {
         daemon.log_text()
     );
 
-    let _daemon = pair.spawn(&[]);
-    pair.wait_synced("users", Duration::from_secs(60)).await;
-    assert_eq!(
-        count(&pair.target().await, "SELECT count(*) FROM sync_errors").await,
-        0
-    );
+    restart_converges_cleanly(&pair).await;
 }

@@ -634,3 +634,203 @@ async fn one_of_two_processes_applies_and_a_standby_takes_over_within_5_seconds(
     );
     assert!(instances.len() > 100, "too few writes: {}", instances.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_loses_its_connection_and_says_what_it_is() {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 100).await;
+    pair.setup();
+    // The first process reaches the target through a proxy that the test can cut.
+    let proxy = Proxy::start(pair.target.port()).await;
+    let target_url = proxy.url("app");
+    let leader_port = free_port();
+    let leader_addr = format!("127.0.0.1:{leader_port}");
+    let leader = pair.spawn(&[
+        ("TARGET_DATABASE_URL", &target_url),
+        ("HEALTH_ADDR", &leader_addr),
+    ]);
+    pair.wait(
+        "the first process to lead",
+        Duration::from_secs(20),
+        || async { is_active(&leader) },
+    )
+    .await;
+
+    let systemd = FakeSystemd::start();
+    let socket = systemd.path.to_str().unwrap().to_string();
+    let standby_port = free_port();
+    let standby_addr = format!("127.0.0.1:{standby_port}");
+    let standby = pair.spawn(&[("HEALTH_ADDR", &standby_addr), ("NOTIFY_SOCKET", &socket)]);
+    pair.wait(
+        "the second to stand by",
+        Duration::from_secs(20),
+        || async { standby.log_text().contains("standing by") },
+    )
+    .await;
+
+    // A standby is ready and healthy as a standby, does no sweeps, and says so everywhere.
+    pair.wait(
+        "READY=1 and a standby STATUS",
+        Duration::from_secs(10),
+        || async {
+            systemd.position("READY=1").is_some() && systemd.position("STATUS=standby").is_some()
+        },
+    )
+    .await;
+    let (code, health) = json(standby_port, "/health").await;
+    assert_eq!(
+        (code, health["status"].as_str(), health["role"].as_str()),
+        (200, Some("HEALTHY"), Some("standby")),
+        "{health}"
+    );
+    assert!(
+        health["recommendations"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("Standing by"),
+        "{health}"
+    );
+    let (code, body) = http(standby_port, "POST", "/sync").await;
+    assert_eq!(code, 409, "{body}");
+    let (_, metrics) = http(standby_port, "GET", "/metrics").await;
+    assert!(metrics.contains("rowsync_active 0"), "{metrics}");
+    let (_, status) = json(leader_port, "/status").await;
+    assert_eq!(status["role"], "active");
+
+    // The leader's connections to the target break: its lock goes with them, the standby takes
+    // over within 5 s, and the old leader stops applying and stands by.
+    pair.source()
+        .await
+        .execute(
+            "UPDATE users SET status = 'before-cut' WHERE name = 'user-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+    proxy.cut();
+    proxy.refuse();
+    let cut = Instant::now();
+    pair.wait(
+        "the standby to take over",
+        Duration::from_secs(10),
+        || async { is_active(&standby) },
+    )
+    .await;
+    assert!(
+        cut.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        cut.elapsed()
+    );
+    pair.wait(
+        "the old leader to step down",
+        Duration::from_secs(10),
+        || async { leader.log_text().contains("lost the leader lock") },
+    )
+    .await;
+    pair.source()
+        .await
+        .execute(
+            "UPDATE users SET status = 'after-cut' WHERE name = 'user-2'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    pair.wait(
+        "the new leader's STATUS",
+        Duration::from_secs(10),
+        || async {
+            systemd
+                .messages()
+                .iter()
+                .any(|(_, m)| m.starts_with("STATUS=active"))
+        },
+    )
+    .await;
+    proxy.heal().await;
+    pair.wait(
+        "the old leader to stand by again",
+        Duration::from_secs(20),
+        || async { json(leader_port, "/status").await.1["role"] == "standby" },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_has_samples_from_a_running_rowsync() {
+    let target_ddl =
+        format!("{USERS} ALTER TABLE users ADD CONSTRAINT no_banned CHECK (status <> 'banned');");
+    let pair = Pair::with_ddl(USERS, &target_ddl).await;
+    seed_users(&pair.source().await, 10).await;
+    pair.setup();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[("HEALTH_ADDR", &addr)]);
+    daemon.wait_listening(&pair).await;
+    pair.source()
+        .await
+        .execute(
+            "UPDATE users SET status = 'banned' WHERE name = 'user-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait(
+        "the rejected row to show in /status",
+        Duration::from_secs(20),
+        || async { json(port, "/status").await.1["tables"]["public.users"]["failed"] == 1 },
+    )
+    .await;
+    pair.wait("a sweep after it", Duration::from_secs(20), || async {
+        json(port, "/status").await.1["sweeps"].as_u64() >= Some(2)
+    })
+    .await;
+    let (_, metrics) = http(port, "GET", "/metrics").await;
+    use rowsync::metrics::*;
+    for family in [
+        CHANGES_APPLIED,
+        SYNC_ERRORS,
+        LAG_SECONDS,
+        SWEEP_DURATION,
+        JOURNAL_PENDING,
+        UNRESOLVED_ROWS,
+        POOL_SIZE,
+        POOL_IN_USE,
+        POOL_MAX,
+        REALTIME_CONNECTED,
+        ACTIVE,
+        BATCHES,
+        SWEEPS,
+        FAILED_ATTEMPTS,
+        CONSECUTIVE_FAILURES,
+        BUILD_INFO,
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "no TYPE for {family}"
+        );
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(family) && !l.starts_with('#')),
+            "no sample for {family}:\n{metrics}"
+        );
+    }
+    for sample in [
+        // Each attempt counts: the sweeps' retries of the rejected row add to it.
+        "rowsync_changes_applied_total{table=\"public.users\",operation=\"failed\"} ",
+        "rowsync_sync_errors_total{type=\"CONSTRAINT_VIOLATION\"}",
+        "rowsync_unresolved_rows{table=\"public.users\"} 1",
+        "rowsync_consecutive_failures 0",
+    ] {
+        assert!(metrics.contains(sample), "missing {sample:?}:\n{metrics}");
+    }
+    let lag: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rowsync_lag_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..10.0).contains(&lag), "lag {lag}");
+}
