@@ -27,13 +27,13 @@ use tracing::{debug, info, warn};
 
 use crate::apply::{Applier, ChunkOutcome, Counts, Mode, RowFailure, connection_lost};
 use crate::changes::{Layout, change_query, journal_cleanup};
-use crate::config::{DatabaseRole, RetrySettings, Settings};
+use crate::config::{DatabaseRole, LookbackMode, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, bounded, end_abandoned_sessions};
 use crate::error::{Error, Result};
 use crate::ident::TableRef;
 use crate::schema::{TableMapping, load_mapping};
 use crate::telemetry::Telemetry;
-use crate::{progress, sync_errors};
+use crate::{capture, progress, sync_errors};
 
 /// Why a batch runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,6 +76,9 @@ pub struct TableSync {
     limit: Duration,
     retry: RetrySettings,
     telemetry: Arc<Telemetry>,
+    lookback_mode: LookbackMode,
+    /// The capture fingerprint seen by the previous sweep; None before the first sweep.
+    capture_seen: Option<String>,
 }
 
 const SOURCE: DatabaseRole = DatabaseRole::Source;
@@ -140,6 +143,8 @@ impl TableSync {
             limit,
             retry: settings.retry,
             telemetry,
+            lookback_mode: settings.lookback,
+            capture_seen: None,
         };
         sync.telemetry.add_table(&sync.name());
         sync.telemetry
@@ -200,7 +205,7 @@ impl TableSync {
         let (lookback, retry_keys): (Option<f64>, Vec<Value>) = match kind {
             BatchKind::Stream => (None, Vec::new()),
             BatchKind::Sweep { lookback } => (
-                Some(lookback.as_secs_f64()),
+                self.look_back(&stx, lookback).await?,
                 self.unresolved
                     .values()
                     .filter(|pending| pending.due <= now)
@@ -386,6 +391,45 @@ impl TableSync {
             counts: outcome.counts,
             duration: started.elapsed(),
         }))
+    }
+
+    /// Whether this sweep re-reads recently updated rows (see [`LookbackMode`]), and how far
+    /// back. Also reports capture that is disabled or missing, which needs `rowsync setup`.
+    async fn look_back(
+        &mut self,
+        stx: &tokio_postgres::Transaction<'_>,
+        lookback: Duration,
+    ) -> Result<Option<f64>> {
+        let name = self.name();
+        let state = bounded(
+            self.limit,
+            SOURCE,
+            "checking capture",
+            capture::capture_state(stx, &self.mapping.source),
+        )
+        .await?;
+        if !state.intact {
+            warn!(
+                table = %name,
+                "capture triggers are disabled or missing: changes are not captured; run `rowsync setup` to repair"
+            );
+        }
+        self.telemetry.set_capture(&name, state.intact);
+        let changed = self
+            .capture_seen
+            .as_ref()
+            .is_some_and(|seen| *seen != state.fingerprint);
+        if changed {
+            warn!(table = %name, "capture triggers were altered since the last sweep; looking back for changes they missed");
+        }
+        let first = self.capture_seen.is_none();
+        self.capture_seen = Some(state.fingerprint);
+        let wanted = match self.lookback_mode {
+            LookbackMode::Always => true,
+            LookbackMode::Never => false,
+            LookbackMode::Auto => first || changed || state.subscriber || !state.intact,
+        };
+        Ok((wanted && self.mapping.updated_at.is_some()).then(|| lookback.as_secs_f64()))
     }
 
     /// Records a rejected row in `sync_errors` (inside the batch's target transaction) and returns

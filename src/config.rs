@@ -106,10 +106,30 @@ pub struct Settings {
     pub batch_size: usize,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// When sweeps re-read rows updated within the lookback window.
+    pub lookback: LookbackMode,
     /// Where `/health`, `/status`, `/metrics` and `POST /sync` are served (None: `off`).
     pub health_addr: Option<SocketAddr>,
     /// How long `sync_runs` keeps history.
     pub sync_runs_retention: Duration,
+}
+
+/// When a sweep re-reads the source rows whose `updated_at` falls within the lookback window.
+///
+/// The journal captures every change, so the re-read only matters for changes that bypassed the
+/// capture triggers (`ALTER TABLE … DISABLE TRIGGER`, `pg_restore --disable-triggers`) or that a
+/// logical-replication apply worker made (it fires no statement triggers). Re-reading every
+/// recently updated row each minute is costly on a busy table, so by default rowsync does it only
+/// when capture may have been bypassed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookbackMode {
+    /// At the first sweep after start, whenever a capture trigger was disabled, dropped or altered
+    /// since the previous sweep, and always for a table that is a logical-replication subscriber.
+    Auto,
+    /// Every sweep (what the Node service did).
+    Always,
+    /// Never: the journal only.
+    Never,
 }
 
 /// Default of `HEALTH_ADDR`: loopback only, a fixed port.
@@ -331,6 +351,21 @@ impl Settings {
                 10.0,
                 "a positive number of seconds such as 10",
             )?),
+            lookback: match env
+                .get("SYNC_LOOKBACK")
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                None | Some("auto") => LookbackMode::Auto,
+                Some("always") => LookbackMode::Always,
+                Some("never") => LookbackMode::Never,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "SYNC_LOOKBACK",
+                        format!("expected auto, always or never, got {other:?}"),
+                    ));
+                }
+            },
             health_addr: health_addr(env)?,
             sync_runs_retention: Duration::from_secs_f64(
                 positive_decimal(
@@ -539,6 +574,7 @@ mod tests {
             settings.sync_runs_retention,
             Duration::from_secs(30 * 86_400)
         );
+        assert_eq!(settings.lookback, LookbackMode::Auto);
         let off = Settings::from_env(&env(&[("HEALTH_ADDR", "OFF")])).unwrap();
         assert_eq!(off.health_addr, None);
         assert_eq!(
@@ -584,6 +620,7 @@ mod tests {
             ("HEALTH_ADDR", "localhost"),
             ("HEALTH_ADDR", "9393"),
             ("SYNC_RUNS_RETENTION_DAYS", "0"),
+            ("SYNC_LOOKBACK", "sometimes"),
         ];
         for (variable, value) in cases {
             let err = error_for(&[(variable, value)]);

@@ -9,6 +9,7 @@
 //! | `realtime` | the LISTEN connection is down (changes arrive by polling) | warning |
 //! | `sweep_overdue` | no sweep finished for 3 intervals (plus the last sweep's duration) | critical |
 //! | `replication_lag` | the target may be more than 1 interval behind (critical past 3) | warning / critical |
+//! | `capture` | a capture trigger on the source is disabled or missing | critical |
 //!
 //! Any failed critical check makes the status UNHEALTHY (HTTP 503); any failed warning DEGRADED;
 //! otherwise HEALTHY (both HTTP 200). A standby is HEALTHY while it stands by: only the active
@@ -139,6 +140,31 @@ pub fn evaluate(
             },
             "No sweep has finished for three intervals: look at rowsync's log and at sync_errors; a \
              database may be unreachable or a sweep may be stuck."
+                .into(),
+        );
+
+        let broken: Vec<&String> = snapshot
+            .tables
+            .iter()
+            .filter(|(_, t)| t.capture_intact == Some(false))
+            .map(|(name, _)| name)
+            .collect();
+        add(
+            "capture",
+            Check {
+                ok: broken.is_empty(),
+                severity: Severity::Critical,
+                value: json!(broken),
+                threshold: json!([]),
+                message: if broken.is_empty() {
+                    "every capture trigger is in place".into()
+                } else {
+                    format!("capture triggers are disabled or missing on {broken:?}")
+                },
+            },
+            "Changes to these tables are not being captured (a restore or ALTER TABLE … DISABLE \
+             TRIGGER can do that): run `rowsync setup` to repair capture and re-copy what was \
+             missed."
                 .into(),
         );
 

@@ -47,6 +47,8 @@ pub struct TableFigures {
     pub pending: Option<i64>,
     /// Rows the target rejected that wait for a retry.
     pub unresolved: usize,
+    /// All capture triggers exist and are `ENABLE ALWAYS` (as of the last sweep; None before).
+    pub capture_intact: Option<bool>,
     /// The source snapshot most recently known to be fully applied was taken at this time.
     #[serde(skip)]
     pub applied_as_of: Option<SystemTime>,
@@ -268,6 +270,16 @@ impl Telemetry {
             figures.pending = pending;
         }
         figures.unresolved = unresolved;
+    }
+
+    pub fn set_capture(&self, table: &str, intact: bool) {
+        let mut state = self.lock();
+        state
+            .snapshot
+            .tables
+            .entry(table.to_string())
+            .or_default()
+            .capture_intact = Some(intact);
     }
 
     /// An attempt failed (`consecutive` in a row so far).

@@ -282,6 +282,7 @@ async fn a_sweep_slower_than_80_percent_of_the_interval_warns_and_sweeps_never_o
     let mut daemon = pair.spawn(&[
         ("SYNC_INTERVAL_MINUTES", "0.002"),
         ("SYNC_WINDOW_MULTIPLIER", "1000"),
+        ("SYNC_LOOKBACK", "always"),
     ]);
     pair.wait("three sweeps", Duration::from_secs(30), || async {
         daemon.log_text().matches("sweep finished").count() >= 3

@@ -227,6 +227,7 @@ async fn endpoints_status_and_sync_now_report_what_happened() {
         "realtime",
         "sweep_overdue",
         "replication_lag",
+        "capture",
     ] {
         assert_eq!(health["checks"][check]["ok"], true, "{check}: {health}");
     }
@@ -833,4 +834,58 @@ async fn every_metric_family_has_samples_from_a_running_rowsync() {
         .parse()
         .unwrap();
     assert!((0.0..10.0).contains(&lag), "lag {lag}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_capture_makes_health_critical_until_setup_repairs_it() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 50).await;
+    pair.setup();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[("HEALTH_ADDR", &addr), ("SYNC_INTERVAL_MINUTES", "0.01")]);
+    daemon.wait_listening(&pair).await;
+    pair.wait("a healthy daemon", Duration::from_secs(20), || async {
+        http(port, "GET", "/health").await.0 == 200
+    })
+    .await;
+
+    // Someone disables capture and writes: nothing is journaled.
+    source
+        .batch_execute(
+            "ALTER TABLE users DISABLE TRIGGER rowsync_capture_update;
+             UPDATE users SET status = 'uncaptured', version = version + 1 WHERE name = 'user-8';",
+        )
+        .await
+        .unwrap();
+    pair.wait(
+        "health to report the broken capture",
+        Duration::from_secs(20),
+        || async {
+            let (code, health) = json(port, "/health").await;
+            code == 503 && health["checks"]["capture"]["ok"] == false
+        },
+    )
+    .await;
+    let (_, health) = json(port, "/health").await;
+    assert!(
+        health["recommendations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("rowsync setup")),
+        "{health}"
+    );
+    // setup repairs capture (and re-copies, merging); the daemon reloads the progress it moved.
+    let summary = pair.setup();
+    assert!(
+        summary.contains("capture repaired; copied 50 rows"),
+        "{summary}"
+    );
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    pair.wait("health to recover", Duration::from_secs(20), || async {
+        http(port, "GET", "/health").await.0 == 200
+    })
+    .await;
 }

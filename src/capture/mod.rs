@@ -101,6 +101,43 @@ pub async fn trigger_problems(
         .collect())
 }
 
+/// The state of a table's capture, for noticing when it may have been bypassed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureState {
+    /// Each capture trigger's name, catalog row version and enabled state. Any `ALTER TABLE …
+    /// DISABLE/ENABLE TRIGGER`, drop or re-creation writes a new catalog row, so a changed
+    /// fingerprint means capture may have been off in between, even if it is on again now.
+    pub fingerprint: String,
+    /// All four triggers exist and are `ENABLE ALWAYS`.
+    pub intact: bool,
+    /// The table is a logical-replication subscriber: its apply worker fires no statement
+    /// triggers, so only a look-back can see what it writes.
+    pub subscriber: bool,
+}
+
+pub async fn capture_state(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<CaptureState> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
+                                        ORDER BY tgname), ''), \
+                    count(*) FILTER (WHERE tgenabled = 'A') = 4, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = $1::text::regclass) \
+               FROM pg_catalog.pg_trigger \
+              WHERE tgrelid = $1::text::regclass AND tgname LIKE 'rowsync\\_capture\\_%'",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || format!("checking the capture of {table}"))?;
+    Ok(CaptureState {
+        fingerprint: row.get(0),
+        intact: row.get(1),
+        subscriber: row.get(2),
+    })
+}
+
 /// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).
 pub async fn journal_depth(client: &impl GenericClient, journal: &QualifiedName) -> Result<i64> {
     Ok(client
