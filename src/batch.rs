@@ -429,7 +429,7 @@ impl TableSync {
             LookbackMode::Never => false,
             LookbackMode::Auto => first || changed || state.subscriber || !state.intact,
         };
-        Ok((wanted && self.mapping.updated_at.is_some()).then(|| lookback.as_secs_f64()))
+        Ok((wanted && self.mapping.updated_at.is_some()).then_some(lookback.as_secs_f64()))
     }
 
     /// Records a rejected row in `sync_errors` (inside the batch's target transaction) and returns
