@@ -282,7 +282,20 @@ impl TableSync {
             let mut outcome = ChunkOutcome::default();
             let mut resolved = Vec::new();
             let replay = loop {
-                match self.applier.apply(&ttx, &rows, mode).await {
+                // While this chunk is applied to the target, the next one is read from the source
+                // (two sessions, two servers): a large batch costs max(read, apply), not the sum.
+                let more = rows.len() >= chunk as usize;
+                let next = async {
+                    if more {
+                        stx.query_portal(&portal, chunk)
+                            .within(limit, SOURCE, || format!("reading changes of {name}"))
+                            .await
+                    } else {
+                        Ok(Vec::new())
+                    }
+                };
+                let (applied, next) = tokio::join!(self.applier.apply(&ttx, &rows, mode), next);
+                match applied {
                     Ok(chunk_outcome) => {
                         self.note_resolved(&rows, &chunk_outcome, &mut resolved);
                         outcome.counts += chunk_outcome.counts;
@@ -301,13 +314,7 @@ impl TableSync {
                     Err(other) => return Err(other),
                 }
                 self.telemetry.beat();
-                if rows.len() < chunk as usize {
-                    break false;
-                }
-                rows = stx
-                    .query_portal(&portal, chunk)
-                    .within(limit, SOURCE, || format!("reading changes of {name}"))
-                    .await?;
+                rows = next?;
                 if rows.is_empty() {
                     break false;
                 }
