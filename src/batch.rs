@@ -29,7 +29,7 @@ use crate::apply::{Applier, ChunkOutcome, Counts, Mode, RowFailure, connection_l
 use crate::changes::{Layout, change_query, journal_cleanup};
 use crate::config::{DatabaseRole, LookbackMode, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, bounded, end_abandoned_sessions};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SqlContext};
 use crate::ident::TableRef;
 use crate::schema::{TableMapping, load_mapping};
 use crate::telemetry::Telemetry;
@@ -195,8 +195,13 @@ impl TableSync {
             .within(limit, SOURCE, || format!("starting a batch of {name}"))
             .await?;
         let snapshot_at = SystemTime::now();
+        // Statements of the hot path are prepared once per pooled session.
+        let take_snapshot = stx
+            .prepare_cached("SELECT pg_catalog.pg_current_snapshot()::text")
+            .within(limit, SOURCE, || "preparing the snapshot query".into())
+            .await?;
         let cur: String = stx
-            .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+            .query_one(&take_snapshot, &[])
             .within(limit, SOURCE, || "taking a snapshot".into())
             .await?
             .get(0);
@@ -251,7 +256,7 @@ impl TableSync {
                 limit,
                 TARGET,
                 "locking progress",
-                progress::lock(&*ttx, &name),
+                lock_progress(&ttx, &name),
             )
             .await
             {
@@ -343,7 +348,7 @@ impl TableSync {
                 limit,
                 TARGET,
                 "recording progress",
-                progress::advance(&*ttx, &name, &cur, false),
+                advance_progress(&ttx, &name, &cur),
             )
             .await?;
             ttx.commit()
@@ -377,7 +382,11 @@ impl TableSync {
         // The target has the batch; the journal rows behind it can go. If this fails they are
         // skipped by later batches anyway (visible in the recorded snapshot) and deleted next time.
         let cleanup = async {
-            stx.execute(&self.cleanup_sql, &[&cur])
+            let cleanup = stx
+                .prepare_cached(&self.cleanup_sql)
+                .within(limit, SOURCE, || "preparing the journal cleanup".into())
+                .await?;
+            stx.execute(&cleanup, &[&cur])
                 .within(limit, SOURCE, || "deleting consumed journal rows".into())
                 .await?;
             stx.commit()
@@ -521,4 +530,36 @@ fn waited_for_a_lock(error: &Error) -> bool {
             code == &SqlState::LOCK_NOT_AVAILABLE || code == &SqlState::QUERY_CANCELED
         }),
     }
+}
+
+/// [`progress::lock`] with the statement prepared once per pooled session (the hot path).
+async fn lock_progress(
+    ttx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+) -> Result<Option<String>> {
+    let statement = ttx
+        .prepare_cached(progress::LOCK)
+        .await
+        .context(TARGET, || format!("locking the progress of {table}"))?;
+    let row = ttx
+        .query_opt(&statement, &[&table])
+        .await
+        .context(TARGET, || format!("locking the progress of {table}"))?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// [`progress::advance`] with the statement prepared once per pooled session (the hot path).
+async fn advance_progress(
+    ttx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    snapshot: &str,
+) -> Result<()> {
+    let statement = ttx
+        .prepare_cached(progress::ADVANCE)
+        .await
+        .context(TARGET, || format!("recording the progress of {table}"))?;
+    ttx.execute(&statement, &[&table, &snapshot, &false])
+        .await
+        .context(TARGET, || format!("recording the progress of {table}"))?;
+    Ok(())
 }

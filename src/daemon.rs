@@ -175,6 +175,11 @@ async fn start(
     }
 }
 
+/// Under a continuous stream of changes, batches start at least this far apart. Each batch has a
+/// fixed cost (about a dozen round trips, a snapshot, a commit on each side), so letting changes
+/// gather for a few milliseconds buys much less work on both servers for at most this much latency.
+const MIN_BATCH_SPACING: Duration = Duration::from_millis(10);
+
 struct SyncLoop {
     settings: Arc<Settings>,
     pools: Pools,
@@ -205,6 +210,7 @@ impl SyncLoop {
         );
         while !self.shutdown.is_cancelled() {
             self.telemetry.beat();
+            let pass_started = Instant::now();
             let sweep_due = Instant::now() >= next_sweep;
             let outcome = if sweep_due {
                 self.sweep().await
@@ -249,6 +255,11 @@ impl SyncLoop {
                 }
             };
             if found {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until((pass_started + MIN_BATCH_SPACING).into()) => {}
+                }
                 continue;
             }
             if self.telemetry.listener() == ListenerState::Listening {

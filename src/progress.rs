@@ -38,13 +38,20 @@ pub async fn load(client: &impl GenericClient, table: &str) -> Result<Option<Str
     Ok(row.and_then(|row| row.get(0)))
 }
 
+/// `$1` table: the snapshot, locked until the transaction ends. (Public so the hot path can
+/// prepare it once per session.)
+pub const LOCK: &str = "SELECT snapshot FROM rowsync_progress WHERE table_name = $1 FOR UPDATE";
+
+/// `$1` table, `$2` snapshot, `$3` whether this is a (re)copy.
+pub const ADVANCE: &str = "UPDATE rowsync_progress \
+        SET snapshot = $2, updated_at = now(), \
+            copied_at = CASE WHEN $3 THEN now() ELSE copied_at END \
+      WHERE table_name = $1";
+
 /// Like [`load`], but locks the row until the transaction ends: nobody else moves it meanwhile.
 pub async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
     let row = client
-        .query_opt(
-            "SELECT snapshot FROM rowsync_progress WHERE table_name = $1 FOR UPDATE",
-            &[&table],
-        )
+        .query_opt(LOCK, &[&table])
         .await
         .context(DatabaseRole::Target, || {
             format!("locking the progress of {table}")
@@ -60,13 +67,7 @@ pub async fn advance(
     copied: bool,
 ) -> Result<()> {
     client
-        .execute(
-            "UPDATE rowsync_progress \
-                SET snapshot = $2, updated_at = now(), \
-                    copied_at = CASE WHEN $3 THEN now() ELSE copied_at END \
-              WHERE table_name = $1",
-            &[&table, &snapshot, &copied],
-        )
+        .execute(ADVANCE, &[&table, &snapshot, &copied])
         .await
         .context(DatabaseRole::Target, || {
             format!("recording the progress of {table}")
