@@ -14,7 +14,9 @@
 --                     per changed key, in the same transaction as the change. The consumer batches
 --                     journal rows by transaction visibility between two snapshots (PgQ's rule), so a
 --                     transaction is consumed exactly once however long it ran before committing.
---   * <table>_capture the per-table trigger function, with static SQL so its plans are cached.
+--   * <table>_capture the per-table trigger function of the statement-level triggers (INSERT,
+--                     UPDATE, DELETE, TRUNCATE), with static SQL so its plans are cached, and
+--                     <table>_capture_key that of a row trigger catching primary-key changes.
 --
 -- Journal rows are hints ("re-read this key"), never data: the consumer always re-reads the current
 -- row. That is why writers may insert into journals (PUBLIC has INSERT): a forged row only causes an
@@ -39,6 +41,8 @@ CREATE TABLE IF NOT EXISTS rowsync.captured_tables (
     installed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_schema, table_name)
 );
+-- Which definition of the capture triggers a table has (see install_capture).
+ALTER TABLE rowsync.captured_tables ADD COLUMN IF NOT EXISTS capture_version integer;
 
 -- Rings the doorbell if it is armed. SKIP LOCKED: a writer never waits for another writer that is
 -- ringing; that one's NOTIFY goes out when it commits. Runs as the owner, so writers need no UPDATE
@@ -75,7 +79,8 @@ $$;
 
 -- Installs (or repairs) capture for one table. Returns 'installed' when capture was created,
 -- 'repaired' when something was missing or disabled and has been put back (changes made meanwhile
--- were not journaled, so the table needs a fresh copy), or 'unchanged'.
+-- were not journaled, so the table needs a fresh copy), 'upgraded' when triggers of an older
+-- definition were replaced without a gap, or 'unchanged'.
 CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $install$
 DECLARE
@@ -84,7 +89,10 @@ DECLARE
     v_keys       name[];
     v_key_defs   text;
     v_key_list   text;
+    v_old_keys   text;
+    v_new_keys   text;
     v_old        rowsync.captured_tables%ROWTYPE;
+    v_key_function name;
     v_journal    name;
     v_function   name;
     v_status     text := 'unchanged';
@@ -96,8 +104,10 @@ BEGIN
 
     SELECT array_agg(a.attname ORDER BY k.ord),
            string_agg(format('%I %s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
-           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord)
-      INTO v_keys, v_key_defs, v_key_list
+           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('OLD.%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('NEW.%I', a.attname), ', ' ORDER BY k.ord)
+      INTO v_keys, v_key_defs, v_key_list, v_old_keys, v_new_keys
       FROM pg_index i
      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -133,6 +143,7 @@ BEGIN
         END IF;
     END IF;
     v_function := left(v_journal, length(v_journal) - length('_journal')) || '_capture';
+    v_key_function := v_function || '_key';
 
     IF to_regclass(format('rowsync.%I', v_journal)) IS NULL THEN
         EXECUTE format(
@@ -151,45 +162,86 @@ BEGIN
     END IF;
 
     -- Static SQL per table: plpgsql caches the plans. Every name in it is schema-qualified, so the
-    -- function needs no SET search_path (which would cost a configuration save and restore on every
-    -- write statement). The UPDATE branch journals old keys too, so a
-    -- key change deletes the old key in the target. TRUNCATE fires no row triggers and has no
-    -- transition tables, so a BEFORE TRUNCATE trigger journals every key that is about to go.
+    -- functions need no SET search_path (which would cost a configuration save and restore on
+    -- every write statement).
+    --
+    -- What a write costs: one INSERT of the changed keys from the statement's transition table,
+    -- which also reads the doorbell in the same statement (a data-modifying CTE: one executor run,
+    -- not two). UPDATE reads only the NEW transition table; the rare key change, whose old key must
+    -- be journaled too, is caught by a row trigger that fires only when the key columns are
+    -- assigned and actually change. TRUNCATE fires no row triggers and has no transition tables,
+    -- so a BEFORE TRUNCATE trigger journals every key that is about to go.
     EXECUTE format($fn$
         CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
         LANGUAGE plpgsql AS $body$
+        DECLARE
+            v_armed boolean;
         BEGIN
-            IF TG_OP = 'UPDATE' THEN
-                INSERT INTO rowsync.%2$I (%3$s)
-                SELECT %3$s FROM rowsync_new UNION SELECT %3$s FROM rowsync_old;
-            ELSIF TG_OP = 'INSERT' THEN
-                INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_new;
-            ELSIF TG_OP = 'DELETE' THEN
-                INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_old;
+            IF TG_OP = 'DELETE' THEN
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_old)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            ELSIF TG_OP = 'TRUNCATE' THEN
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM %4$s)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
             ELSE
-                INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM %4$s;
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_new)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
             END IF;
-            IF (SELECT armed FROM rowsync.doorbell) THEN
+            IF v_armed THEN
                 PERFORM rowsync.ring_doorbell();
             END IF;
             RETURN NULL;
         END
         $body$
     $fn$, v_function, v_journal, v_key_list, tbl);
+    EXECUTE format($fn$
+        CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        BEGIN
+            INSERT INTO rowsync.%2$I (%3$s) VALUES (%4$s);
+            IF (SELECT armed FROM rowsync.doorbell) THEN
+                PERFORM rowsync.ring_doorbell();
+            END IF;
+            RETURN NULL;
+        END
+        $body$
+    $fn$, v_key_function, v_journal, v_key_list, v_old_keys);
+
+    -- Triggers of an older definition (version 1 read an OLD transition table on every UPDATE)
+    -- are re-created inside this transaction: the table stays locked throughout, so no write
+    -- escapes capture and nothing needs copying again.
+    IF v_old.journal_name IS NOT NULL AND coalesce(v_old.capture_version, 1) < 2 THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_update ON %s', tbl);
+        IF v_status = 'unchanged' THEN
+            v_status := 'upgraded';
+        END IF;
+    END IF;
+    UPDATE rowsync.captured_tables SET capture_version = 2
+     WHERE table_schema = v_schema AND table_name = v_table;
 
     -- Create the missing triggers; ENABLE ALWAYS so they fire under session_replication_role =
     -- replica too (pg_restore --disable-triggers and some tools switch it).
     FOR v_trigger IN
         SELECT * FROM (VALUES
-            ('rowsync_capture_insert',   'AFTER INSERT',    'REFERENCING NEW TABLE AS rowsync_new'),
-            ('rowsync_capture_update',   'AFTER UPDATE',    'REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new'),
-            ('rowsync_capture_delete',   'AFTER DELETE',    'REFERENCING OLD TABLE AS rowsync_old'),
-            ('rowsync_capture_truncate', 'BEFORE TRUNCATE', '')
-        ) AS t(name, event, transition)
+            ('rowsync_capture_insert', format(
+                'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                tbl, v_function)),
+            ('rowsync_capture_update', format(
+                'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                tbl, v_function)),
+            ('rowsync_capture_delete', format(
+                'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                tbl, v_function)),
+            ('rowsync_capture_truncate', format(
+                'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                tbl, v_function)),
+            ('rowsync_capture_key', format(
+                'AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (ROW(%s) IS DISTINCT FROM ROW(%s)) EXECUTE FUNCTION rowsync.%I()',
+                v_key_list, tbl, v_old_keys, v_new_keys, v_key_function))
+        ) AS t(name, definition)
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = v_trigger.name) THEN
-            EXECUTE format('CREATE TRIGGER %I %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                           v_trigger.name, v_trigger.event, tbl, v_trigger.transition, v_function);
+            EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
             IF v_status = 'unchanged' THEN
                 v_status := 'repaired';
             END IF;
@@ -221,7 +273,10 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_update ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_delete ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_truncate ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_key ON %s', tbl);
     IF v_row.journal_name IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
+                       left(v_row.journal_name, length(v_row.journal_name) - length('_journal')) || '_capture_key');
         EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
                        left(v_row.journal_name, length(v_row.journal_name) - length('_journal')) || '_capture');
         EXECUTE format('DROP TABLE IF EXISTS rowsync.%I', v_row.journal_name);

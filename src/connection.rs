@@ -5,6 +5,9 @@
 //! `idle_in_transaction_session_timeout` as startup options, plus TCP keepalives and a user timeout so
 //! a peer that vanished without a reset is noticed within about half a minute.
 //!
+//! JIT compilation is off for rowsync's sessions: its queries are short and many, and compiling
+//! one costs tens of milliseconds, far more than it could save.
+//!
 //! None of that helps when the path to the server still acknowledges packets but the server never
 //! answers (a hung proxy, a black-holed route): TCP looks healthy forever. So every call on the sync
 //! path is also bounded on the client side ([`Within`]), at `statement_timeout` plus a margin, and
@@ -88,7 +91,7 @@ pub fn session_config(
     let mut config = db.config.clone();
     config.application_name(application_name);
     let ours = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c rowsync.instance={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c rowsync.instance={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
         limits

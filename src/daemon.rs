@@ -340,11 +340,7 @@ impl SyncLoop {
         self.telemetry.sweep_started();
         debug!("sweep started");
         let run = self.run_started().await;
-        let result = self
-            .pass(BatchKind::Sweep {
-                lookback: self.settings.sweep_lookback,
-            })
-            .await;
+        let result = self.drain_then_sweep().await;
         let duration = started.elapsed();
         let after = self.telemetry.snapshot().totals;
         let counts = Counts {
@@ -390,6 +386,26 @@ impl SyncLoop {
             );
         }
         Ok(found)
+    }
+
+    /// Applies what the journal holds with plain batches first (a backlog after a restart must not
+    /// wait for the look-back's re-read), for at most one interval under continuous writes, then
+    /// runs the sweep's own batch: look-back (when due) and retries.
+    async fn drain_then_sweep(&mut self) -> Result<bool, PassError> {
+        let deadline = Instant::now() + self.settings.sync_interval;
+        let mut found = false;
+        while self.pass(BatchKind::Stream).await? {
+            found = true;
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                break;
+            }
+        }
+        let swept = self
+            .pass(BatchKind::Sweep {
+                lookback: self.settings.sweep_lookback,
+            })
+            .await?;
+        Ok(found || swept)
     }
 
     /// Records the sweep's start in `sync_runs` (best effort: history must not stop syncing).

@@ -25,6 +25,8 @@ pub enum InstallStatus {
     /// Something was missing or disabled and has been put back; changes made meanwhile were not
     /// journaled, so the table needs a fresh copy.
     Repaired,
+    /// Triggers of an older rowsync were replaced in one transaction: no write escaped capture.
+    Upgraded,
     /// Everything was already in place.
     Unchanged,
 }
@@ -55,6 +57,7 @@ pub async fn install_table(
     Ok(match status.as_str() {
         "installed" => InstallStatus::Installed,
         "repaired" => InstallStatus::Repaired,
+        "upgraded" => InstallStatus::Upgraded,
         _ => InstallStatus::Unchanged,
     })
 }
@@ -79,7 +82,8 @@ pub async fn trigger_problems(
         .query(
             "SELECT t.name, tg.tgenabled::text \
                FROM unnest(ARRAY['rowsync_capture_insert', 'rowsync_capture_update', \
-                                 'rowsync_capture_delete', 'rowsync_capture_truncate']) AS t(name) \
+                                 'rowsync_capture_delete', 'rowsync_capture_truncate', \
+                                 'rowsync_capture_key']) AS t(name) \
                LEFT JOIN pg_catalog.pg_trigger tg \
                  ON tg.tgrelid = $1::text::regclass AND tg.tgname = t.name",
             &[&table.quoted()],
@@ -108,7 +112,7 @@ pub struct CaptureState {
     /// DISABLE/ENABLE TRIGGER`, drop or re-creation writes a new catalog row, so a changed
     /// fingerprint means capture may have been off in between, even if it is on again now.
     pub fingerprint: String,
-    /// All four triggers exist and are `ENABLE ALWAYS`.
+    /// All five triggers exist and are `ENABLE ALWAYS`.
     pub intact: bool,
     /// The table is a logical-replication subscriber: its apply worker fires no statement
     /// triggers, so only a look-back can see what it writes.
@@ -123,7 +127,7 @@ pub async fn capture_state(
         .query_one(
             "SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
                                         ORDER BY tgname), ''), \
-                    count(*) FILTER (WHERE tgenabled = 'A') = 4, \
+                    count(*) FILTER (WHERE tgenabled = 'A') = 5, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = $1::text::regclass) \
                FROM pg_catalog.pg_trigger \
               WHERE tgrelid = $1::text::regclass AND tgname LIKE 'rowsync\\_capture\\_%'",

@@ -70,7 +70,8 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
         .await?;
         let name = mapping.name();
         tracing::info!(table = %name, capture = ?status, "capture in place");
-        let copy = if status == InstallStatus::Unchanged && copied_before {
+        let intact = matches!(status, InstallStatus::Unchanged | InstallStatus::Upgraded);
+        let copy = if intact && copied_before {
             None
         } else {
             tracing::info!(table = %name, "copying existing rows");
@@ -117,6 +118,7 @@ pub fn summary(tables: &[TableSetup]) -> String {
         let capture = match table.capture {
             InstallStatus::Installed => "capture installed",
             InstallStatus::Repaired => "capture repaired",
+            InstallStatus::Upgraded => "capture upgraded",
             InstallStatus::Unchanged => "capture already installed",
         };
         match &table.copy {
