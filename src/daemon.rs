@@ -294,18 +294,8 @@ impl SyncLoop {
                 _ = tokio::time::sleep_until(next_sweep.into()) => {}
             }
         }
-        let stats = self.telemetry.snapshot();
-        info!(
-            batches = stats.batches,
-            sweeps = stats.sweeps,
-            created = stats.totals.created,
-            updated = stats.totals.updated,
-            deleted = stats.totals.deleted,
-            unchanged = stats.totals.unchanged,
-            failed = stats.totals.failed,
-            errors = stats.errors,
-            "sync loop stopped"
-        );
+        // The totals are logged once, by the caller, when the process stops.
+        info!("sync loop stopped");
     }
 
     /// One batch per table. Returns whether any table had changes.
