@@ -31,6 +31,7 @@ use crate::config::{DatabaseRole, LookbackMode, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, bounded, end_abandoned_sessions};
 use crate::error::{Error, Result, SqlContext};
 use crate::ident::TableRef;
+use crate::journal::{self, Truncation};
 use crate::schema::{TableMapping, load_mapping};
 use crate::telemetry::Telemetry;
 use crate::{capture, progress, sync_errors};
@@ -68,6 +69,12 @@ pub struct TableSync {
     change_sql: String,
     change_sql_keyed: String,
     cleanup_sql: String,
+    /// The journal's quoted name.
+    journal: String,
+    /// Journal rows deleted since rowsync last vacuumed it (see [`crate::journal`]).
+    consumed_since_vacuum: u64,
+    /// False once the journal turned out not to be ours to truncate.
+    may_truncate: bool,
     applier: Applier,
     /// The applied snapshot as last read or written; None means "reload from the target".
     progress: Option<String>,
@@ -138,6 +145,9 @@ impl TableSync {
             change_sql: change_query(&mapping, &journal, false),
             change_sql_keyed: change_query(&mapping, &journal, true),
             cleanup_sql: journal_cleanup(&journal),
+            journal,
+            consumed_since_vacuum: 0,
+            may_truncate: true,
             applier: Applier::new(&mapping, limit),
             mapping,
             progress,
@@ -397,7 +407,7 @@ impl TableSync {
             // skip these rows and delete them again), so it need not wait for the WAL flush. The
             // two statements are pipelined: one round trip.
             let params: [&(dyn ToSql + Sync); 1] = [&cur];
-            tokio::try_join!(
+            let ((), deleted) = tokio::try_join!(
                 stx.batch_execute("SET LOCAL synchronous_commit TO off")
                     .within(limit, SOURCE, || "relaxing the cleanup's commit".into()),
                 stx.execute(&cleanup, &params)
@@ -406,11 +416,21 @@ impl TableSync {
             stx.commit()
                 .within(limit, SOURCE, || "ending the batch".into())
                 .await
+                .map(|()| deleted)
         };
-        if let Err(err) = cleanup.await {
-            warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
-            // The session may be hung or broken: keep it out of the pool.
-            drop(deadpool_postgres::Object::take(source));
+        match cleanup.await {
+            Ok(deleted) => {
+                self.consumed_since_vacuum += deleted;
+                if self.consumed_since_vacuum >= journal::VACUUM_EVERY_ROWS {
+                    self.consumed_since_vacuum = 0;
+                    self.look_after_journal(&mut source).await;
+                }
+            }
+            Err(err) => {
+                warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
+                // The session may be hung or broken: keep it out of the pool.
+                drop(deadpool_postgres::Object::take(source));
+            }
         }
 
         self.telemetry.batch(&name, outcome.counts, snapshot_at);
@@ -504,6 +524,26 @@ impl TableSync {
                 && !outcome.failures.iter().any(|f| f.key == key)
             {
                 resolved.push(record_id);
+            }
+        }
+    }
+
+    /// Vacuums the journal, and truncates it when it has grown large and is empty (see
+    /// [`crate::journal`]). Failing here fails nothing: autovacuum remains, and the next attempt
+    /// comes after the next [`journal::VACUUM_EVERY_ROWS`] rows.
+    async fn look_after_journal(&mut self, source: &mut deadpool_postgres::Object) {
+        let name = self.name();
+        match journal::upkeep(source, &self.journal, self.may_truncate, self.limit).await {
+            Ok(Truncation::Done { bytes }) => {
+                info!(table = %name, freed_bytes = bytes, "truncated the emptied journal");
+            }
+            Ok(Truncation::NotPermitted) => {
+                self.may_truncate = false;
+                info!(table = %name, "the journal is not owned by this role: leaving its upkeep to autovacuum");
+            }
+            Ok(Truncation::NotNeeded | Truncation::Deferred) => {}
+            Err(err) => {
+                debug!(table = %name, error = %crate::error::chain(&err), "journal upkeep failed; will retry");
             }
         }
     }

@@ -90,8 +90,11 @@ pub fn session_config(
 ) -> tokio_postgres::Config {
     let mut config = db.config.clone();
     config.application_name(application_name);
+    // plan_cache_mode: rowsync's prepared statements are written to run well with generic plans
+    // (see crate::changes). Left to choose, PostgreSQL re-planned the change query on every batch
+    // (its generic estimate counts the sweep's look-back, which stream batches skip), ~0.3 ms each.
     let ours = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c rowsync.instance={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c rowsync.instance={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
         limits
@@ -316,6 +319,10 @@ mod tests {
         assert!(options.starts_with("-c search_path=app "), "{options}");
         assert!(options.contains("statement_timeout=12000"), "{options}");
         assert!(options.contains("lock_timeout=10000"), "{options}");
+        assert!(
+            options.contains("plan_cache_mode=force_generic_plan"),
+            "{options}"
+        );
         assert!(
             options.contains("idle_in_transaction_session_timeout=60000"),
             "{options}"

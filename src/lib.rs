@@ -43,6 +43,7 @@ pub mod error_policy;
 pub mod health;
 pub mod http;
 pub mod ident;
+pub mod journal;
 pub mod leader;
 pub mod logging;
 pub mod metrics;

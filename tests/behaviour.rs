@@ -1,8 +1,12 @@
 //! What a user of the daemon expects beyond the headline guarantees.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::harness::{Pair, USERS, count, seed_users, wait_for, xmins};
+use tokio_postgres::error::SqlState;
+
+use crate::harness::{Pair, USERS, count, resilient_writes, seed_users, wait_for, xmins};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_twice_changes_and_duplicates_nothing() {
@@ -317,4 +321,93 @@ fn run_before_setup_fails_and_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("run `rowsync setup` first"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_journal_is_truncated_once_empty_and_never_while_a_writer_holds_it() {
+    const JOURNAL: &str = "rowsync.public_users_journal";
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 30_000).await;
+    pair.setup();
+    let size = format!("SELECT pg_relation_size('{JOURNAL}')");
+
+    // A writer whose transaction has journaled a change and stays open: the journal must not be
+    // truncated under it, and its change must arrive once it commits.
+    let mut holder = pair.source().await;
+    let open = holder.transaction().await.unwrap();
+    open.execute(
+        "UPDATE users SET status = 'held' WHERE name = 'user-1'",
+        &[],
+    )
+    .await
+    .unwrap();
+    // About 1.5 MB of journal, consumed in one go by the daemon's first pass.
+    source
+        .execute(
+            "UPDATE users SET version = version + 1 WHERE name <> 'user-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(count(&source, &size).await > 1 << 20);
+
+    let daemon = pair.spawn(&[]);
+    let target = pair.target().await;
+    pair.wait(
+        "the bulk update to arrive",
+        Duration::from_secs(60),
+        || async { count(&target, "SELECT count(*) FROM users WHERE version = 2").await == 29_999 },
+    )
+    .await;
+    // The journal was vacuumed after those rows, and the truncation deferred: the writer holds it.
+    assert!(!daemon.log_text().contains("truncated the emptied journal"));
+    open.commit().await.unwrap();
+    pair.wait_synced("users", Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM users WHERE status = 'held'").await,
+        1
+    );
+
+    // Large batches while writers keep committing: a truncation may find the journal free between
+    // their transactions, but never empty of their unconsumed rows, which must all arrive.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(resilient_writes(pair.source_url(), stop.clone())))
+        .collect();
+    for _ in 0..4 {
+        // Only the seeded rows: a change to the writers' own rows, were it lost with the journal,
+        // would not be journaled again by this update. It may deadlock with a writer: retry.
+        while let Err(err) = source
+            .execute(
+                "UPDATE users SET version = version + 1 WHERE name LIKE 'user-%'",
+                &[],
+            )
+            .await
+        {
+            assert_eq!(err.code(), Some(&SqlState::T_R_DEADLOCK_DETECTED), "{err}");
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        assert!(writer.await.unwrap() > 0);
+    }
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+
+    // Writers gone, the next large batch finds the journal empty and gives its space back.
+    source
+        .execute("UPDATE users SET version = version + 1", &[])
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+    pair.wait(
+        "the journal to be truncated",
+        Duration::from_secs(30),
+        || async { count(&source, &size).await == 0 },
+    )
+    .await;
+    assert!(daemon.log_text().contains("truncated the emptied journal"));
+    pair.assert_synced("users").await;
+    assert_eq!(count(&target, "SELECT count(*) FROM sync_errors").await, 0);
 }
