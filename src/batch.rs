@@ -73,8 +73,8 @@ pub struct TableSync {
     journal: String,
     /// Journal rows deleted since rowsync last vacuumed it (see [`crate::journal`]).
     consumed_since_vacuum: u64,
-    /// False once the journal turned out not to be ours to truncate.
-    may_truncate: bool,
+    /// Whether our role owns the journal, as its upkeep needs.
+    owns_journal: bool,
     applier: Applier,
     /// The applied snapshot as last read or written; None means "reload from the target".
     progress: Option<String>,
@@ -113,6 +113,10 @@ impl TableSync {
         .await?;
         let journal = mapping.journal()?.quoted();
         let name = mapping.name();
+        let owns_journal = journal::owned(&source, &journal, limit).await?;
+        if !owns_journal {
+            info!(table = %name, "the journal is owned by another role: leaving its upkeep to autovacuum");
+        }
         let progress = bounded(
             limit,
             TARGET,
@@ -147,7 +151,7 @@ impl TableSync {
             cleanup_sql: journal_cleanup(&journal),
             journal,
             consumed_since_vacuum: 0,
-            may_truncate: true,
+            owns_journal,
             applier: Applier::new(&mapping, limit),
             mapping,
             progress,
@@ -533,12 +537,15 @@ impl TableSync {
     /// comes after the next [`journal::VACUUM_EVERY_ROWS`] rows.
     async fn look_after_journal(&mut self, source: &mut deadpool_postgres::Object) {
         let name = self.name();
-        match journal::upkeep(source, &self.journal, self.may_truncate, self.limit).await {
+        if !self.owns_journal {
+            return;
+        }
+        match journal::upkeep(source, &self.journal, self.limit).await {
             Ok(Truncation::Done { bytes }) => {
                 info!(table = %name, freed_bytes = bytes, "truncated the emptied journal");
             }
             Ok(Truncation::NotPermitted) => {
-                self.may_truncate = false;
+                self.owns_journal = false;
                 info!(table = %name, "the journal is not owned by this role: leaving its upkeep to autovacuum");
             }
             Ok(Truncation::NotNeeded | Truncation::Deferred) => {}

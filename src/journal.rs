@@ -19,9 +19,8 @@
 //! 3. None: `TRUNCATE`. Rows already applied but not yet deleted count as rows: nothing unapplied or
 //!    in doubt is ever removed here.
 //!
-//! Both need the journal's owner (the role that ran `rowsync setup`). With another role the vacuum
-//! is skipped by PostgreSQL (a warning in its log), the truncation is not tried again, and
-//! autovacuum does what it can.
+//! Both need the journal's owner (the role that ran `rowsync setup`). With another role rowsync
+//! leaves the journal to autovacuum.
 
 use std::time::Duration;
 
@@ -53,14 +52,22 @@ pub enum Truncation {
     NotPermitted,
 }
 
-/// Vacuums `journal` (already quoted) and, if it has grown large and `may_truncate`, truncates it
-/// when it is empty. `client` must not be in a transaction.
-pub async fn upkeep(
-    client: &mut Object,
-    journal: &str,
-    may_truncate: bool,
-    limit: Duration,
-) -> Result<Truncation> {
+/// Whether our role owns `journal` (already quoted), as upkeep needs.
+pub async fn owned(client: &Object, journal: &str, limit: Duration) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_has_role(c.relowner, 'MEMBER') FROM pg_catalog.pg_class c \
+              WHERE c.oid = $1::text::regclass",
+            &[&journal],
+        )
+        .within(limit, SOURCE, || format!("reading the owner of {journal}"))
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Vacuums `journal` (already quoted) and, if it has grown large, truncates it when it is empty.
+/// `client` must not be in a transaction.
+pub async fn upkeep(client: &mut Object, journal: &str, limit: Duration) -> Result<Truncation> {
     // SKIP_LOCKED: never wait for autovacuum working on the same journal. TRUNCATE false: the
     // vacuum's own truncation may wait seconds for its lock; ours below does not wait at all.
     client
@@ -75,7 +82,7 @@ pub async fn upkeep(
         .within(limit, SOURCE, || format!("measuring {journal}"))
         .await?
         .get(0);
-    if bytes <= TRUNCATE_ABOVE_BYTES || !may_truncate {
+    if bytes <= TRUNCATE_ABOVE_BYTES {
         return Ok(Truncation::NotNeeded);
     }
     truncate_if_empty(client, journal, limit)

@@ -411,3 +411,52 @@ async fn a_large_journal_is_truncated_once_empty_and_never_while_a_writer_holds_
     pair.assert_synced("users").await;
     assert_eq!(count(&target, "SELECT count(*) FROM sync_errors").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_needs_only_the_documented_privileges_on_the_source() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 100).await;
+    pair.setup();
+    // The README's list for `run` on the source, and nothing more.
+    source
+        .batch_execute(
+            "CREATE ROLE runner LOGIN;
+             GRANT SELECT ON users TO runner;
+             GRANT USAGE ON SCHEMA rowsync TO runner;
+             GRANT SELECT ON rowsync.captured_tables TO runner;
+             GRANT SELECT, DELETE ON rowsync.public_users_journal TO runner;
+             GRANT EXECUTE ON FUNCTION rowsync.arm_doorbell() TO runner;",
+        )
+        .await
+        .unwrap();
+    let runner_url = pair.source_url().replacen("postgres@", "runner@", 1);
+    assert!(runner_url.contains("runner@"), "{runner_url}");
+    let daemon = pair.spawn(&[("SOURCE_DATABASE_URL", &runner_url)]);
+    daemon.wait_listening(&pair).await;
+    source
+        .batch_execute(
+            "UPDATE users SET status = 'away' WHERE name LIKE 'user-1%';
+             DELETE FROM users WHERE name = 'user-2';
+             INSERT INTO users (name) VALUES ('newcomer');",
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(30)).await;
+    assert!(
+        daemon
+            .log_text()
+            .contains("the journal is owned by another role"),
+        "{}",
+        daemon.log_text()
+    );
+    let verify = pair.rowsync(&["verify"], &[("SOURCE_DATABASE_URL", &runner_url)]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let target = pair.target().await;
+    assert_eq!(count(&target, "SELECT count(*) FROM sync_errors").await, 0);
+}
