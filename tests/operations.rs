@@ -709,8 +709,10 @@ async fn a_standby_takes_over_when_the_leader_loses_its_connection_and_says_what
         .await
         .unwrap();
     pair.wait_synced("users", Duration::from_secs(10)).await;
-    proxy.cut();
+    // Refuse first: a reconnect must not slip in between the cut and the refusal.
     proxy.refuse();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.cut();
     let cut = Instant::now();
     pair.wait(
         "the standby to take over",
