@@ -115,7 +115,7 @@ impl TableSync {
         let name = mapping.name();
         let owns_journal = journal::owned(&source, &journal, limit).await?;
         if !owns_journal {
-            info!(table = %name, "the journal is owned by another role: leaving its upkeep to autovacuum");
+            not_our_journal(&name);
         }
         let progress = bounded(
             limit,
@@ -536,17 +536,17 @@ impl TableSync {
     /// [`crate::journal`]). Failing here fails nothing: autovacuum remains, and the next attempt
     /// comes after the next [`journal::VACUUM_EVERY_ROWS`] rows.
     async fn look_after_journal(&mut self, source: &mut deadpool_postgres::Object) {
-        let name = self.name();
         if !self.owns_journal {
             return;
         }
+        let name = self.name();
         match journal::upkeep(source, &self.journal, self.limit).await {
             Ok(Truncation::Done { bytes }) => {
                 info!(table = %name, freed_bytes = bytes, "truncated the emptied journal");
             }
             Ok(Truncation::NotPermitted) => {
                 self.owns_journal = false;
-                info!(table = %name, "the journal is not owned by this role: leaving its upkeep to autovacuum");
+                not_our_journal(&name);
             }
             Ok(Truncation::NotNeeded | Truncation::Deferred) => {}
             Err(err) => {
@@ -580,6 +580,11 @@ impl TableSync {
         self.progress = Some(snapshot);
         Ok(deleted)
     }
+}
+
+/// Says once why rowsync does not vacuum or truncate a table's journal.
+fn not_our_journal(table: &str) {
+    info!(table = %table, "the journal is owned by another role: leaving its upkeep to autovacuum");
 }
 
 /// Whether a call failed waiting for a lock (lock_timeout, or statement_timeout while waiting).
