@@ -112,6 +112,18 @@ pub struct Settings {
     pub health_addr: Option<SocketAddr>,
     /// How long `sync_runs` keeps history.
     pub sync_runs_retention: Duration,
+    /// When rowsync defers its work while the source is busy (see [`crate::yielding`]).
+    pub yielding: YieldSettings,
+}
+
+/// Deferring work to a busy source: a burst of writes is applied once it is over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YieldSettings {
+    /// The source counts as busy from this many active sessions (other than rowsync's) on;
+    /// 0 never yields.
+    pub active_sessions: u32,
+    /// The longest rowsync defers its work in one go, however busy the source stays.
+    pub max: Duration,
 }
 
 /// When a sweep re-reads the source rows whose `updated_at` falls within the lookback window.
@@ -375,6 +387,20 @@ impl Settings {
                     "a positive number of days such as 30",
                 )? * 86_400.0,
             ),
+            yielding: YieldSettings {
+                active_sessions: int(
+                    env,
+                    "YIELD_ACTIVE_SESSIONS",
+                    8,
+                    "a whole number of sessions, 0 (never yield) or more",
+                )?,
+                max: Duration::from_secs_f64(positive_decimal(
+                    env,
+                    "YIELD_MAX_SECONDS",
+                    30.0,
+                    "a positive number of seconds such as 30",
+                )?),
+            },
         })
     }
 }
@@ -575,6 +601,13 @@ mod tests {
             Duration::from_secs(30 * 86_400)
         );
         assert_eq!(settings.lookback, LookbackMode::Auto);
+        assert_eq!(
+            settings.yielding,
+            YieldSettings {
+                active_sessions: 8,
+                max: Duration::from_secs(30)
+            }
+        );
         let off = Settings::from_env(&env(&[("HEALTH_ADDR", "OFF")])).unwrap();
         assert_eq!(off.health_addr, None);
         assert_eq!(
@@ -621,6 +654,8 @@ mod tests {
             ("HEALTH_ADDR", "9393"),
             ("SYNC_RUNS_RETENTION_DAYS", "0"),
             ("SYNC_LOOKBACK", "sometimes"),
+            ("YIELD_ACTIVE_SESSIONS", "-1"),
+            ("YIELD_MAX_SECONDS", "0"),
         ];
         for (variable, value) in cases {
             let err = error_for(&[(variable, value)]);

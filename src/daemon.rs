@@ -14,6 +14,9 @@
 //! looks at the journals once more, so a change committed just before arming is not left waiting for
 //! the poll timer.
 //!
+//! While the source is busy the loop yields: it takes no batches for up to `YIELD_MAX_SECONDS`
+//! ([`crate::yielding`]).
+//!
 //! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
 //! the in-flight batch may take (`SHUTDOWN_TIMEOUT_SECONDS`).
 
@@ -34,6 +37,7 @@ use crate::error_policy::{self, ErrorType};
 use crate::retry::Backoff;
 use crate::runs::{self, Kind};
 use crate::telemetry::{Role, SweepSummary, Telemetry};
+use crate::yielding::{self, SourceLoad};
 use crate::{capture, leader, migrate, sync_errors};
 
 /// Runs the daemon until `shutdown` is cancelled: standing by, or active, as the leader lock says.
@@ -100,6 +104,7 @@ async fn run_active(
         stop.clone(),
     ));
     let mut sync = SyncLoop {
+        load: SourceLoad::new(settings.yielding),
         settings,
         pools,
         tables,
@@ -196,6 +201,16 @@ struct SyncLoop {
     telemetry: Arc<Telemetry>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    load: SourceLoad,
+}
+
+/// How a yield to a busy source ended.
+enum Yield {
+    /// Go on applying.
+    Go,
+    /// `POST /sync` asked for a sweep.
+    SweepRequested,
+    Shutdown,
 }
 
 /// A failed pass: which table, and what went wrong.
@@ -238,6 +253,9 @@ impl SyncLoop {
                     if sweep_due {
                         next_sweep = Instant::now() + self.settings.sync_interval;
                     }
+                    if applied.is_none() {
+                        self.load.caught_up();
+                    }
                     applied
                 }
                 Err(PassError {
@@ -264,6 +282,14 @@ impl SyncLoop {
                 }
             };
             if let Some(rows) = applied {
+                match self.yield_while_source_busy().await {
+                    Yield::Go => {}
+                    Yield::SweepRequested => {
+                        next_sweep = Instant::now();
+                        continue;
+                    }
+                    Yield::Shutdown => break,
+                }
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break,
@@ -298,7 +324,77 @@ impl SyncLoop {
         info!("sync loop stopped");
     }
 
-    /// One batch per table. Returns whether any table had changes.
+    /// While the source is busy, defers the next batches, for at most `YIELD_MAX_SECONDS` (see
+    /// [`crate::yielding`]).
+    async fn yield_while_source_busy(&mut self) -> Yield {
+        if !self.load.due(Instant::now()) || !self.look_at_source().await || !self.load.busy() {
+            return Yield::Go;
+        }
+        let started = Instant::now();
+        let mean = self.load.mean().unwrap_or_default();
+        info!(
+            active_sessions = format!("{mean:.1}"),
+            threshold = self.load.threshold(),
+            max_ms = self.load.max().as_millis() as u64,
+            "the source is busy: deferring sync until it is not (changes wait in the journal)"
+        );
+        self.telemetry.yield_started(mean);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break Yield::Shutdown,
+                _ = self.telemetry.sweep_requested() => break Yield::SweepRequested,
+                _ = tokio::time::sleep(yielding::LOOK_EVERY) => {}
+            }
+            self.telemetry.beat();
+            if started.elapsed() >= self.load.max() {
+                self.load.ran_full_length();
+                info!(
+                    max_ms = self.load.max().as_millis() as u64,
+                    "the source is still busy after the longest yield: catching up now"
+                );
+                break Yield::Go;
+            }
+            // A source rowsync cannot look at is no reason to wait: the next batch will tell.
+            if !self.look_at_source().await || self.load.quiet() {
+                break Yield::Go;
+            }
+        };
+        self.telemetry.yield_ended();
+        info!(
+            yielded_ms = started.elapsed().as_millis() as u64,
+            "resuming sync after yielding to the source"
+        );
+        outcome
+    }
+
+    /// Counts the source's active sessions into [`SourceLoad`]; false if it could not.
+    async fn look_at_source(&mut self) -> bool {
+        let limit = self.limit();
+        let counted = async {
+            let source = self.pools.source().await?;
+            bounded(
+                limit,
+                DatabaseRole::Source,
+                "counting the source's active sessions",
+                yielding::active_sessions(&**source),
+            )
+            .await
+        }
+        .await;
+        match counted {
+            Ok(active) => {
+                self.load.record(Instant::now(), active);
+                self.telemetry.source_load(active);
+                true
+            }
+            Err(err) => {
+                debug!(error = %crate::error::chain(&err), "could not count the source's active sessions");
+                false
+            }
+        }
+    }
+
     /// One batch per table. Returns how many rows were applied, or None when nothing changed.
     async fn pass(&mut self, kind: BatchKind) -> Result<Option<u64>, PassError> {
         let mut applied = None;

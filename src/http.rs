@@ -142,6 +142,12 @@ pub fn status_document(telemetry: &Telemetry, settings: &Settings, pools: &Pools
         "isSyncInProgress": snapshot.sweep_in_progress,
         "healthStatus": health,
         "lagSeconds": snapshot.lag_seconds,
+        "yielding": snapshot.yielding.map(|y| json!({
+            "since": rfc3339(y.since),
+            "sourceActiveSessions": y.active_sessions,
+        })),
+        "yieldedSeconds": snapshot.yielded.as_secs_f64(),
+        "sourceActiveSessions": snapshot.source_active_sessions,
         "role": snapshot.role,
         "caughtUp": snapshot.caught_up,
         "startedAt": rfc3339(snapshot.started_at),

@@ -13,6 +13,8 @@
 //!   Rows the target rejects are isolated, recorded in `sync_errors` and retried by later sweeps.
 //! * **Progress** ([`progress`]): the batch's snapshot is recorded in the target in the same
 //!   transaction as its rows.
+//! * **Yielding** ([`yielding`]): while the source has many active sessions, rowsync defers its
+//!   batches (for a bounded time) and applies the burst once it is over.
 //!
 //! # Guarantees
 //! * Every committed change reaches the target: while rowsync runs, while it is stopped (applied at
@@ -57,3 +59,4 @@ pub mod snapshot;
 pub mod sync_errors;
 pub mod systemd;
 pub mod telemetry;
+pub mod yielding;

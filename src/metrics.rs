@@ -21,6 +21,9 @@ pub const SWEEPS: &str = "rowsync_sweeps_total";
 pub const FAILED_ATTEMPTS: &str = "rowsync_failed_attempts_total";
 pub const CONSECUTIVE_FAILURES: &str = "rowsync_consecutive_failures";
 pub const BUILD_INFO: &str = "rowsync_build_info";
+pub const YIELDING: &str = "rowsync_yielding";
+pub const YIELDED_SECONDS: &str = "rowsync_yielded_seconds_total";
+pub const SOURCE_ACTIVE_SESSIONS: &str = "rowsync_source_active_sessions";
 
 /// Renders every metric.
 pub fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -> String {
@@ -72,6 +75,40 @@ pub fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -> Strin
     push(
         &mut out,
         &format!("{name} {}\n", snapshot.lag_seconds.unwrap_or(f64::NAN)),
+    );
+
+    let name = family(
+        &mut out,
+        YIELDING,
+        "gauge",
+        "1 while rowsync defers its work because the source is busy, else 0.",
+    );
+    push(
+        &mut out,
+        &format!("{name} {}\n", u8::from(snapshot.yielding.is_some())),
+    );
+    let name = family(
+        &mut out,
+        YIELDED_SECONDS,
+        "counter",
+        "Time spent deferring work to a busy source since start, in seconds (periods in progress not counted).",
+    );
+    push(
+        &mut out,
+        &format!("{name} {}\n", snapshot.yielded.as_secs_f64()),
+    );
+    let name = family(
+        &mut out,
+        SOURCE_ACTIVE_SESSIONS,
+        "gauge",
+        "Active sessions on the source other than rowsync's, at the last look (NaN before one).",
+    );
+    push(
+        &mut out,
+        &format!(
+            "{name} {}\n",
+            snapshot.source_active_sessions.map_or(f64::NAN, f64::from)
+        ),
     );
 
     let name = family(
@@ -231,6 +268,8 @@ mod tests {
             SystemTime::now(),
         );
         telemetry.recorded("CONSTRAINT_VIOLATION");
+        telemetry.source_load(11);
+        telemetry.yield_started(10.5);
         let pools = [(
             "source",
             PoolUsage {
@@ -248,6 +287,9 @@ mod tests {
             "rowsync_realtime_connected 0",
             "rowsync_build_info{version=",
             "# TYPE rowsync_lag_seconds gauge",
+            "rowsync_yielding 1",
+            "rowsync_source_active_sessions 11",
+            "rowsync_yielded_seconds_total 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -118,6 +118,21 @@ pub struct Snapshot {
     /// Seconds since the newest source snapshot known to be fully applied, as an upper bound on
     /// how far the target is behind (None before the first batch).
     pub lag_seconds: Option<f64>,
+    /// Set while rowsync defers its work because the source is busy.
+    pub yielding: Option<Yielding>,
+    /// Time spent yielding since start.
+    pub yielded: Duration,
+    /// Active sessions on the source at the last look (rowsync's own not counted).
+    pub source_active_sessions: Option<u32>,
+}
+
+/// A period of deferring work to a busy source.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Yielding {
+    #[serde(skip)]
+    pub since: SystemTime,
+    /// Why: the mean of the last looks at the source's active sessions.
+    pub active_sessions: f64,
 }
 
 /// Figures, and the few signals that go with them.
@@ -164,6 +179,9 @@ impl Telemetry {
                     sweep_durations: Histogram::default(),
                     error_rate: 0.0,
                     lag_seconds: None,
+                    yielding: None,
+                    yielded: Duration::ZERO,
+                    source_active_sessions: None,
                 },
                 recent: VecDeque::new(),
             }),
@@ -216,6 +234,27 @@ impl Telemetry {
         self.started
             .elapsed()
             .saturating_sub(Duration::from_millis(last))
+    }
+
+    /// The source's active sessions, as last seen.
+    pub fn source_load(&self, active_sessions: u32) {
+        self.lock().snapshot.source_active_sessions = Some(active_sessions);
+    }
+
+    /// rowsync starts deferring its work to a busy source.
+    pub fn yield_started(&self, active_sessions: f64) {
+        self.lock().snapshot.yielding = Some(Yielding {
+            since: SystemTime::now(),
+            active_sessions,
+        });
+    }
+
+    /// The yield is over; its duration is added to the total.
+    pub fn yield_ended(&self) {
+        let mut state = self.lock();
+        if let Some(yielding) = state.snapshot.yielding.take() {
+            state.snapshot.yielded += yielding.since.elapsed().unwrap_or_default();
+        }
     }
 
     pub fn set_role(&self, role: Role) {

@@ -32,6 +32,22 @@ async fn json(port: u16, path: &str) -> (u16, Value) {
     )
 }
 
+/// A daemon serving HTTP on a free port, sweeping once an hour (with `extra_env`), once its
+/// listener is connected and its first sweep is done.
+async fn serving(pair: &Pair, extra_env: &[(&str, &str)]) -> (Daemon, u16) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut env: Vec<(&str, &str)> = vec![("HEALTH_ADDR", &addr), ("SYNC_INTERVAL_MINUTES", "60")];
+    env.extend_from_slice(extra_env);
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(pair).await;
+    pair.wait("the first sweep", Duration::from_secs(20), || async {
+        json(port, "/status").await.1["sweeps"] == 1
+    })
+    .await;
+    (daemon, port)
+}
+
 /// Every datagram a fake systemd receives, with when it arrived.
 struct FakeSystemd {
     messages: Arc<Mutex<Vec<(Instant, String)>>>,
@@ -194,15 +210,10 @@ async fn endpoints_status_and_sync_now_report_what_happened() {
     let mut pair = Pair::new(USERS).await;
     seed_users(&pair.source().await, 20).await;
     pair.setup();
-    let port = free_port();
+    let (mut daemon, port) = serving(&pair, &[]).await;
+    // What `rowsync status` and `sync-now` need to find the daemon.
     let addr = format!("127.0.0.1:{port}");
-    let env: Vec<(&str, &str)> = vec![("HEALTH_ADDR", &addr), ("SYNC_INTERVAL_MINUTES", "60")];
-    let mut daemon = pair.spawn(&env);
-    daemon.wait_listening(&pair).await;
-    pair.wait("the first sweep", Duration::from_secs(20), || async {
-        json(port, "/status").await.1["sweeps"] == 1
-    })
-    .await;
+    let env: Vec<(&str, &str)> = vec![("HEALTH_ADDR", &addr)];
 
     let source = pair.source().await;
     source
@@ -890,4 +901,147 @@ async fn disabled_capture_makes_health_critical_until_setup_repairs_it() {
         http(port, "GET", "/health").await.0 == 200
     })
     .await;
+}
+
+/// Sessions that stay active on the source until cancelled.
+struct BusySource {
+    cancel: Vec<tokio_postgres::CancelToken>,
+}
+
+impl BusySource {
+    async fn start(pair: &Pair, sessions: usize) -> BusySource {
+        let mut cancel = Vec::new();
+        for _ in 0..sessions {
+            let client = pair.source().await;
+            cancel.push(client.cancel_token());
+            tokio::spawn(async move {
+                let _ = client.simple_query("SELECT pg_sleep(120)").await;
+            });
+        }
+        let source = pair.source().await;
+        pair.wait("the busy sessions", Duration::from_secs(10), || async {
+            count(
+                &source,
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'",
+            )
+            .await
+                == sessions as i64
+        })
+        .await;
+        BusySource { cancel }
+    }
+
+    async fn stop(self) {
+        for token in self.cancel {
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        }
+    }
+}
+
+/// Sets the user's status to `away`.
+async fn away(source: &tokio_postgres::Client, name: &str) {
+    source
+        .execute(
+            "UPDATE users SET status = 'away', updated_at = now() WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+}
+
+async fn yielding(port: u16) -> bool {
+    json(port, "/status").await.1["yielding"].is_object()
+}
+
+/// Four busy sessions, then a change to `name`: the batch that applies it sees the source busy,
+/// and rowsync yields.
+async fn busy_until_rowsync_yields(pair: &Pair, port: u16, name: &str) -> BusySource {
+    let busy = BusySource::start(pair, 4).await;
+    // rowsync looks at most every 200 ms and forgets a look after a second: wait for both.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    away(&pair.source().await, name).await;
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+    pair.wait("rowsync to yield", Duration::from_secs(5), || {
+        yielding(port)
+    })
+    .await;
+    busy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_source_is_yielded_to_for_at_most_the_longest_yield_and_nothing_is_lost() {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 20).await;
+    pair.setup();
+    let (mut daemon, port) = serving(
+        &pair,
+        &[("YIELD_ACTIVE_SESSIONS", "3"), ("YIELD_MAX_SECONDS", "6")],
+    )
+    .await;
+    let source = pair.source().await;
+    let update = |name: &'static str| away(&source, name);
+    let yielding = || yielding(port);
+
+    // Two busy sessions are below the threshold: changes keep flowing.
+    let two = BusySource::start(&pair, 2).await;
+    update("user-1").await;
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+    update("user-2").await;
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+    assert!(!yielding().await);
+    two.stop().await;
+
+    // Four are above it. The batch that applies user-3 notices, and rowsync defers the next.
+    let busy = busy_until_rowsync_yields(&pair, port, "user-3").await;
+    update("user-4").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, status) = json(port, "/status").await;
+    assert!(status["yielding"].is_object(), "{status}");
+    assert!(
+        status["sourceActiveSessions"].as_u64() >= Some(3),
+        "{status}"
+    );
+    let (_, metrics) = http(port, "GET", "/metrics").await;
+    assert!(metrics.contains("\nrowsync_yielding 1\n"), "{metrics}");
+    let addr = format!("127.0.0.1:{port}");
+    let output = pair.rowsync(&["status"], &[("HEALTH_ADDR", &addr)]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("yielding to a busy source since"), "{text}");
+    assert_eq!(
+        count(
+            &pair.target().await,
+            "SELECT count(*) FROM users WHERE status = 'away'"
+        )
+        .await,
+        3,
+        "user-4's change waits while the source is busy"
+    );
+    // The source calms down: the change arrives well before the longest yield is over.
+    busy.stop().await;
+    pair.wait_synced("users", Duration::from_secs(3)).await;
+    let log = daemon.log_text();
+    assert!(log.contains("resuming sync after yielding"), "{log}");
+    assert!(!log.contains("still busy after the longest yield"), "{log}");
+    let (_, status) = json(port, "/status").await;
+    assert!(status["yielding"].is_null(), "{status}");
+    assert!(status["yieldedSeconds"].as_f64() > Some(1.0), "{status}");
+
+    // A source that stays busy delays changes by at most YIELD_MAX_SECONDS.
+    let busy = busy_until_rowsync_yields(&pair, port, "user-5").await;
+    let changed = Instant::now();
+    update("user-6").await;
+    source
+        .execute("DELETE FROM users WHERE name = 'user-7'", &[])
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(15)).await;
+    assert!(
+        changed.elapsed() > Duration::from_secs(2),
+        "the changes should have waited for the yield to run out"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("still busy after the longest yield"), "{log}");
+    busy.stop().await;
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
 }

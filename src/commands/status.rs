@@ -74,6 +74,13 @@ fn from_daemon(doc: &Value, addr: &str) -> String {
         },
         text(&doc["totalSynced"]),
     );
+    if let Some(since) = doc["yielding"]["since"].as_str() {
+        let _ = writeln!(
+            out,
+            "  yielding to a busy source since {since} ({} active sessions); changes wait in the journal",
+            text(&doc["yielding"]["sourceActiveSessions"]),
+        );
+    }
     if let Some(tables) = doc["tables"].as_object() {
         for (name, t) in tables {
             let _ = writeln!(

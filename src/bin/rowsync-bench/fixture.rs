@@ -132,6 +132,8 @@ pub struct Fixture<'a> {
     pub last_worker_start: Option<Instant>,
     /// Warnings and errors rowsync wrote to stderr, collected from every finished child.
     pub rowsync_log: Vec<String>,
+    /// Settings for every rowsync child on top of the benchmark's own (`--rowsync-env`).
+    pub rowsync_env: Vec<(String, String)>,
 }
 
 impl<'a> Fixture<'a> {
@@ -167,6 +169,7 @@ impl<'a> Fixture<'a> {
             daemon: None,
             last_worker_start: None,
             rowsync_log: Vec::new(),
+            rowsync_env: Vec::new(),
         })
     }
 
@@ -216,7 +219,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// A `rowsync` command with the benchmark's configuration and nothing inherited (no `.env`,
-    /// no stray variables): `HEALTH_ADDR` is `off` unless `health` is given.
+    /// no stray variables), then `--rowsync-env`: `HEALTH_ADDR` is `off` unless `health` is given.
     pub fn rowsync_command(&self, subcommand: &str, health: Option<SocketAddr>) -> Command {
         let mut command = Command::new(&self.rowsync);
         command
@@ -232,6 +235,7 @@ impl<'a> Fixture<'a> {
             )
             .env("LOG_LEVEL", "warn")
             .env("SYNC_INTERVAL_MINUTES", "1")
+            .envs(self.rowsync_env.iter().map(|(name, value)| (name, value)))
             .current_dir(self.work.path());
         command
     }

@@ -59,6 +59,17 @@ struct Cli {
     /// Where to write every figure as JSON.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
+    /// A setting for every rowsync the benchmark runs, on top of its own (repeatable), e.g.
+    /// `--rowsync-env YIELD_ACTIVE_SESSIONS=0` to measure rowsync without yielding.
+    #[arg(long = "rowsync-env", value_name = "NAME=VALUE", value_parser = setting)]
+    rowsync_env: Vec<(String, String)>,
+}
+
+fn setting(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -169,6 +180,7 @@ async fn measure(
     load_average_at_start: f64,
 ) -> Result<Report> {
     let mut fx = Fixture::new(servers, log, cli.rows, cli.seconds, rowsync.clone()).await?;
+    fx.rowsync_env.clone_from(&cli.rowsync_env);
     let machine = machine::describe(&fx.source, load_average_at_start).await?;
     log.say(&format!(
         "machine: {} CPUs, {:.1} GiB, {}; {}",
@@ -225,6 +237,7 @@ async fn measure(
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_string()))
                 .collect(),
+            rowsync_env: cli.rowsync_env.iter().cloned().collect(),
         },
         all_pass: targets.iter().all(|t| t.pass),
         targets,

@@ -31,6 +31,8 @@ pub struct Parameters {
     pub durable: bool,
     pub server_settings: BTreeMap<String, String>,
     pub target_only_settings: BTreeMap<String, String>,
+    /// Settings given with `--rowsync-env`, on top of the benchmark's own.
+    pub rowsync_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -406,21 +408,20 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         out,
         "         durable (fsync, synchronous_commit on); {}",
-        p.server_settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        settings(&p.server_settings)
     );
     let _ = writeln!(
         out,
         "         target only: {}",
-        p.target_only_settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        settings(&p.target_only_settings)
     );
+    if !p.rowsync_env.is_empty() {
+        let _ = writeln!(
+            out,
+            "rowsync settings (--rowsync-env): {}",
+            settings(&p.rowsync_env)
+        );
+    }
     let _ = writeln!(out);
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
@@ -459,4 +460,13 @@ pub fn table(report: &Report) -> String {
         r.wall_time_s
     );
     out
+}
+
+/// `name=value, …`
+fn settings(values: &BTreeMap<String, String>) -> String {
+    values
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
