@@ -152,6 +152,12 @@ pub fn table(report: &Report) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let ratio = |median: f64, rounds: &[f64], of_medians: f64| {
+        format!(
+            "{median:.2}   [{}]; ratio of the medians {of_medians:.2}",
+            list(rounds, 2)
+        )
+    };
     let cpu = |runs: &[Measured]| {
         format!(
             "consumer {:.2} cores, machine {:.0}% busy",
@@ -232,12 +238,17 @@ pub fn table(report: &Report) -> String {
             None,
         ),
         (
-            "source TPS, rowsync".into(),
-            format!(
-                "{:.0} = {:.2} x none   [{}]",
-                t.rowsync_median_tps,
+            format!("source TPS, rowsync (median of {})", t.rowsync.len()),
+            format!("{:.0}   [{}]", t.rowsync_median_tps, tps(&t.rowsync)),
+            String::new(),
+            None,
+        ),
+        (
+            "  x none (median of the rounds' ratios)".into(),
+            ratio(
                 t.rowsync_ratio_to_none,
-                tps(&t.rowsync)
+                &t.rowsync_round_ratios,
+                t.rowsync_ratio_of_medians,
             ),
             ">= 0.80 x none".into(),
             verdict("source_tps_ratio_to_none"),
@@ -255,12 +266,20 @@ pub fn table(report: &Report) -> String {
             None,
         ),
         (
-            "source TPS, native logical replication".into(),
             format!(
-                "{:.0} = {:.2} x none   [{}]",
-                t.native_median_tps,
+                "source TPS, native logical replication (median of {})",
+                t.native.len()
+            ),
+            format!("{:.0}   [{}]", t.native_median_tps, tps(&t.native)),
+            String::new(),
+            None,
+        ),
+        (
+            "  x none (median of the rounds' ratios)".into(),
+            ratio(
                 t.native_ratio_to_none,
-                tps(&t.native)
+                &t.native_round_ratios,
+                t.native_ratio_of_medians,
             ),
             String::new(),
             None,
