@@ -1042,6 +1042,19 @@ async fn a_busy_source_is_yielded_to_for_at_most_the_longest_yield_and_nothing_i
     let log = daemon.log_text();
     assert!(log.contains("still busy after the longest yield"), "{log}");
     busy.stop().await;
+
+    // An operator's POST /sync ends a yield at once.
+    let busy = busy_until_rowsync_yields(&pair, port, "user-8").await;
+    let asked = Instant::now();
+    update("user-9").await;
+    let (code, body) = http(port, "POST", "/sync").await;
+    assert!(code < 300, "{code} {body}");
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "the change should not have waited for the yield to run out"
+    );
+    busy.stop().await;
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
 }
