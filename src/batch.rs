@@ -607,11 +607,7 @@ async fn lock_progress(
         .prepare_cached(progress::LOCK)
         .await
         .context(TARGET, || format!("locking the progress of {table}"))?;
-    let row = ttx
-        .query_opt(&statement, &[&table])
-        .await
-        .context(TARGET, || format!("locking the progress of {table}"))?;
-    Ok(row.and_then(|row| row.get(0)))
+    progress::lock_with(&**ttx, &statement, table).await
 }
 
 /// [`progress::advance`] with the statement prepared once per pooled session (the hot path).
@@ -624,8 +620,5 @@ async fn advance_progress(
         .prepare_cached(progress::ADVANCE)
         .await
         .context(TARGET, || format!("recording the progress of {table}"))?;
-    ttx.execute(&statement, &[&table, &snapshot, &false])
-        .await
-        .context(TARGET, || format!("recording the progress of {table}"))?;
-    Ok(())
+    progress::advance_with(&**ttx, &statement, table, snapshot, false).await
 }

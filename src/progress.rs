@@ -6,6 +6,7 @@
 //! or a second process, can never skip or double-apply a batch.
 
 use tokio_postgres::GenericClient;
+use tokio_postgres::ToStatement;
 
 use crate::config::DatabaseRole;
 use crate::error::{Result, SqlContext};
@@ -39,10 +40,10 @@ pub async fn load(client: &impl GenericClient, table: &str) -> Result<Option<Str
 }
 
 /// `$1` table: the snapshot, locked until the transaction ends. (Public so the hot path can
-/// prepare it once per session.)
+/// prepare it once per session and pass the statement to [`lock_with`].)
 pub const LOCK: &str = "SELECT snapshot FROM rowsync_progress WHERE table_name = $1 FOR UPDATE";
 
-/// `$1` table, `$2` snapshot, `$3` whether this is a (re)copy.
+/// `$1` table, `$2` snapshot, `$3` whether this is a (re)copy. (See [`advance_with`].)
 pub const ADVANCE: &str = "UPDATE rowsync_progress \
         SET snapshot = $2, updated_at = now(), \
             copied_at = CASE WHEN $3 THEN now() ELSE copied_at END \
@@ -50,8 +51,20 @@ pub const ADVANCE: &str = "UPDATE rowsync_progress \
 
 /// Like [`load`], but locks the row until the transaction ends: nobody else moves it meanwhile.
 pub async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+    lock_with(client, LOCK, table).await
+}
+
+/// [`lock`] with `statement`: [`LOCK`] as text or prepared.
+pub async fn lock_with<S>(
+    client: &impl GenericClient,
+    statement: &S,
+    table: &str,
+) -> Result<Option<String>>
+where
+    S: ?Sized + ToStatement + Sync + Send,
+{
     let row = client
-        .query_opt(LOCK, &[&table])
+        .query_opt(statement, &[&table])
         .await
         .context(DatabaseRole::Target, || {
             format!("locking the progress of {table}")
@@ -66,8 +79,22 @@ pub async fn advance(
     snapshot: &str,
     copied: bool,
 ) -> Result<()> {
+    advance_with(client, ADVANCE, table, snapshot, copied).await
+}
+
+/// [`advance`] with `statement`: [`ADVANCE`] as text or prepared.
+pub async fn advance_with<S>(
+    client: &impl GenericClient,
+    statement: &S,
+    table: &str,
+    snapshot: &str,
+    copied: bool,
+) -> Result<()>
+where
+    S: ?Sized + ToStatement + Sync + Send,
+{
     client
-        .execute(ADVANCE, &[&table, &snapshot, &copied])
+        .execute(statement, &[&table, &snapshot, &copied])
         .await
         .context(DatabaseRole::Target, || {
             format!("recording the progress of {table}")

@@ -72,6 +72,15 @@ pub async fn arm_doorbell(client: &impl GenericClient) -> Result<bool> {
         .get(0))
 }
 
+/// The capture triggers `rowsync.install_capture` creates on every captured table.
+const CAPTURE_TRIGGERS: [&str; 5] = [
+    "rowsync_capture_insert",
+    "rowsync_capture_update",
+    "rowsync_capture_delete",
+    "rowsync_capture_truncate",
+    "rowsync_capture_key",
+];
+
 /// Capture triggers of a table that are missing or not `ENABLE ALWAYS` (a restore or an ALTER TABLE
 /// … DISABLE TRIGGER can silently switch them off).
 pub async fn trigger_problems(
@@ -81,12 +90,10 @@ pub async fn trigger_problems(
     let rows = client
         .query(
             "SELECT t.name, tg.tgenabled::text \
-               FROM unnest(ARRAY['rowsync_capture_insert', 'rowsync_capture_update', \
-                                 'rowsync_capture_delete', 'rowsync_capture_truncate', \
-                                 'rowsync_capture_key']) AS t(name) \
+               FROM unnest($2::text[]) AS t(name) \
                LEFT JOIN pg_catalog.pg_trigger tg \
                  ON tg.tgrelid = $1::text::regclass AND tg.tgname = t.name",
-            &[&table.quoted()],
+            &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
         )
         .await
         .context(DatabaseRole::Source, || {
@@ -112,7 +119,7 @@ pub struct CaptureState {
     /// DISABLE/ENABLE TRIGGER`, drop or re-creation writes a new catalog row, so a changed
     /// fingerprint means capture may have been off in between, even if it is on again now.
     pub fingerprint: String,
-    /// All five triggers exist and are `ENABLE ALWAYS`.
+    /// All of [`CAPTURE_TRIGGERS`] exist and are `ENABLE ALWAYS`.
     pub intact: bool,
     /// The table is a logical-replication subscriber: its apply worker fires no statement
     /// triggers, so only a look-back can see what it writes.
@@ -127,11 +134,12 @@ pub async fn capture_state(
         .query_one(
             "SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
                                         ORDER BY tgname), ''), \
-                    count(*) FILTER (WHERE tgenabled = 'A') = 5, \
+                    count(*) FILTER (WHERE tgname = ANY ($2::text[]) AND tgenabled = 'A') \
+                      = cardinality($2::text[]), \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = $1::text::regclass) \
                FROM pg_catalog.pg_trigger \
               WHERE tgrelid = $1::text::regclass AND tgname LIKE 'rowsync\\_capture\\_%'",
-            &[&table.quoted()],
+            &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
         )
         .await
         .context(DatabaseRole::Source, || format!("checking the capture of {table}"))?;
