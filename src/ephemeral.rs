@@ -33,6 +33,8 @@ pub struct ServerOptions {
     pub logical_replication: bool,
     /// Extra `-c name=value` settings.
     pub settings: Vec<(String, String)>,
+    /// The contents of `pg_hba.conf`, replacing initdb's (which trusts every local connection).
+    pub hba: Option<String>,
 }
 
 pub struct LocalServer {
@@ -69,6 +71,9 @@ impl LocalServer {
             postmaster: None,
         };
         server.initdb()?;
+        if let Some(hba) = &server.options.hba {
+            server.write_data_file("pg_hba.conf", hba)?;
+        }
         // A free port found by binding port 0 can be taken by someone else before postgres binds it;
         // then postgres fails to start and another port is tried.
         let mut last_error = None;
@@ -143,6 +148,17 @@ impl LocalServer {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.start_again()
+    }
+
+    /// Writes a file into the data directory, owned by the server's user (configuration, keys).
+    pub fn write_data_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
+        let path = self.data_dir().join(name);
+        fs::write(&path, contents).map_err(|source| io_error("writing a data file", source))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|source| io_error("handing a data file to the postgres user", source))?;
+        }
+        Ok(path)
     }
 
     /// The last lines of the server log, for diagnosing a failure.

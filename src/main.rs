@@ -74,7 +74,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
     let settings = match cli.command {
         Command::Demo { .. } => {
             // The demo's own output is the show; its logs only matter when something is wrong.
-            if std::env::var_os("LOG_LEVEL").is_none() {
+            if !env.is_set("LOG_LEVEL") {
                 log.level = "warn".into();
             }
             None

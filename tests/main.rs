@@ -8,6 +8,7 @@ mod harness;
 
 mod behaviour;
 mod cli;
+mod config;
 mod faults;
 mod guarantees;
 mod operations;

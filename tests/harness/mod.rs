@@ -42,8 +42,24 @@ impl Pair {
     }
 
     pub async fn with_ddl(source_ddl: &str, target_ddl: &str) -> Pair {
-        let source = LocalServer::start("source", ServerOptions::default()).expect("start source");
-        let target = LocalServer::start("target", ServerOptions::default()).expect("start target");
+        Self::with_servers(
+            ServerOptions::default(),
+            ServerOptions::default(),
+            source_ddl,
+            target_ddl,
+        )
+        .await
+    }
+
+    /// Like [`Pair::with_ddl`], with servers of these options (authentication, TLS, settings).
+    pub async fn with_servers(
+        source_options: ServerOptions,
+        target_options: ServerOptions,
+        source_ddl: &str,
+        target_ddl: &str,
+    ) -> Pair {
+        let source = LocalServer::start("source", source_options).expect("start source");
+        let target = LocalServer::start("target", target_options).expect("start target");
         source
             .create_database("app")
             .await
@@ -297,6 +313,15 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A port nobody listens on at the moment (for HTTP listeners of daemons under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub async fn connect(url: &str) -> Client {

@@ -82,6 +82,7 @@ impl Servers {
                 durable: true,
                 logical_replication: true,
                 settings: settings.clone(),
+                ..ServerOptions::default()
             },
         )
         .context("starting the source server")?;
@@ -97,6 +98,7 @@ impl Servers {
                 durable: true,
                 logical_replication: false,
                 settings: target_settings,
+                ..ServerOptions::default()
             },
         )
         .context("starting the target server")?;

@@ -8,67 +8,17 @@
 //! Database URLs hold passwords, so they are never echoed: not in errors, not in `Debug` output
 //! (`tokio_postgres::Config` redacts its password), not in logs ([`DatabaseSettings::display`]).
 
-use std::collections::BTreeMap;
+mod env;
+
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
 use crate::ident::TableRef;
 
-/// A snapshot of the environment variables rowsync reads, so parsing is a pure function (and testable).
-#[derive(Clone, Default)]
-pub struct Env {
-    vars: BTreeMap<String, String>,
-}
-
-impl Env {
-    /// The process environment, after loading `.env` from the working directory if there is one.
-    /// Variables already set in the environment win over `.env`.
-    pub fn from_process() -> Result<Self, ConfigError> {
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(err) if err.not_found() => {}
-            Err(err) => {
-                return Err(ConfigError::new(
-                    ".env",
-                    format!("could not be read: {}", describe_dotenv_error(&err)),
-                ));
-            }
-        }
-        Ok(Self {
-            vars: std::env::vars().collect(),
-        })
-    }
-
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Self {
-            vars: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
-    }
-
-    /// The value of `name`, treating an empty value as unset.
-    fn get(&self, name: &str) -> Option<&str> {
-        self.vars
-            .get(name)
-            .map(|value| value.trim())
-            .filter(|value| !value.is_empty())
-    }
-}
-
-/// `.env` parse errors quote the offending line, which may hold a password: report only where it is.
-fn describe_dotenv_error(err: &dotenvy::Error) -> String {
-    match err {
-        dotenvy::Error::LineParse(_, index) => format!("syntax error at character {index}"),
-        dotenvy::Error::Io(io) => io.to_string(),
-        _ => "invalid file".to_string(),
-    }
-}
+pub use self::env::{DOTENV, Env, parse_dotenv};
 
 /// A configuration problem: which variable, and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +60,8 @@ pub struct Settings {
     pub lookback: LookbackMode,
     /// Where `/health`, `/status`, `/metrics` and `POST /sync` are served (None: `off`).
     pub health_addr: Option<SocketAddr>,
+    /// The bearer token `/status`, `/metrics` and `POST /sync` require, if set.
+    pub health_token: Option<HealthToken>,
     /// How long `sync_runs` keeps history.
     pub sync_runs_retention: Duration,
     /// When rowsync defers its work while the source is busy (see [`crate::yielding`]).
@@ -227,40 +179,65 @@ pub struct LogSettings {
 
 impl LogSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let level = match env.get("LOG_LEVEL") {
-            None => "info".to_string(),
-            Some(level) => {
-                let level = level.to_ascii_lowercase();
-                if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-                    return Err(ConfigError::new(
-                        "LOG_LEVEL",
-                        format!("expected one of error, warn, info, debug, trace, got {level:?}"),
-                    ));
-                }
-                level
-            }
-        };
-        let format = match env
-            .get("LOG_FORMAT")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "LOG_FORMAT",
-                    format!("expected text or json, got {other:?}"),
-                ));
-            }
-        };
-        Ok(Self { level, format })
+        let level = choice(
+            env,
+            "LOG_LEVEL",
+            "info",
+            &[
+                ("error", "error"),
+                ("warn", "warn"),
+                ("info", "info"),
+                ("debug", "debug"),
+                ("trace", "trace"),
+            ],
+        )?;
+        let format = choice(
+            env,
+            "LOG_FORMAT",
+            LogFormat::Text,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )?;
+        Ok(Self {
+            level: level.to_string(),
+            format,
+        })
     }
+}
+
+/// The accepted ranges. Each is what PostgreSQL and the runtime can honour, with room to spare:
+/// PostgreSQL takes timeouts up to 2^31 − 1 ms (about 24 days) and timestamps back to 4713 BC;
+/// tokio sleeps and std's `Duration` arithmetic overflow only far beyond these.
+mod limits {
+    use std::ops::RangeInclusive;
+
+    pub const POOL_SIZE: RangeInclusive<usize> = 1..=1000;
+    pub const SYNC_INTERVAL_MINUTES: RangeInclusive<f64> = 0.002..=10_080.0;
+    pub const SYNC_WINDOW_MULTIPLIER: RangeInclusive<f64> = 1.0..=1000.0;
+    pub const MAX_RETRIES: RangeInclusive<u32> = 0..=1000;
+    pub const RETRY_DELAY_MS: RangeInclusive<u64> = 1..=86_400_000;
+    pub const RETRY_BACKOFF_MULTIPLIER: RangeInclusive<f64> = 1.0..=10.0;
+    pub const MAX_RECONNECT_ATTEMPTS: RangeInclusive<u32> = 1..=1_000_000;
+    pub const SHUTDOWN_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
+    pub const POLL_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
+    pub const BATCH_SIZE: RangeInclusive<usize> = 1..=100_000;
+    pub const STATEMENT_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=86_400.0;
+    pub const LOCK_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.001..=86_400.0;
+    pub const SYNC_RUNS_RETENTION_DAYS: RangeInclusive<f64> = 0.001..=36_500.0;
+    pub const YIELD_ACTIVE_SESSIONS: RangeInclusive<u32> = 0..=100_000;
+    pub const YIELD_MAX_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
+    /// Bytes of `HEALTH_TOKEN`.
+    pub const HEALTH_TOKEN_BYTES: RangeInclusive<usize> = 1..=1024;
 }
 
 impl Settings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let source_pool = positive_int(env, "SOURCE_DB_POOL_SIZE", 10)?;
+        let source_pool = whole(
+            env,
+            "SOURCE_DB_POOL_SIZE",
+            10,
+            limits::POOL_SIZE,
+            "connections",
+        )?;
         let target_pool = target_pool_size(env)?;
         let source = database(
             env,
@@ -274,57 +251,48 @@ impl Settings {
             DatabaseRole::Target,
             target_pool,
         )?;
-
         let tables = tables(env)?;
 
-        let interval_minutes = positive_decimal(
+        let interval_minutes = decimal(
             env,
             "SYNC_INTERVAL_MINUTES",
             1.0,
-            "a positive number of minutes such as 1 or 0.05 (3 s)",
+            limits::SYNC_INTERVAL_MINUTES,
+            "minutes",
         )?;
         let sync_interval = Duration::from_secs_f64(interval_minutes * 60.0);
-        if sync_interval < Duration::from_millis(100) {
-            return Err(ConfigError::new(
-                "SYNC_INTERVAL_MINUTES",
-                "must be at least 0.002 (about 100 ms)",
-            ));
-        }
-        let multiplier = positive_decimal(
+        let multiplier = decimal(
             env,
             "SYNC_WINDOW_MULTIPLIER",
             3.0,
-            "a number of intervals of at least 1, such as 3",
+            limits::SYNC_WINDOW_MULTIPLIER,
+            "intervals",
         )?;
-        if multiplier < 1.0 {
-            return Err(ConfigError::new(
-                "SYNC_WINDOW_MULTIPLIER",
-                "expected a number of intervals of at least 1, such as 3",
-            ));
-        }
 
         let retry = RetrySettings {
-            max_retries: int(
+            max_retries: whole(env, "MAX_RETRIES", 3, limits::MAX_RETRIES, "retries")?,
+            initial_delay: Duration::from_millis(whole(
                 env,
-                "MAX_RETRIES",
-                3,
-                "a whole number of retries, 0 or more",
-            )?,
-            initial_delay: Duration::from_millis(positive_int(env, "RETRY_INITIAL_DELAY", 1000)?),
-            max_delay: Duration::from_millis(positive_int(env, "RETRY_MAX_DELAY", 30_000)?),
-            multiplier: positive_decimal(
+                "RETRY_INITIAL_DELAY",
+                1000,
+                limits::RETRY_DELAY_MS,
+                "milliseconds",
+            )?),
+            max_delay: Duration::from_millis(whole(
+                env,
+                "RETRY_MAX_DELAY",
+                30_000,
+                limits::RETRY_DELAY_MS,
+                "milliseconds",
+            )?),
+            multiplier: decimal(
                 env,
                 "RETRY_BACKOFF_MULTIPLIER",
                 2.0,
-                "a factor of at least 1, such as 2",
+                limits::RETRY_BACKOFF_MULTIPLIER,
+                "times",
             )?,
         };
-        if retry.multiplier < 1.0 {
-            return Err(ConfigError::new(
-                "RETRY_BACKOFF_MULTIPLIER",
-                "expected a factor of at least 1, such as 2",
-            ));
-        }
         if retry.max_delay < retry.initial_delay {
             return Err(ConfigError::new(
                 "RETRY_MAX_DELAY",
@@ -342,83 +310,125 @@ impl Settings {
             sync_interval,
             sweep_lookback: sync_interval.mul_f64(multiplier),
             retry,
-            max_reconnect_attempts: positive_int(env, "MAX_RECONNECT_ATTEMPTS", 10)?,
-            shutdown_timeout: Duration::from_secs_f64(positive_decimal(
+            max_reconnect_attempts: whole(
+                env,
+                "MAX_RECONNECT_ATTEMPTS",
+                10,
+                limits::MAX_RECONNECT_ATTEMPTS,
+                "attempts",
+            )?,
+            shutdown_timeout: seconds(
                 env,
                 "SHUTDOWN_TIMEOUT_SECONDS",
                 30.0,
-                "a positive number of seconds such as 30",
+                limits::SHUTDOWN_TIMEOUT_SECONDS,
+            )?,
+            poll_interval: Duration::from_millis(whole(
+                env,
+                "POLL_INTERVAL_MS",
+                500,
+                limits::POLL_INTERVAL_MS,
+                "milliseconds",
             )?),
-            poll_interval: Duration::from_millis(positive_int(env, "POLL_INTERVAL_MS", 500)?),
-            batch_size: positive_int(env, "BATCH_SIZE", 5000)?,
-            statement_timeout: Duration::from_secs_f64(positive_decimal(
+            batch_size: whole(env, "BATCH_SIZE", 5000, limits::BATCH_SIZE, "rows")?,
+            statement_timeout: seconds(
                 env,
                 "STATEMENT_TIMEOUT_SECONDS",
                 30.0,
-                "a positive number of seconds such as 30",
-            )?),
-            lock_timeout: Duration::from_secs_f64(positive_decimal(
+                limits::STATEMENT_TIMEOUT_SECONDS,
+            )?,
+            lock_timeout: seconds(
                 env,
                 "LOCK_TIMEOUT_SECONDS",
                 10.0,
-                "a positive number of seconds such as 10",
-            )?),
-            lookback: match env
-                .get("SYNC_LOOKBACK")
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                None | Some("auto") => LookbackMode::Auto,
-                Some("always") => LookbackMode::Always,
-                Some("never") => LookbackMode::Never,
-                Some(other) => {
-                    return Err(ConfigError::new(
-                        "SYNC_LOOKBACK",
-                        format!("expected auto, always or never, got {other:?}"),
-                    ));
-                }
-            },
+                limits::LOCK_TIMEOUT_SECONDS,
+            )?,
+            lookback: choice(
+                env,
+                "SYNC_LOOKBACK",
+                LookbackMode::Auto,
+                &[
+                    ("auto", LookbackMode::Auto),
+                    ("always", LookbackMode::Always),
+                    ("never", LookbackMode::Never),
+                ],
+            )?,
             health_addr: health_addr(env)?,
+            health_token: health_token(env)?,
             sync_runs_retention: Duration::from_secs_f64(
-                positive_decimal(
+                decimal(
                     env,
                     "SYNC_RUNS_RETENTION_DAYS",
                     30.0,
-                    "a positive number of days such as 30",
+                    limits::SYNC_RUNS_RETENTION_DAYS,
+                    "days",
                 )? * 86_400.0,
             ),
             yielding: YieldSettings {
-                active_sessions: int(
+                active_sessions: whole(
                     env,
                     "YIELD_ACTIVE_SESSIONS",
                     8,
-                    "a whole number of sessions, 0 (never yield) or more",
+                    limits::YIELD_ACTIVE_SESSIONS,
+                    "sessions (0: never yield)",
                 )?,
-                max: Duration::from_secs_f64(positive_decimal(
-                    env,
-                    "YIELD_MAX_SECONDS",
-                    30.0,
-                    "a positive number of seconds such as 30",
-                )?),
+                max: seconds(env, "YIELD_MAX_SECONDS", 30.0, limits::YIELD_MAX_SECONDS)?,
             },
         })
     }
 }
 
-/// `HEALTH_ADDR`: `host:port` (an IP address), or `off`.
+/// `HEALTH_ADDR`: `ip:port`, or `off`.
 pub fn health_addr(env: &Env) -> Result<Option<SocketAddr>, ConfigError> {
-    let text = env.get("HEALTH_ADDR").unwrap_or(DEFAULT_HEALTH_ADDR);
+    let text = env.get("HEALTH_ADDR")?.unwrap_or(DEFAULT_HEALTH_ADDR);
     if text.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    text.parse().map(Some).map_err(|_| {
-        ConfigError::new(
+    let expected = "expected an address such as 127.0.0.1:9393 or [::1]:9393 (an IP address and a port from 1 to 65535), or off";
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(Some(addr)),
+        _ => Err(ConfigError::new(
             "HEALTH_ADDR",
+            format!("{expected}; got {text:?}"),
+        )),
+    }
+}
+
+/// `HEALTH_TOKEN`: the bearer token that `/status`, `/metrics` and `POST /sync` require, if set.
+/// Never shown: not in errors, not in `Debug`.
+pub fn health_token(env: &Env) -> Result<Option<HealthToken>, ConfigError> {
+    let Some(token) = env.get("HEALTH_TOKEN")? else {
+        return Ok(None);
+    };
+    if !limits::HEALTH_TOKEN_BYTES.contains(&token.len())
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ConfigError::new(
+            "HEALTH_TOKEN",
             format!(
-                "expected an address such as 127.0.0.1:9393 or [::1]:9393, or off; got {text:?}"
+                "expected {} to {} printable ASCII characters without spaces (such as the output of `openssl rand -hex 32`)",
+                limits::HEALTH_TOKEN_BYTES.start(),
+                limits::HEALTH_TOKEN_BYTES.end()
             ),
-        )
-    })
+        ));
+    }
+    Ok(Some(HealthToken(token.to_string())))
+}
+
+/// A bearer token for the HTTP endpoints. Its `Debug` form is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HealthToken(String);
+
+impl HealthToken {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HealthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HealthToken(<redacted>)")
+    }
 }
 
 fn database(
@@ -428,9 +438,14 @@ fn database(
     pool_size: usize,
 ) -> Result<DatabaseSettings, ConfigError> {
     const EXPECTED: &str = "expected a libpq URL such as postgres://user:password@host:5432/dbname";
-    let text = env
-        .get(variable)
-        .ok_or_else(|| ConfigError::new(variable, format!("is required; {EXPECTED}")))?;
+    let text = env.get(variable)?.ok_or_else(|| {
+        ConfigError::new(
+            variable,
+            format!(
+                "is required; {EXPECTED}, set in the environment or in .env (cp .env.example .env)"
+            ),
+        )
+    })?;
     if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
         return Err(ConfigError::new(
             variable,
@@ -461,15 +476,12 @@ fn database(
 
 /// `CHAT_DB_POOL_SIZE` is the seed's name; `TARGET_DB_POOL_SIZE` is accepted as an alias.
 fn target_pool_size(env: &Env) -> Result<usize, ConfigError> {
-    let chat = env
-        .get("CHAT_DB_POOL_SIZE")
-        .map(|_| positive_int(env, "CHAT_DB_POOL_SIZE", 10))
-        .transpose()?;
-    let target = env
-        .get("TARGET_DB_POOL_SIZE")
-        .map(|_| positive_int(env, "TARGET_DB_POOL_SIZE", 10))
-        .transpose()?;
-    match (chat, target) {
+    let pool = |variable| {
+        env.get(variable)?
+            .map(|_| whole(env, variable, 10, limits::POOL_SIZE, "connections"))
+            .transpose()
+    };
+    match (pool("CHAT_DB_POOL_SIZE")?, pool("TARGET_DB_POOL_SIZE")?) {
         (Some(chat), Some(target)) if chat != target => Err(ConfigError::new(
             "TARGET_DB_POOL_SIZE",
             format!(
@@ -482,7 +494,7 @@ fn target_pool_size(env: &Env) -> Result<usize, ConfigError> {
 }
 
 fn tables(env: &Env) -> Result<Vec<TableRef>, ConfigError> {
-    let text = env.get("SYNC_TABLES").unwrap_or("users");
+    let text = env.get("SYNC_TABLES")?.unwrap_or("users");
     let mut tables: Vec<TableRef> = Vec::new();
     for entry in text.split(',') {
         let table = TableRef::parse(entry).map_err(|problem| {
@@ -505,52 +517,88 @@ fn tables(env: &Env) -> Result<Vec<TableRef>, ConfigError> {
     Ok(tables)
 }
 
-fn int<T: FromStr>(
+/// A whole number of `unit` within `range`.
+fn whole<T>(
     env: &Env,
     variable: &'static str,
     default: T,
-    expected: &str,
-) -> Result<T, ConfigError> {
-    match env.get(variable) {
-        None => Ok(default),
-        Some(text) => text
-            .parse()
-            .map_err(|_| ConfigError::new(variable, format!("expected {expected}, got {text:?}"))),
-    }
-}
-
-fn positive_int<T: FromStr + PartialOrd + Default>(
-    env: &Env,
-    variable: &'static str,
-    default: T,
-) -> Result<T, ConfigError> {
-    let value = int(env, variable, default, "a whole number greater than 0")?;
-    if value <= T::default() {
-        return Err(ConfigError::new(
+    range: RangeInclusive<T>,
+    unit: &str,
+) -> Result<T, ConfigError>
+where
+    T: FromStr + PartialOrd + fmt::Display,
+{
+    let Some(text) = env.get(variable)? else {
+        return Ok(default);
+    };
+    match text.parse::<T>() {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err(ConfigError::new(
             variable,
-            "expected a whole number greater than 0",
-        ));
+            format!(
+                "expected a whole number of {unit} from {} to {}, got {text:?}",
+                range.start(),
+                range.end()
+            ),
+        )),
     }
-    Ok(value)
 }
 
-fn positive_decimal(
+/// A number of `unit` (decimals allowed) within `range`.
+fn decimal(
     env: &Env,
     variable: &'static str,
     default: f64,
-    expected: &str,
+    range: RangeInclusive<f64>,
+    unit: &str,
 ) -> Result<f64, ConfigError> {
-    match env.get(variable) {
-        None => Ok(default),
-        Some(text) => match text.parse::<f64>() {
-            // Bounded above so Duration arithmetic can never overflow (about 11 years).
-            Ok(value) if value.is_finite() && value > 0.0 && value < 1.0e8 => Ok(value),
-            _ => Err(ConfigError::new(
-                variable,
-                format!("expected {expected}, got {text:?}"),
-            )),
-        },
+    let Some(text) = env.get(variable)? else {
+        return Ok(default);
+    };
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && range.contains(&value) => Ok(value),
+        _ => Err(ConfigError::new(
+            variable,
+            format!(
+                "expected a number of {unit} from {} to {} (decimals allowed), got {text:?}",
+                range.start(),
+                range.end()
+            ),
+        )),
     }
+}
+
+/// A number of seconds within `range`, as a duration.
+fn seconds(
+    env: &Env,
+    variable: &'static str,
+    default: f64,
+    range: RangeInclusive<f64>,
+) -> Result<Duration, ConfigError> {
+    decimal(env, variable, default, range, "seconds").map(Duration::from_secs_f64)
+}
+
+/// One of a few words (case-insensitive).
+fn choice<T: Copy>(
+    env: &Env,
+    variable: &'static str,
+    default: T,
+    options: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    let Some(text) = env.get(variable)? else {
+        return Ok(default);
+    };
+    options
+        .iter()
+        .find(|(word, _)| word.eq_ignore_ascii_case(text))
+        .map(|&(_, value)| value)
+        .ok_or_else(|| {
+            let words: Vec<&str> = options.iter().map(|(word, _)| *word).collect();
+            ConfigError::new(
+                variable,
+                format!("expected one of {}, got {text:?}", words.join(", ")),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -658,9 +706,95 @@ mod tests {
             ("YIELD_MAX_SECONDS", "0"),
         ];
         for (variable, value) in cases {
-            let err = error_for(&[(variable, value)]);
-            assert_eq!(err.variable, variable, "{variable}={value:?} gave {err}");
-            assert!(err.to_string().starts_with(variable), "{err}");
+            rejected(variable, value);
+        }
+    }
+
+    /// The error for `variable=value`, which must name the variable. Returns its text.
+    fn rejected(variable: &str, value: &str) -> String {
+        let err = error_for(&[(variable, value)]);
+        assert_eq!(err.variable, variable, "{variable}={value:?} gave {err}");
+        let text = err.to_string();
+        assert!(text.starts_with(variable), "{text}");
+        text
+    }
+
+    #[test]
+    fn values_past_what_postgres_and_the_runtime_honour_are_rejected_with_the_range() {
+        let cases = [
+            ("SOURCE_DB_POOL_SIZE", "1000000000000000"),
+            ("SOURCE_DB_POOL_SIZE", "1001"),
+            ("CHAT_DB_POOL_SIZE", "99999999999999999999999"),
+            ("TARGET_DB_POOL_SIZE", "5000"),
+            ("STATEMENT_TIMEOUT_SECONDS", "3000000"),
+            ("STATEMENT_TIMEOUT_SECONDS", "0.01"),
+            ("LOCK_TIMEOUT_SECONDS", "3000000"),
+            ("BATCH_SIZE", "4294967296"),
+            ("BATCH_SIZE", "100001"),
+            ("SYNC_INTERVAL_MINUTES", "60000"),
+            ("SYNC_INTERVAL_MINUTES", "0.001"),
+            ("SYNC_INTERVAL_MINUTES", "NaN"),
+            ("SYNC_INTERVAL_MINUTES", "inf"),
+            ("SYNC_WINDOW_MULTIPLIER", "60000"),
+            ("MAX_RETRIES", "1001"),
+            ("RETRY_INITIAL_DELAY", "0"),
+            ("RETRY_MAX_DELAY", "86400001"),
+            ("RETRY_BACKOFF_MULTIPLIER", "1e300"),
+            ("MAX_RECONNECT_ATTEMPTS", "4294967296"),
+            ("SHUTDOWN_TIMEOUT_SECONDS", "1e9"),
+            ("POLL_INTERVAL_MS", "5"),
+            ("POLL_INTERVAL_MS", "18446744073709551616"),
+            ("SYNC_RUNS_RETENTION_DAYS", "1e9"),
+            ("YIELD_ACTIVE_SESSIONS", "100001"),
+            ("YIELD_MAX_SECONDS", "86400"),
+            ("HEALTH_ADDR", "127.0.0.1:0"),
+            ("HEALTH_ADDR", "127.0.0.1:70000"),
+        ];
+        for (variable, value) in cases {
+            let text = rejected(variable, value);
+            assert!(
+                text.contains(" to ") || text.contains("from 1 to 65535"),
+                "{variable}={value:?} does not name the accepted range: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_largest_accepted_values_give_usable_settings() {
+        let settings = Settings::from_env(&env(&[
+            ("SYNC_INTERVAL_MINUTES", "10080"),
+            ("SYNC_WINDOW_MULTIPLIER", "1000"),
+            ("STATEMENT_TIMEOUT_SECONDS", "86400"),
+            ("LOCK_TIMEOUT_SECONDS", "86400"),
+            ("RETRY_INITIAL_DELAY", "86400000"),
+            ("RETRY_MAX_DELAY", "86400000"),
+            ("RETRY_BACKOFF_MULTIPLIER", "10"),
+            ("SOURCE_DB_POOL_SIZE", "1000"),
+            ("BATCH_SIZE", "100000"),
+        ]))
+        .unwrap();
+        // The sweep's look-back stays far inside PostgreSQL's timestamp range (4713 BC).
+        assert!(settings.sweep_lookback < Duration::from_secs(20 * 366 * 86_400));
+        // Every session timeout stays within PostgreSQL's 2^31 - 1 ms.
+        let limits = crate::connection::SessionLimits::from_settings(&settings);
+        for role in [DatabaseRole::Source, DatabaseRole::Target] {
+            assert!(limits.idle_in_transaction_timeout(role).as_millis() < i32::MAX as u128);
+        }
+        let mut backoff = crate::retry::Backoff::new(&settings.retry);
+        assert!(backoff.nth(40).is_some());
+    }
+
+    #[test]
+    fn the_health_token_is_checked_and_never_shown() {
+        let settings =
+            Settings::from_env(&env(&[("HEALTH_TOKEN", "tok3n-abcdefghijklmnop")])).unwrap();
+        let token = settings.health_token.clone().unwrap();
+        assert_eq!(token.expose(), "tok3n-abcdefghijklmnop");
+        assert!(!format!("{settings:?}").contains("tok3n"));
+        for bad in ["has space", "ünïcode", &"x".repeat(1025)] {
+            let err = error_for(&[("HEALTH_TOKEN", bad)]);
+            assert_eq!(err.variable, "HEALTH_TOKEN");
+            assert!(!err.to_string().contains(bad), "{err}");
         }
     }
 
