@@ -11,4 +11,5 @@ mod cli;
 mod config;
 mod faults;
 mod guarantees;
+mod http;
 mod operations;

@@ -8,18 +8,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::proxy::Proxy;
-use crate::harness::{Daemon, Pair, USERS, count, resilient_writes, seed_users};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::{Daemon, Pair, USERS, count, free_port, resilient_writes, seed_users};
 
 async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    rowsync::http::request(([127, 0, 0, 1], port).into(), method, path)
+    let method = rowsync::http::Method::from_bytes(method.as_bytes()).unwrap();
+    rowsync::http::request(([127, 0, 0, 1], port).into(), method.clone(), path, None)
         .await
         .unwrap_or_else(|err| panic!("{method} {path}: {err}"))
 }

@@ -27,18 +27,10 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
         tables = ?settings.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "rowsync starting"
     );
-    let stop_http = CancellationToken::new();
     let http = match settings.health_addr {
-        Some(addr) => Some(
-            http::serve(
-                addr,
-                telemetry.clone(),
-                settings.clone(),
-                pools.clone(),
-                stop_http.clone(),
-            )
-            .await?,
-        ),
+        Some(addr) => {
+            Some(http::serve(addr, telemetry.clone(), settings.clone(), pools.clone()).await?)
+        }
         None => None,
     };
     let notifier = Arc::new(Notifier::from_env());
@@ -55,11 +47,15 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
         telemetry.clone(),
         token.clone(),
     ));
+    // Everything after a signal, HTTP connections included, must end by this deadline.
+    let mut deadline = None;
     let result = tokio::select! {
         result = &mut daemon => result.map_err(Error::Task).and_then(|r| r),
         () = token.cancelled() => {
             notifier.stopping();
-            match tokio::time::timeout(settings.shutdown_timeout, &mut daemon).await {
+            let until = tokio::time::Instant::now() + settings.shutdown_timeout;
+            deadline = Some(until);
+            match tokio::time::timeout_at(until, &mut daemon).await {
                 Ok(result) => result.map_err(Error::Task).and_then(|r| r),
                 Err(_) => {
                     daemon.abort();
@@ -75,9 +71,10 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
     };
     notifier.stopping();
     systemd.abort();
-    stop_http.cancel();
     if let Some(http) = http {
-        let _ = http.await;
+        // Without a signal (the daemon failed), a moment for answers in flight.
+        let grace = tokio::time::Instant::now() + Duration::from_secs(1);
+        http.stop(deadline.unwrap_or(grace)).await;
     }
     pools.close();
     log_final(&telemetry);

@@ -14,20 +14,34 @@ use crate::schema::load_mapping;
 
 /// The summary to print.
 pub async fn status(settings: &Settings) -> Result<String> {
-    if let Some(addr) = settings.health_addr {
-        match http::request(addr, "GET", "/status").await {
-            Ok((200, body)) => {
-                if let Ok(document) = serde_json::from_str::<Value>(&body) {
-                    return Ok(from_daemon(&document, &addr.to_string()));
+    let heading = match settings.health_addr {
+        None => "HEALTH_ADDR is off. From the databases:\n".to_string(),
+        Some(addr) => {
+            let answer = http::request(
+                addr,
+                http::Method::GET,
+                "/status",
+                settings.health_token.as_ref(),
+            )
+            .await;
+            match answer {
+                Ok((200, body)) => match serde_json::from_str::<Value>(&body) {
+                    Ok(document) => return Ok(from_daemon(&document, &addr.to_string())),
+                    Err(_) => format!("The daemon at {addr} sent no status. From the databases:\n"),
+                },
+                Ok((401, _)) => format!(
+                    "The daemon at {addr} wants a token: set HEALTH_TOKEN to its token. From the databases:\n"
+                ),
+                Ok((code, _)) => {
+                    tracing::debug!(code, "unexpected answer from /status");
+                    format!("The daemon at {addr} answered HTTP {code}. From the databases:\n")
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "no daemon answers");
+                    format!("No rowsync daemon answers at {addr}. From the databases:\n")
                 }
             }
-            Ok((code, _)) => tracing::debug!(code, "unexpected answer from /status"),
-            Err(error) => tracing::debug!(%error, "no daemon answers"),
         }
-    }
-    let heading = match settings.health_addr {
-        Some(addr) => format!("No rowsync daemon answers at {addr}. From the databases:\n"),
-        None => "HEALTH_ADDR is off. From the databases:\n".to_string(),
     };
     Ok(heading + &from_databases(settings).await?)
 }

@@ -12,12 +12,17 @@ pub async fn sync_now(settings: &Settings) -> Result<String> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "set HEALTH_ADDR"),
         });
     };
-    let (code, body) = http::request(addr, "POST", "/sync")
-        .await
-        .map_err(|source| Error::Io {
-            action: format!("no rowsync daemon answers at {addr}"),
-            source,
-        })?;
+    let (code, body) = http::request(
+        addr,
+        http::Method::POST,
+        "/sync",
+        settings.health_token.as_ref(),
+    )
+    .await
+    .map_err(|source| Error::Io {
+        action: format!("no rowsync daemon answers at {addr}"),
+        source,
+    })?;
     let message = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|doc| doc["message"].as_str().map(str::to_string))

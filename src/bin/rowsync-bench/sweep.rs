@@ -40,7 +40,7 @@ pub async fn measure(fx: &mut Fixture<'_>) -> Result<SweepFigures> {
     let mut empty_ms = Vec::new();
     let mut done = sweeps(&first)?;
     for _ in 0..SAMPLES {
-        let (code, body) = rowsync::http::request(addr, "POST", "/sync")
+        let (code, body) = rowsync::http::request(addr, rowsync::http::Method::POST, "/sync", None)
             .await
             .context("POST /sync to the daemon")?;
         if code != 200 && code != 202 {
@@ -83,7 +83,9 @@ async fn wait_for_sweeps(
             if let Some(daemon) = fx.daemon.as_mut() {
                 daemon.ensure_running()?;
             }
-            let Ok((200, body)) = rowsync::http::request(addr, "GET", "/status").await else {
+            let Ok((200, body)) =
+                rowsync::http::request(addr, rowsync::http::Method::GET, "/status", None).await
+            else {
                 return Ok(None);
             };
             let status: Value = serde_json::from_str(&body).context("parsing /status")?;
