@@ -276,3 +276,81 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         100
     );
 }
+
+/// A target whose inserts take about 2 ms each, so that copying 3,000 rows takes several seconds
+/// (rows of 20 kB, so that they do not all fit into the sockets' buffers at once).
+const SLOW_TARGET: &str = "
+    CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
+    CREATE TRIGGER slow_insert BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION slow_insert();";
+
+async fn pair_with_a_slow_copy() -> Pair {
+    let pair = Pair::with_ddl(USERS, &format!("{USERS}{SLOW_TARGET}")).await;
+    let source = pair.source().await;
+    seed_users(&source, 3000).await;
+    for sql in [
+        "UPDATE users SET bio = repeat(md5(id::text), 625)",
+        "VACUUM ANALYZE users",
+    ] {
+        source.batch_execute(sql).await.unwrap();
+    }
+    pair
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_copy_logs_its_progress_every_few_seconds_when_not_on_a_terminal() {
+    let pair = pair_with_a_slow_copy().await;
+    let output = pair.rowsync(&["setup"], &[("LOG_FORMAT", "json")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| line["message"] == "copying")
+        .collect();
+    assert!(
+        lines.len() >= 2,
+        "expected a line at the start and later ones: {stderr}"
+    );
+    // The estimate is the planner's row count, there from the first line on.
+    for line in &lines {
+        assert_eq!(line["table"], "public.users", "{line}");
+        assert_eq!(line["estimated_rows"], 3000, "{line}");
+    }
+    assert_eq!(lines[0]["rows"], 0, "{}", lines[0]);
+    let later = &lines[1];
+    let rows = later["rows"].as_u64().unwrap();
+    assert!(rows > 0 && rows < 3000, "{later}");
+    assert!(later["rows_per_second"].as_u64().unwrap() > 0, "{later}");
+    assert!(later["eta_seconds"].as_u64().is_some(), "{later}");
+    assert!(later["percent"].as_u64().unwrap() < 100, "{later}");
+    pair.assert_synced("users").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_copy_shows_a_live_line_on_a_terminal() {
+    let pair = pair_with_a_slow_copy().await;
+    // `script` runs setup on a pseudo-terminal and records what it drew.
+    let setup = format!("{} setup", env!("CARGO_BIN_EXE_rowsync"));
+    let output = Command::new("script")
+        .args(["-qec", &setup, "/dev/null"])
+        .current_dir(pair.dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .envs(pair.env())
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    for expected in ["copying public.users", "/~3,000 rows", "rows/s", "left"] {
+        assert!(
+            screen.contains(expected),
+            "missing {expected:?} in:\n{screen}"
+        );
+    }
+    // The line ends complete.
+    assert!(screen.contains("3,000/~3,000 rows"), "{screen}");
+    pair.assert_synced("users").await;
+}

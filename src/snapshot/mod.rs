@@ -16,6 +16,10 @@
 //! whole. Then the copy starts over row by row, through the same careful apply as batches: rejected
 //! rows are isolated and recorded in `sync_errors` (and retried by the daemon's sweeps), every other
 //! row is copied.
+//!
+//! Either way the copy shows its progress as it goes ([`copy_progress`]).
+
+pub mod copy_progress;
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,8 @@ use crate::error::{Error, Result, SqlContext};
 use crate::error_policy::{self, Disposition};
 use crate::schema::TableMapping;
 use crate::{progress, sync_errors};
+
+use self::copy_progress::{CopyProgress, estimate_rows};
 
 /// What the copy of one table did.
 #[derive(Debug, Clone)]
@@ -57,7 +63,9 @@ pub async fn copy_table(
     mapping: &TableMapping,
 ) -> Result<CopyReport> {
     let started = Instant::now();
-    match copy_streaming(settings, mapping).await {
+    let estimate = estimate_rows(&**pools.source().await?, &mapping.source).await;
+    let mut progress = CopyProgress::start(&mapping.name(), estimate);
+    let report = match copy_streaming(settings, mapping, &mut progress).await {
         Err(Error::Sql {
             role: DatabaseRole::Target,
             source,
@@ -68,16 +76,23 @@ pub async fn copy_table(
                 error = %crate::error::chain(&source),
                 "the target rejected a row during COPY; copying row by row to isolate it"
             );
-            let mut report = copy_careful(settings, pools, mapping).await?;
+            progress.restart();
+            let mut report = copy_careful(settings, pools, mapping, &mut progress).await?;
             report.duration = started.elapsed();
-            Ok(report)
+            report
         }
-        other => other,
-    }
+        other => other?,
+    };
+    progress.finish(report.rows);
+    Ok(report)
 }
 
 /// The fast path: COPY piped from source to target.
-async fn copy_streaming(settings: &Settings, mapping: &TableMapping) -> Result<CopyReport> {
+async fn copy_streaming(
+    settings: &Settings,
+    mapping: &TableMapping,
+    progress: &mut CopyProgress,
+) -> Result<CopyReport> {
     let started = Instant::now();
     let name = mapping.name();
     let journal = mapping.journal()?.quoted();
@@ -164,7 +179,7 @@ async fn copy_streaming(settings: &Settings, mapping: &TableMapping) -> Result<C
             .context(DatabaseRole::Target, || {
                 format!("writing {}", mapping.target)
             })?;
-        let rows = pipe(rows_out, sink, &name).await?;
+        let rows = pipe(rows_out, sink, &name, progress).await?;
         (
             rows,
             Counts {
@@ -185,7 +200,7 @@ async fn copy_streaming(settings: &Settings, mapping: &TableMapping) -> Result<C
             ))
             .await
             .context(DatabaseRole::Target, || "writing the staging table".into())?;
-        let rows = pipe(rows_out, sink, &name).await?;
+        let rows = pipe(rows_out, sink, &name, progress).await?;
         let counts = merge(&ttx, mapping, rows).await?;
         (rows, counts)
     };
@@ -223,14 +238,26 @@ async fn clean_copied_journal(
 }
 
 /// Streams COPY data from source to target. Memory holds a few messages, whatever the table size.
-async fn pipe(rows: CopyOutStream, sink: CopyInSink<Bytes>, table: &str) -> Result<u64> {
+/// The server sends one message per row (in binary, the trailer is one more), so counting all but
+/// the newest counts rows for `progress`.
+async fn pipe(
+    rows: CopyOutStream,
+    sink: CopyInSink<Bytes>,
+    table: &str,
+    progress: &mut CopyProgress,
+) -> Result<u64> {
     pin_mut!(rows);
     pin_mut!(sink);
+    let mut previous = false;
     while let Some(chunk) = rows
         .try_next()
         .await
         .context(DatabaseRole::Source, || format!("reading {table}"))?
     {
+        if previous {
+            progress.add(1);
+        }
+        previous = true;
         sink.feed(chunk)
             .await
             .context(DatabaseRole::Target, || format!("writing {table}"))?;
@@ -305,6 +332,7 @@ async fn copy_careful(
     settings: &Settings,
     pools: &Pools,
     mapping: &TableMapping,
+    progress: &mut CopyProgress,
 ) -> Result<CopyReport> {
     let started = Instant::now();
     let name = mapping.name();
@@ -385,6 +413,7 @@ async fn copy_careful(
             break;
         }
         rows_read += rows.len() as u64;
+        progress.add(rows.len() as u64);
         let outcome = applier.apply(&ttx, &rows, Mode::Careful).await?;
         applier.stage_keys(&ttx, &rows).await?;
         counts += outcome.counts;
