@@ -53,12 +53,8 @@ pub enum Error {
     #[error("table {table} is not set up for sync; run `rowsync setup` first")]
     NotSetUp { table: String },
 
-    #[error("local PostgreSQL server: {action}")]
-    LocalServer {
-        action: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    LocalServer(#[from] rowsync_sandbox::Error),
 
     #[error("{action}")]
     Io {

@@ -39,7 +39,6 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod daemon;
-pub mod ephemeral;
 pub mod error;
 pub mod error_policy;
 pub mod health;

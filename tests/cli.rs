@@ -198,7 +198,7 @@ fn demo_runs_end_to_end_and_leaves_no_server_behind() {
 async fn sql_files_install_by_hand_with_psql_as_the_readme_shows() {
     let pair = Pair::new(USERS).await;
     seed_users(&pair.source().await, 10).await;
-    let psql = rowsync::ephemeral::server_bindir().unwrap().join("psql");
+    let psql = rowsync_sandbox::server_bindir().unwrap().join("psql");
     let root = env!("CARGO_MANIFEST_DIR");
     let run_psql = |url: String, args: &[&str]| {
         let output = Command::new(&psql)

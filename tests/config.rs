@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use rowsync::ephemeral::ServerOptions;
+use rowsync_sandbox::ServerOptions;
 
 use crate::harness::{Pair, USERS, seed_users};
 

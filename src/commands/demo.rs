@@ -16,10 +16,10 @@ use crate::commands::{setup, verify};
 use crate::config::{DatabaseRole, Env, Settings};
 use crate::connection::Pools;
 use crate::daemon;
-use crate::ephemeral::{LocalServer, ServerOptions};
 use crate::error::{Error, Result, SqlContext};
 use crate::shutdown;
 use crate::telemetry::Telemetry;
+use rowsync_sandbox::{LocalServer, ServerOptions};
 
 /// The seed service's `users` table (the backend's and the chat app's).
 pub const USERS_DDL: &str = "\

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rowsync::ephemeral::{LocalServer, ServerOptions};
+use rowsync_sandbox::{LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
 
 /// The users table most tests sync: the seed's shape plus a version counter.

@@ -1,4 +1,5 @@
-//! Throwaway local PostgreSQL servers, for `rowsync demo`, the test suite and the benchmark.
+//! Throwaway local PostgreSQL servers, for `rowsync demo`, rowsync's tests and its benchmark: apart
+//! from the sync engine, which never starts a server.
 //!
 //! A [`LocalServer`] runs `initdb` and `postgres` from the installed server binaries in a temporary
 //! directory, listening on a random free port on 127.0.0.1 only (no Unix socket). PostgreSQL refuses
@@ -19,7 +20,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+/// What went wrong with a local server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("local PostgreSQL server: {action}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("local PostgreSQL server {server}: {action}")]
+    Sql {
+        server: String,
+        action: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Database superuser of every local server; authentication is `trust` on 127.0.0.1.
 pub const SUPERUSER: &str = "postgres";
@@ -113,20 +132,20 @@ impl LocalServer {
         let (client, connection) =
             tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
                 .await
-                .map_err(|source| Error::Connect {
-                    role: crate::config::DatabaseRole::Source,
-                    database: format!("local server {}", self.label),
+                .map_err(|source| Error::Sql {
+                    server: self.label.clone(),
+                    action: "connecting".into(),
                     source,
                 })?;
         let driver = tokio::spawn(connection);
         let result = client
-            .batch_execute(&format!("CREATE DATABASE {}", crate::ident::quote(name)))
+            .batch_execute(&format!("CREATE DATABASE {}", quote(name)))
             .await;
         drop(client);
         let _ = driver.await;
         result.map_err(|source| Error::Sql {
-            role: crate::config::DatabaseRole::Source,
-            action: format!("creating database {name} on local server {}", self.label),
+            server: self.label.clone(),
+            action: format!("creating database {name}"),
             source,
         })
     }
@@ -415,8 +434,13 @@ fn free_port() -> Result<u16> {
 }
 
 fn io_error(action: &str, source: io::Error) -> Error {
-    Error::LocalServer {
+    Error::Io {
         action: action.to_string(),
         source,
     }
+}
+
+/// A quoted SQL identifier.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

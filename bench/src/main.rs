@@ -2,7 +2,7 @@
 //! replication, on two throwaway durable PostgreSQL servers.
 //!
 //! ```sh
-//! cargo build --release --bins && target/release/rowsync-bench --rows 1000000 [--seconds 15] [--json bench.json]
+//! cargo build --release --workspace && target/release/rowsync-bench --rows 1000000 [--seconds 15] [--json bench.json]
 //! ```
 //!
 //! In one run, in this order: the initial copy three ways; source write throughput with no
@@ -111,7 +111,7 @@ fn rowsync_binary() -> Result<PathBuf> {
     if !path.is_file() {
         return Err(Error::msg(format!(
             "{} not found: rowsync-bench runs the rowsync binary next to itself; \
-             build both with `cargo build --release --bins`",
+             build both with `cargo build --release --workspace`",
             path.display()
         )));
     }
@@ -132,7 +132,7 @@ async fn bench(cli: &Cli, rowsync: PathBuf) -> Result<Report> {
         ));
     }
     log.say("starting the source and target PostgreSQL servers (durable)");
-    // On this thread, the one running main's future: see rowsync::ephemeral.
+    // On this thread, the one running main's future: see rowsync_sandbox.
     let servers = Servers::start()?;
     if matches!(interrupt.recv().now_or_never(), Some(Some(())))
         || matches!(terminate.recv().now_or_never(), Some(Some(())))

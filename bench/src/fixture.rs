@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rowsync::ephemeral::{LocalServer, ServerOptions};
 use rowsync::ident::quote;
+use rowsync_sandbox::{LocalServer, ServerOptions};
 use tokio_postgres::Client;
 
 use crate::db;
