@@ -23,21 +23,21 @@ use crate::config::{DatabaseRole, DatabaseSettings, Settings};
 use crate::error::{Error, Result};
 
 /// `application_name` of pooled sessions.
-pub const APP_POOL: &str = "rowsync";
+pub(crate) const APP_POOL: &str = "rowsync";
 /// `application_name` of the dedicated LISTEN session on the source.
-pub const APP_LISTENER: &str = "rowsync-listener";
+pub(crate) const APP_LISTENER: &str = "rowsync-listener";
 /// `application_name` of the initial-copy sessions.
-pub const APP_COPY: &str = "rowsync-copy";
+pub(crate) const APP_COPY: &str = "rowsync-copy";
 
 /// Bounds applied to every session.
 #[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
+pub(crate) struct SessionLimits {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
 }
 
 impl SessionLimits {
-    pub fn from_settings(settings: &Settings) -> Self {
+    pub(crate) fn from_settings(settings: &Settings) -> Self {
         Self {
             statement_timeout: settings.statement_timeout,
             lock_timeout: settings.lock_timeout,
@@ -46,7 +46,7 @@ impl SessionLimits {
 
     /// How long the client waits for any one call before it gives the session up: the server's own
     /// statement_timeout fires first when the server is there to fire it.
-    pub fn client_timeout(&self) -> Duration {
+    pub(crate) fn client_timeout(&self) -> Duration {
         self.statement_timeout
             + (self.statement_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
     }
@@ -55,7 +55,7 @@ impl SessionLimits {
     /// call runs, so anything idle much longer is a session rowsync gave up on (its connection hung)
     /// and that would otherwise keep its locks. A source transaction stays idle while its batch is
     /// applied to the target, call after call, so it gets more room.
-    pub fn idle_in_transaction_timeout(&self, role: DatabaseRole) -> Duration {
+    pub(crate) fn idle_in_transaction_timeout(&self, role: DatabaseRole) -> Duration {
         match role {
             DatabaseRole::Target => (self.client_timeout() * 2).max(Duration::from_secs(10)),
             DatabaseRole::Source => (self.statement_timeout * 2).max(Duration::from_secs(60)),
@@ -65,7 +65,7 @@ impl SessionLimits {
 
 /// `host:pid` of this process. Every session carries it as the setting `rowsync.instance`
 /// (`SHOW rowsync.instance`), and `sync_runs` records it, so two rowsync processes can be told apart.
-pub fn instance() -> String {
+pub(crate) fn instance() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -83,7 +83,7 @@ pub fn instance() -> String {
 }
 
 /// The connection configuration for one kind of session: the user's URL plus our name and limits.
-pub fn session_config(
+pub(crate) fn session_config(
     db: &DatabaseSettings,
     limits: SessionLimits,
     application_name: &str,
@@ -91,7 +91,7 @@ pub fn session_config(
     let mut config = db.config.clone();
     config.application_name(application_name);
     // plan_cache_mode: rowsync's prepared statements are written to run well with generic plans
-    // (see crate::changes). Left to choose, PostgreSQL re-planned the change query on every batch
+    // (see crate::pipeline::changes). Left to choose, PostgreSQL re-planned the change query on every batch
     // (its generic estimate counts the sweep's look-back, which stream batches skip), ~0.3 ms each.
     let ours = format!(
         "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c rowsync.instance={}",
@@ -125,7 +125,7 @@ pub fn session_config(
 /// Server-side TCP keepalives for long-lived sessions (the listener, the leader lock): a client
 /// that vanished without a reset is noticed by the server within about 15 s, so its session (its
 /// LISTEN, its advisory lock) does not linger for the kernel default of two hours.
-pub fn with_server_keepalives(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+pub(crate) fn with_server_keepalives(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
     let options = format!(
         "{} -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 -c tcp_user_timeout=10000",
         config.get_options().unwrap_or_default()
@@ -136,7 +136,7 @@ pub fn with_server_keepalives(mut config: tokio_postgres::Config) -> tokio_postg
 
 /// The two connection pools.
 #[derive(Clone)]
-pub struct Pools {
+pub(crate) struct Pools {
     pub source: Pool,
     pub target: Pool,
     /// `user@host:port/db` of each, for errors.
@@ -145,7 +145,7 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(settings: &Settings) -> Result<Self> {
+    pub(crate) fn new(settings: &Settings) -> Result<Self> {
         let limits = SessionLimits::from_settings(settings);
         Ok(Self {
             source: pool(&settings.source, limits)?,
@@ -155,22 +155,22 @@ impl Pools {
         })
     }
 
-    pub async fn source(&self) -> Result<Object> {
+    pub(crate) async fn source(&self) -> Result<Object> {
         checkout(&self.source, DatabaseRole::Source, &self.source_name).await
     }
 
-    pub async fn target(&self) -> Result<Object> {
+    pub(crate) async fn target(&self) -> Result<Object> {
         checkout(&self.target, DatabaseRole::Target, &self.target_name).await
     }
 
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.source.close();
         self.target.close();
     }
 
     /// Drops every idle session of both pools: after a timeout or a lost connection, none of them
     /// can be trusted, and new ones are cheap.
-    pub fn evict_idle(&self) {
+    pub(crate) fn evict_idle(&self) {
         self.source.retain(|_, _| false);
         self.target.retain(|_, _| false);
     }
@@ -180,7 +180,7 @@ impl Pools {
 /// user in this database, idle inside a transaction for longer than `older_than` (no live batch
 /// leaves a target transaction idle that long). Such a zombie keeps its locks, the progress row's
 /// among them, until the server notices it is gone. Returns how many were ended.
-pub async fn end_abandoned_sessions(
+pub(crate) async fn end_abandoned_sessions(
     client: &impl tokio_postgres::GenericClient,
     role: DatabaseRole,
     older_than: Duration,
@@ -278,7 +278,10 @@ async fn checkout(pool: &Pool, role: DatabaseRole, database: &str) -> Result<Obj
 
 /// Opens a dedicated session (not pooled) and drives it on a background task. Use it for work that
 /// must not share a pooled session: COPY streams, or anything that outlives a checkout.
-pub async fn connect(db: &DatabaseSettings, config: &tokio_postgres::Config) -> Result<Client> {
+pub(crate) async fn connect(
+    db: &DatabaseSettings,
+    config: &tokio_postgres::Config,
+) -> Result<Client> {
     let (client, connection) = config
         .connect(NoTls)
         .await

@@ -81,7 +81,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
         }
         _ => Some(Arc::new(Settings::from_env(&env)?)),
     };
-    rowsync::logging::init(&log);
+    rowsync::ops::logging::init(&log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,8 +11,8 @@ use crate::harness::proxy::Proxy;
 use crate::harness::{Daemon, Pair, USERS, count, free_port, resilient_writes, seed_users};
 
 async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    let method = rowsync::http::Method::from_bytes(method.as_bytes()).unwrap();
-    rowsync::http::request(([127, 0, 0, 1], port).into(), method.clone(), path, None)
+    let method = rowsync::ops::http::Method::from_bytes(method.as_bytes()).unwrap();
+    rowsync::ops::http::request(([127, 0, 0, 1], port).into(), method.clone(), path, None)
         .await
         .unwrap_or_else(|err| panic!("{method} {path}: {err}"))
 }
@@ -794,7 +794,7 @@ async fn every_metric_family_has_samples_from_a_running_rowsync() {
     })
     .await;
     let (_, metrics) = http(port, "GET", "/metrics").await;
-    use rowsync::metrics::*;
+    use rowsync::ops::metrics::*;
     for family in [
         CHANGES_APPLIED,
         SYNC_ERRORS,

@@ -19,7 +19,7 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// A sweep's row in the target's `sync_runs`.
 #[derive(Debug, Clone, Serialize)]
-pub struct SweepRun {
+pub(crate) struct SweepRun {
     pub duration_s: f64,
     pub created: i64,
     pub updated: i64,
@@ -29,7 +29,7 @@ pub struct SweepRun {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct CatchUpFigures {
+pub(crate) struct CatchUpFigures {
     /// Daemon start to empty journal.
     pub rowsync_s: f64,
     /// Updates written while the daemon was stopped.
@@ -54,7 +54,7 @@ pub struct CatchUpFigures {
     pub native_backlog_wal_bytes: i64,
 }
 
-pub async fn measure(fx: &mut Fixture<'_>) -> Result<CatchUpFigures> {
+pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<CatchUpFigures> {
     let seconds = fx.seconds;
 
     fx.say("catch-up, rowsync: stopping the daemon");

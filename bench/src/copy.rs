@@ -12,7 +12,7 @@ use crate::fixture::{Fixture, NATIVE, USERS};
 use crate::{db, native, stats};
 
 #[derive(Debug, Clone, Serialize)]
-pub struct CopyFigures {
+pub(crate) struct CopyFigures {
     pub repetitions: usize,
     pub raw_pipe_s: Vec<f64>,
     pub raw_pipe_median_s: f64,
@@ -33,7 +33,7 @@ pub struct CopyFigures {
     pub target_matches_source_after_rowsync: bool,
 }
 
-pub async fn measure(fx: &mut Fixture<'_>) -> Result<CopyFigures> {
+pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<CopyFigures> {
     let repetitions = if fx.rows <= 100_000 { 3 } else { 1 };
     native::create_publication(fx).await?;
     let mut raw = Vec::new();
@@ -193,7 +193,10 @@ async fn native_copy(fx: &mut Fixture<'_>) -> Result<f64> {
 
 /// Fails unless the target's `table` has exactly the source's row count.
 async fn expect_rows(fx: &Fixture<'_>, table: &str) -> Result<()> {
-    let sql = format!("SELECT count(*) FROM {}", rowsync::ident::quote(table));
+    let sql = format!(
+        "SELECT count(*) FROM {}",
+        rowsync::catalog::ident::quote(table)
+    );
     let target = db::int(&fx.target, &sql, &[]).await?;
     let source = db::int(&fx.source, &sql, &[]).await?;
     if target != source {

@@ -10,12 +10,12 @@ use crate::native::SUBSCRIPTION;
 
 /// Busy and total jiffies of the whole machine (/proc/stat).
 #[derive(Debug, Clone, Copy)]
-pub struct MachineTicks {
+pub(crate) struct MachineTicks {
     busy: u64,
     total: u64,
 }
 
-pub fn machine_ticks() -> MachineTicks {
+pub(crate) fn machine_ticks() -> MachineTicks {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<u64> = stat
         .lines()
@@ -35,7 +35,7 @@ pub fn machine_ticks() -> MachineTicks {
 }
 
 /// The machine's busy share between two readings (1.0 = every CPU busy).
-pub fn busy_share(before: MachineTicks, after: MachineTicks) -> f64 {
+pub(crate) fn busy_share(before: MachineTicks, after: MachineTicks) -> f64 {
     let total = after.total.saturating_sub(before.total);
     if total == 0 {
         return f64::NAN;
@@ -63,7 +63,7 @@ fn ticks_per_second() -> f64 {
 
 /// Which consumer's CPU to account for.
 #[derive(Debug, Clone, Copy)]
-pub enum Consumer {
+pub(crate) enum Consumer {
     /// The rowsync daemon and every rowsync session on both servers.
     Rowsync,
     /// The subscription's walsender on the source and its apply worker on the target.
@@ -71,9 +71,9 @@ pub enum Consumer {
 }
 
 /// CPU ticks of the consumer's processes at one moment.
-pub struct ConsumerTicks(HashMap<i32, u64>);
+pub(crate) struct ConsumerTicks(HashMap<i32, u64>);
 
-pub async fn consumer_ticks(fx: &Fixture<'_>, consumer: Consumer) -> Result<ConsumerTicks> {
+pub(crate) async fn consumer_ticks(fx: &Fixture<'_>, consumer: Consumer) -> Result<ConsumerTicks> {
     let mut pids = Vec::new();
     match consumer {
         Consumer::Rowsync => {
@@ -132,7 +132,7 @@ async fn pids_of(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<i32>>
 /// CPU seconds the consumer used between two readings. A process seen only at the end started
 /// in between: all of its CPU counts. One that ended in between is not counted (rare: sessions
 /// are pooled).
-pub fn consumer_cpu_seconds(before: &ConsumerTicks, after: &ConsumerTicks) -> f64 {
+pub(crate) fn consumer_cpu_seconds(before: &ConsumerTicks, after: &ConsumerTicks) -> f64 {
     let ticks: u64 = after
         .0
         .iter()

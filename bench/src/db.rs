@@ -8,7 +8,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::error::{Context, Error, Result};
 
 /// A plain connection, its driver running on the runtime.
-pub async fn connect(url: &str, label: &str) -> Result<Client> {
+pub(crate) async fn connect(url: &str, label: &str) -> Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .with_context(|| format!("connecting to the {label} server"))?;
@@ -20,7 +20,7 @@ pub async fn connect(url: &str, label: &str) -> Result<Client> {
 }
 
 /// Runs a query that returns one `bigint`.
-pub async fn int(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<i64> {
+pub(crate) async fn int(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<i64> {
     let row = client
         .query_one(sql, params)
         .await
@@ -29,7 +29,7 @@ pub async fn int(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> 
 }
 
 /// Runs statements (simple protocol, one implicit transaction when there are several).
-pub async fn exec(client: &Client, sql: &str) -> Result<()> {
+pub(crate) async fn exec(client: &Client, sql: &str) -> Result<()> {
     client
         .batch_execute(sql)
         .await
@@ -41,7 +41,7 @@ fn first_line(sql: &str) -> &str {
 }
 
 /// Calls `probe` every `every` until it returns `Some`, at most `timeout`; the error names `what`.
-pub async fn wait_for<T>(
+pub(crate) async fn wait_for<T>(
     what: &str,
     timeout: Duration,
     every: Duration,
@@ -63,6 +63,6 @@ pub async fn wait_for<T>(
 }
 
 /// A string as an SQL literal.
-pub fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }

@@ -8,7 +8,7 @@ use std::fmt;
 type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug)]
-pub struct Error {
+pub(crate) struct Error {
     action: String,
     source: Option<Cause>,
     interrupted: bool,
@@ -16,7 +16,7 @@ pub struct Error {
 
 impl Error {
     /// An error with no underlying cause.
-    pub fn msg(action: impl Into<String>) -> Self {
+    pub(crate) fn msg(action: impl Into<String>) -> Self {
         Self {
             action: action.into(),
             source: None,
@@ -25,7 +25,7 @@ impl Error {
     }
 
     /// The benchmark was stopped by SIGINT or SIGTERM.
-    pub fn interrupted() -> Self {
+    pub(crate) fn interrupted() -> Self {
         Self {
             action: "interrupted".into(),
             source: None,
@@ -33,7 +33,7 @@ impl Error {
         }
     }
 
-    pub fn is_interrupted(&self) -> bool {
+    pub(crate) fn is_interrupted(&self) -> bool {
         self.interrupted
     }
 }
@@ -52,10 +52,10 @@ impl std::error::Error for Error {
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Attaches "what was being done" to any error.
-pub trait Context<T> {
+pub(crate) trait Context<T> {
     fn context(self, action: &str) -> Result<T>;
     fn with_context(self, action: impl FnOnce() -> String) -> Result<T>;
 }

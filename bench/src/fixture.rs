@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rowsync::ident::quote;
+use rowsync::catalog::ident::quote;
 use rowsync_sandbox::{LocalServer, ServerOptions};
 use tokio_postgres::Client;
 
@@ -15,18 +15,18 @@ use crate::error::{Context, Error, Result};
 use crate::subprocess::Proc;
 
 /// The database created on both servers.
-pub const DATABASE: &str = "bench";
+pub(crate) const DATABASE: &str = "bench";
 /// Synced by rowsync.
-pub const USERS: &str = "users";
+pub(crate) const USERS: &str = "users";
 /// No capture at all: the baseline.
-pub const PLAIN: &str = "users_plain";
+pub(crate) const PLAIN: &str = "users_plain";
 /// Replicated by native logical replication.
-pub const NATIVE: &str = "users_lr";
+pub(crate) const NATIVE: &str = "users_lr";
 /// rowsync's journal of `users` on the source.
-pub const JOURNAL: &str = "rowsync.public_users_journal";
+pub(crate) const JOURNAL: &str = "rowsync.public_users_journal";
 
 /// Settings of both servers (beyond durability, which is on).
-pub const SERVER_SETTINGS: [(&str, &str); 5] = [
+pub(crate) const SERVER_SETTINGS: [(&str, &str); 5] = [
     ("shared_buffers", "256MB"),
     ("max_wal_size", "8GB"),
     ("checkpoint_timeout", "30min"),
@@ -38,32 +38,33 @@ pub const SERVER_SETTINGS: [(&str, &str); 5] = [
 /// `wal_retrieve_retry_interval` (5 s by default), and any wake-up within that interval of a start
 /// postpones the next start by a whole interval: the benchmark creates and enables subscriptions
 /// seconds apart, and would otherwise measure that throttle rather than replication.
-pub const TARGET_ONLY_SETTINGS: [(&str, &str); 1] = [("wal_retrieve_retry_interval", "100ms")];
+pub(crate) const TARGET_ONLY_SETTINGS: [(&str, &str); 1] =
+    [("wal_retrieve_retry_interval", "100ms")];
 
 /// Progress lines on stderr, stamped with the time since the benchmark started.
 #[derive(Debug, Clone, Copy)]
-pub struct Log {
+pub(crate) struct Log {
     started: Instant,
 }
 
 impl Log {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             started: Instant::now(),
         }
     }
 
-    pub fn say(&self, text: &str) {
+    pub(crate) fn say(&self, text: &str) {
         eprintln!("[{:>7.1}s] {text}", self.started.elapsed().as_secs_f64());
     }
 
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 }
 
 /// The source (logical replication on) and the target, both durable.
-pub struct Servers {
+pub(crate) struct Servers {
     pub source: LocalServer,
     pub target: LocalServer,
 }
@@ -71,7 +72,7 @@ pub struct Servers {
 impl Servers {
     /// Starts both servers. Call this on the thread that runs main's future: the servers' death
     /// signal follows the thread that started them.
-    pub fn start() -> Result<Self> {
+    pub(crate) fn start() -> Result<Self> {
         let settings: Vec<(String, String)> = SERVER_SETTINGS
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -105,17 +106,17 @@ impl Servers {
         Ok(Self { source, target })
     }
 
-    pub fn source_url(&self) -> String {
+    pub(crate) fn source_url(&self) -> String {
         self.source.url(DATABASE)
     }
 
-    pub fn target_url(&self) -> String {
+    pub(crate) fn target_url(&self) -> String {
         self.target.url(DATABASE)
     }
 }
 
 /// Everything a measurement needs.
-pub struct Fixture<'a> {
+pub(crate) struct Fixture<'a> {
     pub servers: &'a Servers,
     pub log: Log,
     /// Rows in each source table.
@@ -139,7 +140,7 @@ pub struct Fixture<'a> {
 }
 
 impl<'a> Fixture<'a> {
-    pub async fn new(
+    pub(crate) async fn new(
         servers: &'a Servers,
         log: Log,
         rows: u64,
@@ -175,16 +176,16 @@ impl<'a> Fixture<'a> {
         })
     }
 
-    pub fn say(&self, text: &str) {
+    pub(crate) fn say(&self, text: &str) {
         self.log.say(text);
     }
 
-    pub fn work_dir(&self) -> &Path {
+    pub(crate) fn work_dir(&self) -> &Path {
         self.work.path()
     }
 
     /// Creates the three tables in both databases and fills the source ones with `rows` rows.
-    pub async fn create_tables(&self) -> Result<()> {
+    pub(crate) async fn create_tables(&self) -> Result<()> {
         for client in [&self.source, &self.target] {
             for table in [USERS, PLAIN, NATIVE] {
                 db::exec(client, &users_ddl(table)).await?;
@@ -215,14 +216,14 @@ impl<'a> Fixture<'a> {
     }
 
     /// CHECKPOINT on both servers, so every measurement starts with the same full-page-write cost.
-    pub async fn checkpoint(&self) -> Result<()> {
+    pub(crate) async fn checkpoint(&self) -> Result<()> {
         db::exec(&self.source, "CHECKPOINT").await?;
         db::exec(&self.target, "CHECKPOINT").await
     }
 
     /// A `rowsync` command with the benchmark's configuration and nothing inherited (no `.env`,
     /// no stray variables), then `--rowsync-env`: `HEALTH_ADDR` is `off` unless `health` is given.
-    pub fn rowsync_command(&self, subcommand: &str, health: Option<SocketAddr>) -> Command {
+    pub(crate) fn rowsync_command(&self, subcommand: &str, health: Option<SocketAddr>) -> Command {
         let mut command = Command::new(&self.rowsync);
         command
             .arg(subcommand)
@@ -243,12 +244,12 @@ impl<'a> Fixture<'a> {
     }
 
     /// A program from the PostgreSQL binaries (psql, pgbench).
-    pub fn pg_program(&self, name: &str) -> PathBuf {
+    pub(crate) fn pg_program(&self, name: &str) -> PathBuf {
         self.servers.source.bindir().join(name)
     }
 
     /// Starts a child; `name` gets a sequence number so every child keeps its own output files.
-    pub fn spawn(&mut self, name: &str, command: Command) -> Result<Proc> {
+    pub(crate) fn spawn(&mut self, name: &str, command: Command) -> Result<Proc> {
         self.spawned += 1;
         Proc::spawn(
             &format!("{:02}-{name}", self.spawned),
@@ -258,7 +259,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Keeps the warnings and errors a finished rowsync child wrote.
-    pub fn collect_rowsync_log(&mut self, proc: &Proc) {
+    pub(crate) fn collect_rowsync_log(&mut self, proc: &Proc) {
         for line in proc.stderr().lines() {
             if !line.trim().is_empty() {
                 self.rowsync_log.push(format!("{}: {line}", proc.name()));
@@ -267,7 +268,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Starts `rowsync run` and waits until it listens on the source and the journal is empty.
-    pub async fn start_daemon(&mut self, health: Option<SocketAddr>) -> Result<()> {
+    pub(crate) async fn start_daemon(&mut self, health: Option<SocketAddr>) -> Result<()> {
         if self.daemon.is_some() {
             return Err(Error::msg("a rowsync daemon is already running"));
         }
@@ -279,7 +280,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Waits until the daemon's LISTEN session is connected to the source.
-    pub async fn wait_listening(&mut self) -> Result<()> {
+    pub(crate) async fn wait_listening(&mut self) -> Result<()> {
         db::wait_for(
             "rowsync run to listen on the source",
             Duration::from_secs(120),
@@ -301,7 +302,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// SIGTERM to the daemon, and wait until it has exited (it must exit with status 0).
-    pub async fn stop_daemon(&mut self) -> Result<()> {
+    pub(crate) async fn stop_daemon(&mut self) -> Result<()> {
         let Some(mut daemon) = self.daemon.take() else {
             return Ok(());
         };
@@ -318,7 +319,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Journal rows not yet applied (and deleted) by rowsync.
-    pub async fn journal_depth(&self) -> Result<i64> {
+    pub(crate) async fn journal_depth(&self) -> Result<i64> {
         db::int(
             &self.source,
             &format!("SELECT count(*) FROM {JOURNAL}"),
@@ -328,7 +329,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Waits until the journal is empty: every captured change is in the target.
-    pub async fn wait_caught_up(&mut self, timeout: Duration) -> Result<()> {
+    pub(crate) async fn wait_caught_up(&mut self, timeout: Duration) -> Result<()> {
         let empty = format!("SELECT (NOT EXISTS (SELECT 1 FROM {JOURNAL}))::int::int8");
         db::wait_for(
             "rowsync to empty the journal",
@@ -345,7 +346,7 @@ impl<'a> Fixture<'a> {
     }
 
     /// Row count and a checksum of what the sync changes (status, updated_at) of `table`.
-    pub async fn fingerprint(client: &Client, table: &str) -> Result<(i64, i64)> {
+    pub(crate) async fn fingerprint(client: &Client, table: &str) -> Result<(i64, i64)> {
         let row = client
             .query_one(
                 &format!(

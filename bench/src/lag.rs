@@ -22,10 +22,10 @@ use crate::{db, stats};
 
 const WRITERS: u64 = 4;
 const RATE_PER_WRITER: u64 = 250;
-pub const RATE: u64 = WRITERS * RATE_PER_WRITER;
+pub(crate) const RATE: u64 = WRITERS * RATE_PER_WRITER;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct LagFigures {
+pub(crate) struct LagFigures {
     pub seconds: u64,
     pub writes: u64,
     pub achieved_rate_per_s: f64,
@@ -39,7 +39,7 @@ pub struct LagFigures {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct StreamingRss {
+pub(crate) struct StreamingRss {
     /// Largest VmRSS seen, sampled every 200 ms during the steady load.
     pub sampled_peak_mib: f64,
     /// VmHWM at the end of the steady load (reset just before it).
@@ -91,7 +91,7 @@ fn commit_us(xid8_text: &str) -> String {
     )
 }
 
-pub async fn measure(fx: &mut Fixture<'_>) -> Result<(LagFigures, StreamingRss)> {
+pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<(LagFigures, StreamingRss)> {
     let seconds = fx.seconds.max(5);
     fx.wait_caught_up(Duration::from_secs(600)).await?;
     db::exec(&fx.target, DROP_ARRIVALS).await?;

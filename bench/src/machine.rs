@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use crate::error::{Context, Result};
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpus: usize,
     pub memory_total_gib: f64,
     pub cpu_model: String,
@@ -17,7 +17,7 @@ pub struct Machine {
 }
 
 /// The 1-minute load average (/proc/loadavg).
-pub fn load_average() -> f64 {
+pub(crate) fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|text| text.split_whitespace().next()?.parse().ok())
@@ -25,7 +25,7 @@ pub fn load_average() -> f64 {
 }
 
 /// Describes the machine; `load_average_at_start` is taken by the caller before anything starts.
-pub async fn describe(source: &Client, load_average_at_start: f64) -> Result<Machine> {
+pub(crate) async fn describe(source: &Client, load_average_at_start: f64) -> Result<Machine> {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_kib: u64 = meminfo

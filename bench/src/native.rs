@@ -12,12 +12,12 @@ use crate::db;
 use crate::error::{Context, Result};
 use crate::fixture::{Fixture, NATIVE};
 
-pub const PUBLICATION: &str = "bench_pub";
-pub const SUBSCRIPTION: &str = "bench_sub";
+pub(crate) const PUBLICATION: &str = "bench_pub";
+pub(crate) const SUBSCRIPTION: &str = "bench_sub";
 
 const POLL: Duration = Duration::from_millis(20);
 
-pub async fn create_publication(fx: &Fixture<'_>) -> Result<()> {
+pub(crate) async fn create_publication(fx: &Fixture<'_>) -> Result<()> {
     db::exec(
         &fx.source,
         &format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE {NATIVE}"),
@@ -27,7 +27,7 @@ pub async fn create_publication(fx: &Fixture<'_>) -> Result<()> {
 
 /// Creates the subscription; with `copy_data` it starts with a table copy, else it streams only
 /// what is written from now on (a fresh slot).
-pub async fn subscribe(fx: &mut Fixture<'_>, copy_data: bool) -> Result<()> {
+pub(crate) async fn subscribe(fx: &mut Fixture<'_>, copy_data: bool) -> Result<()> {
     let port = fx.servers.source.port();
     let conninfo = format!(
         "host=127.0.0.1 port={port} dbname={} user=postgres",
@@ -49,7 +49,7 @@ pub async fn subscribe(fx: &mut Fixture<'_>, copy_data: bool) -> Result<()> {
 /// PostgreSQL's logical replication launcher starts at most one apply worker per
 /// `wal_retrieve_retry_interval` (5 s by default). A subscription created or enabled sooner after
 /// the previous one would be measured waiting for the launcher, not replicating: wait that out.
-pub async fn wait_for_launcher(fx: &Fixture<'_>) -> Result<()> {
+pub(crate) async fn wait_for_launcher(fx: &Fixture<'_>) -> Result<()> {
     let Some(last) = fx.last_worker_start else {
         return Ok(());
     };
@@ -65,7 +65,7 @@ pub async fn wait_for_launcher(fx: &Fixture<'_>) -> Result<()> {
 }
 
 /// Waits until every table of the subscription is in state `r` (ready: its copy is done).
-pub async fn wait_tables_ready(fx: &Fixture<'_>, timeout: Duration) -> Result<()> {
+pub(crate) async fn wait_tables_ready(fx: &Fixture<'_>, timeout: Duration) -> Result<()> {
     let sql = format!(
         "SELECT CASE WHEN count(*) > 0 AND bool_and(r.srsubstate = 'r') THEN 1 ELSE 0 END::int8
            FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
@@ -81,7 +81,7 @@ pub async fn wait_tables_ready(fx: &Fixture<'_>, timeout: Duration) -> Result<()
 }
 
 /// Waits until the subscription's walsender on the source is streaming.
-pub async fn wait_streaming(fx: &Fixture<'_>) -> Result<()> {
+pub(crate) async fn wait_streaming(fx: &Fixture<'_>) -> Result<()> {
     let sql = format!(
         "SELECT count(*) FROM pg_stat_replication
           WHERE application_name = '{SUBSCRIPTION}' AND state = 'streaming'"
@@ -96,7 +96,7 @@ pub async fn wait_streaming(fx: &Fixture<'_>) -> Result<()> {
 }
 
 /// Stops the subscription's apply worker; its slot stays and keeps the WAL from now on.
-pub async fn disable(fx: &Fixture<'_>) -> Result<()> {
+pub(crate) async fn disable(fx: &Fixture<'_>) -> Result<()> {
     db::exec(
         &fx.target,
         &format!("ALTER SUBSCRIPTION {SUBSCRIPTION} DISABLE"),
@@ -114,7 +114,7 @@ pub async fn disable(fx: &Fixture<'_>) -> Result<()> {
     .await
 }
 
-pub async fn enable(fx: &mut Fixture<'_>) -> Result<()> {
+pub(crate) async fn enable(fx: &mut Fixture<'_>) -> Result<()> {
     db::exec(
         &fx.target,
         &format!("ALTER SUBSCRIPTION {SUBSCRIPTION} ENABLE"),
@@ -125,7 +125,7 @@ pub async fn enable(fx: &mut Fixture<'_>) -> Result<()> {
 }
 
 /// Drops the subscription (which drops its slot on the source) and checks no slot is left.
-pub async fn unsubscribe(fx: &Fixture<'_>) -> Result<()> {
+pub(crate) async fn unsubscribe(fx: &Fixture<'_>) -> Result<()> {
     db::exec(
         &fx.target,
         &format!("DROP SUBSCRIPTION IF EXISTS {SUBSCRIPTION}"),
@@ -136,7 +136,7 @@ pub async fn unsubscribe(fx: &Fixture<'_>) -> Result<()> {
 
 /// Best effort, for every exit path: removes the subscription without contacting the publisher,
 /// then every slot on the source.
-pub async fn clean_up(source: &Client, target: &Client) -> Result<()> {
+pub(crate) async fn clean_up(source: &Client, target: &Client) -> Result<()> {
     let exists = db::int(
         target,
         &format!("SELECT count(*) FROM pg_subscription WHERE subname = '{SUBSCRIPTION}'"),
@@ -157,7 +157,7 @@ pub async fn clean_up(source: &Client, target: &Client) -> Result<()> {
 
 /// Drops every replication slot on the source, waiting for (and at last ending) the walsenders
 /// still using them. The benchmark's source has no other slots.
-pub async fn drop_all_slots(source: &Client) -> Result<()> {
+pub(crate) async fn drop_all_slots(source: &Client) -> Result<()> {
     let started = Instant::now();
     db::wait_for(
         "every replication slot on the source to be dropped",
@@ -198,6 +198,6 @@ pub async fn drop_all_slots(source: &Client) -> Result<()> {
 }
 
 /// Slots on the source now (0 whenever no subscription is meant to exist).
-pub async fn slot_count(source: &Client) -> Result<i64> {
+pub(crate) async fn slot_count(source: &Client) -> Result<i64> {
     db::int(source, "SELECT count(*) FROM pg_replication_slots", &[]).await
 }

@@ -7,12 +7,12 @@ use serde::Serialize;
 use crate::error::{Context, Error, Result};
 use crate::fixture::{DATABASE, Fixture};
 
-pub const CLIENTS: u32 = 16;
-pub const THREADS: u32 = 2;
+pub(crate) const CLIENTS: u32 = 16;
+pub(crate) const THREADS: u32 = 2;
 
 /// What one pgbench run reported.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Run {
+pub(crate) struct Run {
     /// Transactions per second, without the initial connection time.
     pub tps: f64,
     /// Transactions processed (= single-row updates).
@@ -27,12 +27,12 @@ fn script(table: &str, rows: u64) -> String {
         "\\set k random(1, {rows})\n\
          UPDATE {} SET status = CASE WHEN status = 'active' THEN 'away' ELSE 'active' END, \
          updated_at = now() WHERE id = md5(:k::text)::uuid;\n",
-        rowsync::ident::quote(table)
+        rowsync::catalog::ident::quote(table)
     )
 }
 
 /// Runs pgbench on `table` for `seconds` and parses its report.
-pub async fn run(fx: &mut Fixture<'_>, table: &str, seconds: u64) -> Result<Run> {
+pub(crate) async fn run(fx: &mut Fixture<'_>, table: &str, seconds: u64) -> Result<Run> {
     let script_path = fx.work_dir().join(format!("update-{table}.sql"));
     std::fs::write(&script_path, script(table, fx.rows))
         .with_context(|| format!("writing {}", script_path.display()))?;

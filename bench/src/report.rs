@@ -14,7 +14,7 @@ use crate::sweep::SweepFigures;
 use crate::throughput::{Measured, ThroughputFigures};
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Parameters {
+pub(crate) struct Parameters {
     /// The rowsync binary measured, and what `rowsync --version` says.
     pub rowsync_binary: String,
     pub rowsync_version: String,
@@ -36,14 +36,14 @@ pub struct Parameters {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Rss {
+pub(crate) struct Rss {
     /// Peak RSS of `rowsync setup` (the copy).
     pub copy_peak_mib: f64,
     pub streaming: StreamingRss,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Target {
+pub(crate) struct Target {
     pub name: &'static str,
     pub figure: f64,
     pub limit: f64,
@@ -53,7 +53,7 @@ pub struct Target {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub machine: Machine,
     pub parameters: Parameters,
     pub initial_copy: CopyFigures,
@@ -70,7 +70,7 @@ pub struct Report {
 }
 
 /// The targets, each judged on its figure.
-pub fn targets(
+pub(crate) fn targets(
     copy: &CopyFigures,
     throughput: &ThroughputFigures,
     catch_up: &CatchUpFigures,
@@ -130,7 +130,7 @@ pub fn targets(
 }
 
 /// The table printed on stdout.
-pub fn table(report: &Report) -> String {
+pub(crate) fn table(report: &Report) -> String {
     let r = report;
     let p = &r.parameters;
     let c = &r.initial_copy;

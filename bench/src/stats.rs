@@ -1,7 +1,7 @@
 //! Medians and percentiles of measured figures.
 
 /// The median (the mean of the two middle values for an even count); NaN for no values.
-pub fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -16,7 +16,7 @@ pub fn median(values: &[f64]) -> f64 {
 }
 
 /// The nearest-rank percentile `p` (0 < p <= 100) of values sorted ascending; NaN for none.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -27,7 +27,7 @@ const POLL: Duration = Duration::from_millis(5);
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy)]
-pub struct Exited {
+pub(crate) struct Exited {
     /// The exit code, if it exited rather than being killed.
     pub code: Option<i32>,
     /// The signal that killed it, if any.
@@ -37,7 +37,7 @@ pub struct Exited {
 }
 
 impl Exited {
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.code == Some(0)
     }
 
@@ -51,7 +51,7 @@ impl Exited {
 }
 
 /// A running child process, stopped and reaped when dropped.
-pub struct Proc {
+pub(crate) struct Proc {
     name: String,
     pid: libc::pid_t,
     stdout: PathBuf,
@@ -61,7 +61,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `command` with its output in `<dir>/<name>.out` and `.err`. `name` names it in errors.
-    pub fn spawn(name: &str, mut command: Command, dir: &Path) -> Result<Self> {
+    pub(crate) fn spawn(name: &str, mut command: Command, dir: &Path) -> Result<Self> {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
         let out =
@@ -97,16 +97,16 @@ impl Proc {
         })
     }
 
-    pub fn pid(&self) -> libc::pid_t {
+    pub(crate) fn pid(&self) -> libc::pid_t {
         self.pid
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Reaps the child if it has exited; never blocks.
-    pub fn try_wait(&mut self) -> Result<Option<Exited>> {
+    pub(crate) fn try_wait(&mut self) -> Result<Option<Exited>> {
         if let Some(exited) = self.exited {
             return Ok(Some(exited));
         }
@@ -132,7 +132,7 @@ impl Proc {
     }
 
     /// Waits for the child to exit, at most `timeout`.
-    pub async fn wait(&mut self, timeout: Duration) -> Result<Exited> {
+    pub(crate) async fn wait(&mut self, timeout: Duration) -> Result<Exited> {
         let started = Instant::now();
         let deadline = started + timeout;
         loop {
@@ -156,7 +156,7 @@ impl Proc {
     }
 
     /// Waits for the child and fails unless it exited with status 0 (the error shows its stderr).
-    pub async fn wait_success(&mut self, timeout: Duration) -> Result<Exited> {
+    pub(crate) async fn wait_success(&mut self, timeout: Duration) -> Result<Exited> {
         let exited = self.wait(timeout).await?;
         if !exited.success() {
             return Err(Error::msg(format!(
@@ -170,7 +170,7 @@ impl Proc {
     }
 
     /// Sends SIGTERM and waits for the child to exit, at most `timeout`.
-    pub async fn terminate(&mut self, timeout: Duration) -> Result<Exited> {
+    pub(crate) async fn terminate(&mut self, timeout: Duration) -> Result<Exited> {
         if self.try_wait()?.is_none() {
             self.signal_group(libc::SIGTERM);
         }
@@ -178,7 +178,7 @@ impl Proc {
     }
 
     /// Fails if the child has already exited: for waits that depend on a running daemon.
-    pub fn ensure_running(&mut self) -> Result<()> {
+    pub(crate) fn ensure_running(&mut self) -> Result<()> {
         match self.try_wait()? {
             None => Ok(()),
             Some(exited) => Err(Error::msg(format!(
@@ -190,11 +190,11 @@ impl Proc {
         }
     }
 
-    pub fn stdout(&self) -> String {
+    pub(crate) fn stdout(&self) -> String {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 

@@ -15,10 +15,10 @@ use crate::error::{Context, Error, Result};
 use crate::fixture::Fixture;
 use crate::{db, stats};
 
-pub const SAMPLES: usize = 5;
+pub(crate) const SAMPLES: usize = 5;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct SweepFigures {
+pub(crate) struct SweepFigures {
     /// The first sweep after a start (journal plus the look-back re-read).
     pub first_after_start_ms: f64,
     /// Sweeps requested with POST /sync on an idle, caught-up daemon.
@@ -27,7 +27,7 @@ pub struct SweepFigures {
     pub empty_max_ms: f64,
 }
 
-pub async fn measure(fx: &mut Fixture<'_>) -> Result<SweepFigures> {
+pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<SweepFigures> {
     fx.say("empty sweep: restarting rowsync run with its HTTP listener");
     fx.stop_daemon().await?;
     let addr = free_addr()?;
@@ -40,9 +40,10 @@ pub async fn measure(fx: &mut Fixture<'_>) -> Result<SweepFigures> {
     let mut empty_ms = Vec::new();
     let mut done = sweeps(&first)?;
     for _ in 0..SAMPLES {
-        let (code, body) = rowsync::http::request(addr, rowsync::http::Method::POST, "/sync", None)
-            .await
-            .context("POST /sync to the daemon")?;
+        let (code, body) =
+            rowsync::ops::http::request(addr, rowsync::ops::http::Method::POST, "/sync", None)
+                .await
+                .context("POST /sync to the daemon")?;
         if code != 200 && code != 202 {
             return Err(Error::msg(format!("POST /sync answered {code}: {body}")));
         }
@@ -84,7 +85,8 @@ async fn wait_for_sweeps(
                 daemon.ensure_running()?;
             }
             let Ok((200, body)) =
-                rowsync::http::request(addr, rowsync::http::Method::GET, "/status", None).await
+                rowsync::ops::http::request(addr, rowsync::ops::http::Method::GET, "/status", None)
+                    .await
             else {
                 return Ok(None);
             };

@@ -21,11 +21,11 @@ use crate::fixture::{Fixture, NATIVE, PLAIN, USERS};
 use crate::pgbench::{self, Run};
 use crate::{native, stats};
 
-pub const ROUNDS: usize = 5;
+pub(crate) const ROUNDS: usize = 5;
 
 /// One pgbench run and where the machine's CPU went meanwhile.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Measured {
+pub(crate) struct Measured {
     #[serde(flatten)]
     pub pgbench: Run,
     /// Share of the machine's CPU time that was busy (1.0 = every core).
@@ -36,7 +36,7 @@ pub struct Measured {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ThroughputFigures {
+pub(crate) struct ThroughputFigures {
     pub none: Vec<Measured>,
     pub rowsync: Vec<Measured>,
     pub native: Vec<Measured>,
@@ -63,7 +63,7 @@ enum Capture {
     Native,
 }
 
-pub async fn measure(fx: &mut Fixture<'_>) -> Result<ThroughputFigures> {
+pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<ThroughputFigures> {
     fx.say("starting rowsync run (kept running through every round)");
     fx.start_daemon(None).await?;
     let (mut none, mut rowsync, mut replicated) = (Vec::new(), Vec::new(), Vec::new());

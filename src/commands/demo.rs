@@ -15,14 +15,14 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{setup, verify};
 use crate::config::{DatabaseRole, Env, Settings};
 use crate::connection::Pools;
-use crate::daemon;
 use crate::error::{Error, Result, SqlContext};
-use crate::shutdown;
-use crate::telemetry::Telemetry;
+use crate::ops::telemetry::Telemetry;
+use crate::runtime::daemon;
+use crate::runtime::shutdown;
 use rowsync_sandbox::{LocalServer, ServerOptions};
 
 /// The seed service's `users` table (the backend's and the chat app's).
-pub const USERS_DDL: &str = "\
+pub(crate) const USERS_DDL: &str = "\
     CREATE TABLE users (
         id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
         first_name  text NOT NULL,

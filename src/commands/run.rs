@@ -9,11 +9,12 @@ use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::connection::Pools;
-use crate::daemon;
 use crate::error::{Error, Result};
-use crate::systemd::Notifier;
-use crate::telemetry::{Role, Telemetry, rfc3339};
-use crate::{http, shutdown};
+use crate::ops::http;
+use crate::ops::systemd::Notifier;
+use crate::ops::telemetry::{Role, Telemetry, rfc3339};
+use crate::runtime::daemon;
+use crate::runtime::shutdown;
 
 /// Runs until SIGTERM or SIGINT, then lets the in-flight batch finish within
 /// `SHUTDOWN_TIMEOUT_SECONDS` (after that it is abandoned and rolled back by the server).
@@ -135,7 +136,10 @@ async fn notify_systemd(
 }
 
 /// One line for `systemctl status`.
-pub fn status_line(snapshot: &crate::telemetry::Snapshot, settings: &Settings) -> String {
+pub(crate) fn status_line(
+    snapshot: &crate::ops::telemetry::Snapshot,
+    settings: &Settings,
+) -> String {
     match snapshot.role {
         Role::Starting => "starting".to_string(),
         Role::Standby => "standby: another rowsync is active".to_string(),

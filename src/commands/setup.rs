@@ -2,24 +2,24 @@
 
 use std::fmt::Write as _;
 
-use crate::apply::Counts;
-use crate::capture::{self, InstallStatus};
+use crate::catalog::mapping::load_mapping;
 use crate::config::Settings;
 use crate::connection::Pools;
 use crate::error::Result;
-use crate::retry::transient;
-use crate::runs::{self, Kind};
-use crate::schema::load_mapping;
-use crate::snapshot::{CopyReport, copy_table};
-use crate::{migrate, progress};
+use crate::pipeline::apply::Counts;
+use crate::pipeline::copy::{CopyReport, copy_table};
+use crate::runtime::retry::transient;
+use crate::source::capture::{self, InstallStatus};
+use crate::target::runs::{self, Kind};
+use crate::target::{migrate, progress};
 
 /// What setup did to one table.
 #[derive(Debug, Clone)]
 pub struct TableSetup {
-    pub table: String,
-    pub capture: InstallStatus,
+    pub(crate) table: String,
+    pub(crate) capture: InstallStatus,
     /// None when the table was already set up and intact: nothing to copy.
-    pub copy: Option<CopyReport>,
+    pub(crate) copy: Option<CopyReport>,
 }
 
 /// Runs setup for every table in `SYNC_TABLES`. Running it again changes and duplicates nothing.

@@ -5,12 +5,12 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::capture;
+use crate::catalog::mapping::load_mapping;
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
 use crate::error::{Result, SqlContext};
-use crate::http;
-use crate::schema::load_mapping;
+use crate::ops::http;
+use crate::source::capture;
 
 /// The summary to print.
 pub async fn status(settings: &Settings) -> Result<String> {

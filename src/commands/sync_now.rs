@@ -2,7 +2,7 @@
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
-use crate::http;
+use crate::ops::http;
 
 /// The daemon's answer, to print. Fails when no daemon answers at `HEALTH_ADDR`.
 pub async fn sync_now(settings: &Settings) -> Result<String> {

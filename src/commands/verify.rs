@@ -10,25 +10,25 @@ use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
-use crate::capture;
+use crate::catalog::mapping::{TableMapping, load_mapping};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
 use crate::error::{Result, SqlContext};
-use crate::schema::{TableMapping, load_mapping};
+use crate::source::capture;
 
 /// One table's comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableVerdict {
-    pub table: String,
-    pub source_rows: i64,
-    pub target_rows: i64,
+    pub(crate) table: String,
+    pub(crate) source_rows: i64,
+    pub(crate) target_rows: i64,
     /// Source rows updated within the last hour (None: the table has no `updated_at`).
-    pub updated_last_hour: Option<i64>,
-    pub contents_match: bool,
+    pub(crate) updated_last_hour: Option<i64>,
+    pub(crate) contents_match: bool,
     /// Capture triggers missing or not `ENABLE ALWAYS`.
-    pub trigger_problems: Vec<String>,
+    pub(crate) trigger_problems: Vec<String>,
     /// Journal rows not yet applied.
-    pub pending: i64,
+    pub(crate) pending: i64,
 }
 
 impl TableVerdict {
@@ -88,7 +88,7 @@ async fn compare(pools: &Pools, mapping: &TableMapping) -> Result<TableVerdict> 
                     &format!(
                         "SELECT count(*) FROM {} WHERE {} > now() - interval '1 hour'",
                         mapping.source.quoted(),
-                        crate::ident::quote(column)
+                        crate::catalog::ident::quote(column)
                     ),
                     &[],
                 )

@@ -16,7 +16,7 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::ident::TableRef;
+use crate::catalog::ident::TableRef;
 
 pub use self::env::{DOTENV, Env, parse_dotenv};
 
@@ -64,7 +64,7 @@ pub struct Settings {
     pub health_token: Option<HealthToken>,
     /// How long `sync_runs` keeps history.
     pub sync_runs_retention: Duration,
-    /// When rowsync defers its work while the source is busy (see [`crate::yielding`]).
+    /// When rowsync defers its work while the source is busy (see `runtime::yielding`).
     pub yielding: YieldSettings,
 }
 
@@ -210,23 +210,23 @@ impl LogSettings {
 mod limits {
     use std::ops::RangeInclusive;
 
-    pub const POOL_SIZE: RangeInclusive<usize> = 1..=1000;
-    pub const SYNC_INTERVAL_MINUTES: RangeInclusive<f64> = 0.002..=10_080.0;
-    pub const SYNC_WINDOW_MULTIPLIER: RangeInclusive<f64> = 1.0..=1000.0;
-    pub const MAX_RETRIES: RangeInclusive<u32> = 0..=1000;
-    pub const RETRY_DELAY_MS: RangeInclusive<u64> = 1..=86_400_000;
-    pub const RETRY_BACKOFF_MULTIPLIER: RangeInclusive<f64> = 1.0..=10.0;
-    pub const MAX_RECONNECT_ATTEMPTS: RangeInclusive<u32> = 1..=1_000_000;
-    pub const SHUTDOWN_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
-    pub const POLL_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
-    pub const BATCH_SIZE: RangeInclusive<usize> = 1..=100_000;
-    pub const STATEMENT_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=86_400.0;
-    pub const LOCK_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.001..=86_400.0;
-    pub const SYNC_RUNS_RETENTION_DAYS: RangeInclusive<f64> = 0.001..=36_500.0;
-    pub const YIELD_ACTIVE_SESSIONS: RangeInclusive<u32> = 0..=100_000;
-    pub const YIELD_MAX_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
+    pub(super) const POOL_SIZE: RangeInclusive<usize> = 1..=1000;
+    pub(super) const SYNC_INTERVAL_MINUTES: RangeInclusive<f64> = 0.002..=10_080.0;
+    pub(super) const SYNC_WINDOW_MULTIPLIER: RangeInclusive<f64> = 1.0..=1000.0;
+    pub(super) const MAX_RETRIES: RangeInclusive<u32> = 0..=1000;
+    pub(super) const RETRY_DELAY_MS: RangeInclusive<u64> = 1..=86_400_000;
+    pub(super) const RETRY_BACKOFF_MULTIPLIER: RangeInclusive<f64> = 1.0..=10.0;
+    pub(super) const MAX_RECONNECT_ATTEMPTS: RangeInclusive<u32> = 1..=1_000_000;
+    pub(super) const SHUTDOWN_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
+    pub(super) const POLL_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
+    pub(super) const BATCH_SIZE: RangeInclusive<usize> = 1..=100_000;
+    pub(super) const STATEMENT_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=86_400.0;
+    pub(super) const LOCK_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.001..=86_400.0;
+    pub(super) const SYNC_RUNS_RETENTION_DAYS: RangeInclusive<f64> = 0.001..=36_500.0;
+    pub(super) const YIELD_ACTIVE_SESSIONS: RangeInclusive<u32> = 0..=100_000;
+    pub(super) const YIELD_MAX_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
     /// Bytes of `HEALTH_TOKEN`.
-    pub const HEALTH_TOKEN_BYTES: RangeInclusive<usize> = 1..=1024;
+    pub(super) const HEALTH_TOKEN_BYTES: RangeInclusive<usize> = 1..=1024;
 }
 
 impl Settings {
@@ -780,7 +780,7 @@ mod tests {
         for role in [DatabaseRole::Source, DatabaseRole::Target] {
             assert!(limits.idle_in_transaction_timeout(role).as_millis() < i32::MAX as u128);
         }
-        let mut backoff = crate::retry::Backoff::new(&settings.retry);
+        let mut backoff = crate::runtime::retry::Backoff::new(&settings.retry);
         assert!(backoff.nth(40).is_some());
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod proxy;
+pub(crate) mod proxy;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use rowsync_sandbox::{LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
 
 /// The users table most tests sync: the seed's shape plus a version counter.
-pub const USERS: &str = "
+pub(crate) const USERS: &str = "
     CREATE TABLE users (
         id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
         name       text NOT NULL,
@@ -28,7 +28,7 @@ pub const USERS: &str = "
     CREATE INDEX users_updated_at_idx ON users (updated_at);";
 
 /// A source and a target server, each with a database `app`.
-pub struct Pair {
+pub(crate) struct Pair {
     pub source: LocalServer,
     pub target: LocalServer,
     /// Working directory of rowsync processes (no stray .env) and home of their logs.
@@ -37,11 +37,11 @@ pub struct Pair {
 
 impl Pair {
     /// Starts both servers and runs `ddl` in both databases.
-    pub async fn new(ddl: &str) -> Pair {
+    pub(crate) async fn new(ddl: &str) -> Pair {
         Self::with_ddl(ddl, ddl).await
     }
 
-    pub async fn with_ddl(source_ddl: &str, target_ddl: &str) -> Pair {
+    pub(crate) async fn with_ddl(source_ddl: &str, target_ddl: &str) -> Pair {
         Self::with_servers(
             ServerOptions::default(),
             ServerOptions::default(),
@@ -52,7 +52,7 @@ impl Pair {
     }
 
     /// Like [`Pair::with_ddl`], with servers of these options (authentication, TLS, settings).
-    pub async fn with_servers(
+    pub(crate) async fn with_servers(
         source_options: ServerOptions,
         target_options: ServerOptions,
         source_ddl: &str,
@@ -88,7 +88,7 @@ impl Pair {
 
     /// The common start of a test: `users` with `rows` seeded users, set up, and a daemon running
     /// (with `extra_env`) whose listener is connected.
-    pub async fn running(rows: i32, extra_env: &[(&str, &str)]) -> (Pair, Daemon) {
+    pub(crate) async fn running(rows: i32, extra_env: &[(&str, &str)]) -> (Pair, Daemon) {
         let pair = Pair::new(USERS).await;
         if rows > 0 {
             seed_users(&pair.source().await, rows).await;
@@ -99,24 +99,24 @@ impl Pair {
         (pair, daemon)
     }
 
-    pub fn source_url(&self) -> String {
+    pub(crate) fn source_url(&self) -> String {
         self.source.url("app")
     }
 
-    pub fn target_url(&self) -> String {
+    pub(crate) fn target_url(&self) -> String {
         self.target.url("app")
     }
 
-    pub async fn source(&self) -> Client {
+    pub(crate) async fn source(&self) -> Client {
         connect(&self.source_url()).await
     }
 
-    pub async fn target(&self) -> Client {
+    pub(crate) async fn target(&self) -> Client {
         connect(&self.target_url()).await
     }
 
     /// Environment of a rowsync process: these databases, fast timers.
-    pub fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         [
             ("SOURCE_DATABASE_URL", self.source_url()),
             ("TARGET_DATABASE_URL", self.target_url()),
@@ -150,12 +150,12 @@ impl Pair {
     }
 
     /// Runs `rowsync <args>` to completion.
-    pub fn rowsync(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    pub(crate) fn rowsync(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
         self.command(args, extra_env).output().expect("run rowsync")
     }
 
     /// `rowsync setup`, which must succeed.
-    pub fn setup(&self) -> String {
+    pub(crate) fn setup(&self) -> String {
         let output = self.rowsync(&["setup"], &[]);
         assert!(
             output.status.success(),
@@ -167,7 +167,7 @@ impl Pair {
     }
 
     /// Starts `rowsync run` in the background.
-    pub fn spawn(&self, extra_env: &[(&str, &str)]) -> Daemon {
+    pub(crate) fn spawn(&self, extra_env: &[(&str, &str)]) -> Daemon {
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
@@ -187,7 +187,7 @@ impl Pair {
     }
 
     /// Waits until the target's table equals the source's, row for row.
-    pub async fn wait_synced(&self, table: &str, timeout: Duration) {
+    pub(crate) async fn wait_synced(&self, table: &str, timeout: Duration) {
         let source = self.source().await;
         let target = self.target().await;
         let deadline = Instant::now() + timeout;
@@ -211,7 +211,7 @@ impl Pair {
     }
 
     /// Like [`wait_for`], but a timeout also shows the logs of every rowsync process of this pair.
-    pub async fn wait<F, Fut>(&self, what: &str, timeout: Duration, check: F)
+    pub(crate) async fn wait<F, Fut>(&self, what: &str, timeout: Duration, check: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
@@ -225,7 +225,7 @@ impl Pair {
     }
 
     /// The last lines of every rowsync log of this pair, for failure messages.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .map(|dir| dir.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -242,7 +242,7 @@ impl Pair {
     }
 
     /// Asserts the target's table equals the source's now.
-    pub async fn assert_synced(&self, table: &str) {
+    pub(crate) async fn assert_synced(&self, table: &str) {
         let s = contents(&self.source().await, table).await;
         let t = contents(&self.target().await, table).await;
         assert!(s == t, "{table} differs: {}", describe_difference(&s, &t));
@@ -250,24 +250,24 @@ impl Pair {
 }
 
 /// A running `rowsync run`. Killed (SIGKILL) on drop if still running.
-pub struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
 }
 
 impl Daemon {
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    pub fn signal(&self, signal: i32) {
+    pub(crate) fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child process.
         unsafe {
             libc::kill(self.pid(), signal);
@@ -275,7 +275,7 @@ impl Daemon {
     }
 
     /// Waits for the process to exit; returns its status code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("daemon running");
         loop {
@@ -293,12 +293,12 @@ impl Daemon {
         }
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits until the listener is connected (its session shows in pg_stat_activity).
-    pub async fn wait_listening(&self, pair: &Pair) {
+    pub(crate) async fn wait_listening(&self, pair: &Pair) {
         let source = pair.source().await;
         wait_for(
             "rowsync's listener to connect",
@@ -316,7 +316,7 @@ impl Drop for Daemon {
 }
 
 /// A port nobody listens on at the moment (for HTTP listeners of daemons under test).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -324,14 +324,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub async fn connect(url: &str) -> Client {
+pub(crate) async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
 }
 
 /// Every row of `table` as text, ordered by its primary key.
-pub async fn contents(client: &Client, table: &str) -> Vec<String> {
+pub(crate) async fn contents(client: &Client, table: &str) -> Vec<String> {
     let key: String = client
         .query_one(
             "SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) \
@@ -374,7 +374,7 @@ fn describe_difference(source: &[String], target: &[String]) -> String {
 }
 
 /// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, check: F)
+pub(crate) async fn wait_for<F, Fut>(what: &str, timeout: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -400,7 +400,7 @@ where
     true
 }
 
-pub async fn listener_pids(source: &Client) -> Vec<i32> {
+pub(crate) async fn listener_pids(source: &Client) -> Vec<i32> {
     source
         .query(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'rowsync-listener'",
@@ -413,12 +413,12 @@ pub async fn listener_pids(source: &Client) -> Vec<i32> {
         .collect()
 }
 
-pub async fn count(client: &Client, sql: &str) -> i64 {
+pub(crate) async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 /// Inserts `n` users named user-1 … user-n.
-pub async fn seed_users(client: &Client, n: i32) {
+pub(crate) async fn seed_users(client: &Client, n: i32) {
     client
         .execute(
             "INSERT INTO users (name, email, bio) \
@@ -432,7 +432,7 @@ pub async fn seed_users(client: &Client, n: i32) {
 
 /// `id:xmin` of the users matching `filter` (a WHERE condition), ordered by id: a row rewritten
 /// by anyone gets a new xmin.
-pub async fn xmins(client: &Client, filter: &str) -> Vec<String> {
+pub(crate) async fn xmins(client: &Client, filter: &str) -> Vec<String> {
     client
         .query(
             &format!("SELECT id::text || ':' || xmin::text FROM users WHERE {filter} ORDER BY id"),
@@ -447,7 +447,7 @@ pub async fn xmins(client: &Client, filter: &str) -> Vec<String> {
 
 /// Writes a mix of inserts, updates (each bumps `version`) and deletes until `stop`, reconnecting
 /// whenever the server goes away (restarts, cuts). Returns how many statements committed.
-pub async fn resilient_writes(
+pub(crate) async fn resilient_writes(
     url: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> u64 {
@@ -483,7 +483,7 @@ pub async fn resilient_writes(
 
 /// Asserts from a rowsync log that sweeps ran one after another: every "sweep started" is followed
 /// by its "sweep finished" before the next one starts. Returns how many sweeps finished.
-pub fn assert_sweeps_never_overlapped(log: &str) -> usize {
+pub(crate) fn assert_sweeps_never_overlapped(log: &str) -> usize {
     let events: Vec<bool> = log
         .lines()
         .filter(|l| l.contains("sweep started") || l.contains("sweep finished"))

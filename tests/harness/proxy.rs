@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-pub struct Proxy {
+pub(crate) struct Proxy {
     port: u16,
     upstream: SocketAddr,
     shared: Arc<Shared>,
@@ -37,7 +37,7 @@ struct Connection {
 
 impl Proxy {
     /// A proxy on a free local port forwarding to `127.0.0.1:upstream_port`.
-    pub async fn start(upstream_port: u16) -> Proxy {
+    pub(crate) async fn start(upstream_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let proxy = Proxy {
@@ -50,17 +50,17 @@ impl Proxy {
         proxy
     }
 
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
     /// A libpq URL for `dbname` through the proxy.
-    pub fn url(&self, dbname: &str) -> String {
+    pub(crate) fn url(&self, dbname: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
     }
 
     /// Resets every open connection.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         let connections = std::mem::take(&mut *self.shared.connections.lock().unwrap());
         for connection in connections {
             for task in &connection.tasks {
@@ -74,14 +74,14 @@ impl Proxy {
     }
 
     /// Stops listening: connection attempts are refused.
-    pub fn refuse(&self) {
+    pub(crate) fn refuse(&self) {
         if let Some(acceptor) = self.acceptor.lock().unwrap().take() {
             acceptor.abort();
         }
     }
 
     /// Accepts but never answers; open connections stop forwarding, for good.
-    pub fn black_hole(&self) {
+    pub(crate) fn black_hole(&self) {
         self.shared.black_hole.store(true, Ordering::SeqCst);
         for connection in self.shared.connections.lock().unwrap().iter() {
             connection.dead.store(true, Ordering::SeqCst);
@@ -89,7 +89,7 @@ impl Proxy {
     }
 
     /// Back to normal for new connections (listening again if refused).
-    pub async fn heal(&self) {
+    pub(crate) async fn heal(&self) {
         self.shared.black_hole.store(false, Ordering::SeqCst);
         if self.acceptor.lock().unwrap().is_some() {
             return;

@@ -1,0 +1,344 @@
+//! Catalog introspection: how one source table maps onto its target table.
+//!
+//! Columns synced are those present in both tables with the same name (generated columns in the
+//! target excluded: they compute themselves). The key is the source's primary key, which must be
+//! covered by a unique index in the target (the `ON CONFLICT` arbiter). Values travel in binary,
+//! untouched, when both sides use the same built-in type; otherwise as text, cast to the target's
+//! type by the target, so any pair of compatible types (varchar → text, int4 → int8, enum → enum of
+//! the same labels) works.
+
+use tokio_postgres::GenericClient;
+
+use crate::catalog::ident::{QualifiedName, TableRef, quote};
+use crate::config::DatabaseRole;
+use crate::error::{Error, Result, SqlContext};
+
+/// Type OIDs below this are built into PostgreSQL and identical in every database.
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
+/// Name of the source column a sweep's lookback uses, when the table has one.
+pub(crate) const UPDATED_AT: &str = "updated_at";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transfer {
+    /// Same built-in, non-array type on both sides: the binary value is passed through as is.
+    Binary,
+    /// Read as text from the source, cast to the target's type by the target.
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Column {
+    pub name: String,
+    /// The target's type without its modifier (`character varying`, not `character varying(20)`),
+    /// for casts. Casting to the full type would apply the modifier the way explicit casts do,
+    /// truncating a too-long string silently; without it, the INSERT's assignment applies the
+    /// modifier and a value that does not fit is an error (and the row is isolated and recorded).
+    pub target_type: String,
+    pub transfer: Transfer,
+}
+
+impl Column {
+    pub(crate) fn quoted(&self) -> String {
+        quote(&self.name)
+    }
+}
+
+/// Everything needed to read changes of one table from the source and apply them to the target.
+#[derive(Debug, Clone)]
+pub(crate) struct TableMapping {
+    pub source: QualifiedName,
+    pub target: QualifiedName,
+    /// The source-side journal, `rowsync.<table>_journal` (None before capture is installed).
+    pub journal: Option<QualifiedName>,
+    /// Synced columns, in the source's column order.
+    pub columns: Vec<Column>,
+    /// Positions in `columns` of the key, in primary-key order.
+    pub key: Vec<usize>,
+    /// The source's `updated_at` column, if it has one: sweeps look back over it.
+    pub updated_at: Option<String>,
+    /// Whether the initial copy can use COPY's binary format (every column the same built-in type).
+    pub copy_binary: bool,
+    /// Source columns that the target lacks (reported once, not synced).
+    pub source_only: Vec<String>,
+}
+
+impl TableMapping {
+    /// Stable name of the table in progress records, sync_errors and logs: the source's `schema.table`.
+    pub(crate) fn name(&self) -> String {
+        self.source.to_string()
+    }
+
+    pub(crate) fn key_columns(&self) -> impl Iterator<Item = &Column> {
+        self.key.iter().map(|&i| &self.columns[i])
+    }
+
+    /// `"a", "b"` for the key columns.
+    pub(crate) fn key_list(&self) -> String {
+        join(self.key_columns().map(Column::quoted))
+    }
+
+    /// `"a", "b", …` for all synced columns.
+    pub(crate) fn column_list(&self) -> String {
+        join(self.columns.iter().map(Column::quoted))
+    }
+
+    pub(crate) fn journal(&self) -> Result<&QualifiedName> {
+        self.journal
+            .as_ref()
+            .ok_or_else(|| Error::NotSetUp { table: self.name() })
+    }
+}
+
+pub(crate) fn join(parts: impl Iterator<Item = String>) -> String {
+    parts.collect::<Vec<_>>().join(", ")
+}
+
+/// A column as the catalog describes it.
+#[derive(Debug, Clone)]
+struct CatalogColumn {
+    name: String,
+    type_oid: u32,
+    /// With modifier: `character varying(20)`.
+    type_name: String,
+    /// Without modifier: `character varying`.
+    base_type: String,
+    is_array: bool,
+    is_base: bool,
+    generated: bool,
+}
+
+/// Resolves `table` in both databases and builds its mapping.
+pub(crate) async fn load_mapping(
+    source: &impl GenericClient,
+    target: &impl GenericClient,
+    table: &TableRef,
+) -> Result<TableMapping> {
+    let (source_name, source_oid) = resolve(source, DatabaseRole::Source, table).await?;
+    let target_ref = TableRef {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+    };
+    let (target_name, target_oid) = resolve(target, DatabaseRole::Target, &target_ref).await?;
+
+    let source_columns = columns(source, DatabaseRole::Source, source_oid).await?;
+    let target_columns = columns(target, DatabaseRole::Target, target_oid).await?;
+    let key_names = primary_key(source, source_oid).await?;
+    if key_names.is_empty() {
+        return Err(Error::Schema {
+            table: source_name.to_string(),
+            problem: "the source table has no primary key; rowsync identifies rows by it".into(),
+        });
+    }
+
+    let mut columns = Vec::new();
+    let mut source_only = Vec::new();
+    for column in &source_columns {
+        match target_columns.iter().find(|t| t.name == column.name) {
+            Some(target) if !target.generated => {
+                let same_builtin =
+                    column.type_oid == target.type_oid && column.type_oid < FIRST_NORMAL_OBJECT_ID;
+                let transfer = if same_builtin && !column.is_array && column.is_base {
+                    Transfer::Binary
+                } else {
+                    Transfer::Text
+                };
+                columns.push(Column {
+                    name: column.name.clone(),
+                    target_type: target.base_type.clone(),
+                    transfer,
+                });
+            }
+            _ => source_only.push(column.name.clone()),
+        }
+    }
+
+    let mut key = Vec::new();
+    for name in &key_names {
+        let position = columns.iter().position(|c| &c.name == name).ok_or_else(|| Error::Schema {
+            table: source_name.to_string(),
+            problem: format!(
+                "key column {name} is missing in the target table {target_name} (or generated there)"
+            ),
+        })?;
+        key.push(position);
+    }
+
+    let unique_sets = unique_indexes(target, target_oid).await?;
+    let mut sorted_key = key_names.clone();
+    sorted_key.sort();
+    if !unique_sets.iter().any(|set| set == &sorted_key) {
+        return Err(Error::Schema {
+            table: source_name.to_string(),
+            problem: format!(
+                "the target table {target_name} needs a primary key or unique index on ({}), the source's key",
+                key_names.join(", ")
+            ),
+        });
+    }
+
+    let copy_binary = source_columns
+        .iter()
+        .filter(|c| columns.iter().any(|m| m.name == c.name))
+        .all(|c| {
+            c.type_oid < FIRST_NORMAL_OBJECT_ID
+                && target_columns
+                    .iter()
+                    .any(|t| t.name == c.name && t.type_oid == c.type_oid)
+        });
+
+    let updated_at = source_columns
+        .iter()
+        .find(|c| {
+            c.name == UPDATED_AT
+                && [
+                    "timestamp with time zone",
+                    "timestamp without time zone",
+                    "date",
+                ]
+                .contains(&c.type_name.as_str())
+        })
+        .map(|c| c.name.clone());
+
+    let journal = journal_of(source, &source_name).await?;
+
+    Ok(TableMapping {
+        source: source_name,
+        target: target_name,
+        journal,
+        columns,
+        key,
+        updated_at,
+        copy_binary,
+        source_only,
+    })
+}
+
+async fn resolve(
+    client: &impl GenericClient,
+    role: DatabaseRole,
+    table: &TableRef,
+) -> Result<(QualifiedName, u32)> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.oid = pg_catalog.to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .context(role, || format!("looking up table {table}"))?;
+    let Some(row) = row else {
+        return Err(Error::Schema {
+            table: table.to_string(),
+            problem: format!("no such table in the {role} database"),
+        });
+    };
+    let kind: String = row.get(3);
+    let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+    if kind != "r" && kind != "p" {
+        return Err(Error::Schema {
+            table: name.to_string(),
+            problem: format!("is not a table in the {role} database (relkind {kind})"),
+        });
+    }
+    Ok((name, row.get(2)))
+}
+
+async fn columns(
+    client: &impl GenericClient,
+    role: DatabaseRole,
+    oid: u32,
+) -> Result<Vec<CatalogColumn>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                    t.typcategory = 'A', t.typtype = 'b', a.attgenerated <> '', \
+                    pg_catalog.format_type(a.atttypid, NULL) \
+               FROM pg_catalog.pg_attribute a \
+               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+              ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .context(role, || "reading table columns".into())?;
+    Ok(rows
+        .iter()
+        .map(|row| CatalogColumn {
+            name: row.get(0),
+            type_oid: row.get(1),
+            type_name: row.get(2),
+            is_array: row.get(3),
+            is_base: row.get(4),
+            generated: row.get(5),
+            base_type: row.get(6),
+        })
+        .collect())
+}
+
+async fn primary_key(client: &impl GenericClient, oid: u32) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text \
+               FROM pg_catalog.pg_index i \
+              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+              WHERE i.indrelid = $1 AND i.indisprimary \
+              ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .context(DatabaseRole::Source, || "reading the primary key".into())?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Column sets (sorted) of the target's unique indexes usable as ON CONFLICT arbiters.
+async fn unique_indexes(client: &impl GenericClient, oid: u32) -> Result<Vec<Vec<String>>> {
+    let rows = client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) \
+               FROM pg_catalog.pg_index i \
+              CROSS JOIN LATERAL unnest(i.indkey::int2[]) AS k(attnum) \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate \
+                AND i.indpred IS NULL AND i.indexprs IS NULL \
+              GROUP BY i.indexrelid",
+            &[&oid],
+        )
+        .await
+        .context(DatabaseRole::Target, || "reading unique indexes".into())?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// The journal of a captured table, from `rowsync.captured_tables` (None when not installed).
+async fn journal_of(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<Option<QualifiedName>> {
+    let installed: bool = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            "looking for rowsync's capture schema".into()
+        })?
+        .get(0);
+    if !installed {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT journal_name::text FROM rowsync.captured_tables \
+              WHERE table_schema = $1 AND table_name = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("looking up the journal of {table}")
+        })?;
+    Ok(row.map(|row| QualifiedName::new("rowsync", row.get::<_, String>(0))))
+}

@@ -1,0 +1,285 @@
+//! Health: checks with thresholds (after the seed service's table) and what to do about each.
+//!
+//! | check | fails when | severity |
+//! |---|---|---|
+//! | `sweep_duration` | the last sweep took more than 80% of the interval | warning |
+//! | `error_rate` | more than 1% of the work of the last ten minutes failed | warning |
+//! | `pool_usage` | a pool has more than 80% of its connections in use | warning |
+//! | `consecutive_failures` | more than 5 attempts in a row failed | critical |
+//! | `realtime` | the LISTEN connection is down (changes arrive by polling) | warning |
+//! | `sweep_overdue` | no sweep finished for 3 intervals (plus the last sweep's duration) | critical |
+//! | `replication_lag` | the target may be more than 1 interval behind (critical past 3) | warning / critical |
+//! | `capture` | a capture trigger on the source is disabled or missing | critical |
+//!
+//! Any failed critical check makes the status UNHEALTHY (HTTP 503); any failed warning DEGRADED;
+//! otherwise HEALTHY (both HTTP 200). A standby is HEALTHY while it stands by: only the active
+//! process is judged on syncing.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::config::Settings;
+use crate::ops::telemetry::{Role, Snapshot};
+use crate::source::listener::ListenerState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub(crate) enum Status {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Severity {
+    Warning,
+    Critical,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Check {
+    pub ok: bool,
+    pub severity: Severity,
+    pub value: Value,
+    pub threshold: Value,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Health {
+    pub status: Status,
+    pub role: Role,
+    pub checks: BTreeMap<&'static str, Check>,
+    pub recommendations: Vec<String>,
+}
+
+/// Connections of one pool.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct PoolUsage {
+    pub max_size: usize,
+    pub size: usize,
+    pub in_use: usize,
+}
+
+pub(crate) fn evaluate(
+    snapshot: &Snapshot,
+    settings: &Settings,
+    pools: &[(&'static str, PoolUsage)],
+    now: SystemTime,
+) -> Health {
+    let mut checks = BTreeMap::new();
+    let mut recommendations = Vec::new();
+    let interval = settings.sync_interval.as_secs_f64();
+    let mut add = |name: &'static str, check: Check, advice: String| {
+        if !check.ok {
+            recommendations.push(advice);
+        }
+        checks.insert(name, check);
+    };
+
+    if snapshot.role == Role::Active {
+        let duration = snapshot
+            .last_sweep
+            .as_ref()
+            .map_or(0.0, |s| s.duration.as_secs_f64());
+        add(
+            "sweep_duration",
+            Check {
+                ok: duration <= 0.8 * interval,
+                severity: Severity::Warning,
+                value: json!(duration),
+                threshold: json!(0.8 * interval),
+                message: format!("last sweep took {duration:.3} s of a {interval:.1} s interval"),
+            },
+            "Sweeps take more than 80% of the interval: raise SYNC_INTERVAL_MINUTES, make sure the \
+             source has an index on updated_at, and check the target for slow triggers or missing \
+             indexes."
+                .into(),
+        );
+
+        add(
+            "realtime",
+            Check {
+                ok: snapshot.listener == ListenerState::Listening,
+                severity: Severity::Warning,
+                value: json!(snapshot.listener.as_str()),
+                threshold: json!("listening"),
+                message: format!("the LISTEN connection is {}", snapshot.listener.as_str()),
+            },
+            "The real-time path is not listening; changes still arrive by polling and sweeps. Check \
+             that the source accepts connections (sync_errors has REALTIME_SYNC_CONNECTION_ERROR \
+             rows with the cause)."
+                .into(),
+        );
+
+        let since_sweep = snapshot
+            .last_sweep
+            .as_ref()
+            .map_or(snapshot.started_at, |s| s.finished_at);
+        let overdue_after = 3.0 * interval
+            + snapshot
+                .last_sweep
+                .as_ref()
+                .map_or(0.0, |s| s.duration.as_secs_f64());
+        let age = now
+            .duration_since(since_sweep)
+            .unwrap_or_default()
+            .as_secs_f64();
+        add(
+            "sweep_overdue",
+            Check {
+                ok: age <= overdue_after,
+                severity: Severity::Critical,
+                value: json!(age),
+                threshold: json!(overdue_after),
+                message: format!("{age:.1} s since the last sweep finished"),
+            },
+            "No sweep has finished for three intervals: look at rowsync's log and at sync_errors; a \
+             database may be unreachable or a sweep may be stuck."
+                .into(),
+        );
+
+        let broken: Vec<&String> = snapshot
+            .tables
+            .iter()
+            .filter(|(_, t)| t.capture_intact == Some(false))
+            .map(|(name, _)| name)
+            .collect();
+        add(
+            "capture",
+            Check {
+                ok: broken.is_empty(),
+                severity: Severity::Critical,
+                value: json!(broken),
+                threshold: json!([]),
+                message: if broken.is_empty() {
+                    "every capture trigger is in place".into()
+                } else {
+                    format!("capture triggers are disabled or missing on {broken:?}")
+                },
+            },
+            "Changes to these tables are not being captured (a restore or ALTER TABLE … DISABLE \
+             TRIGGER can do that): run `rowsync setup` to repair capture and re-copy what was \
+             missed."
+                .into(),
+        );
+
+        let lag = snapshot.lag_seconds;
+        let lag_ok = lag.is_some_and(|lag| lag <= interval);
+        let lag_critical = lag.is_none_or(|lag| lag > 3.0 * interval);
+        add(
+            "replication_lag",
+            Check {
+                ok: lag_ok,
+                severity: if lag_critical {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                value: json!(lag),
+                threshold: json!(interval),
+                message: match lag {
+                    Some(lag) => format!("the target reflects the source as of at most {lag:.3} s ago"),
+                    None => "nothing applied yet".into(),
+                },
+            },
+            "The target is falling behind: the journal is growing faster than it is applied. Check \
+             the target's write latency, BATCH_SIZE, and pending changes in /status."
+                .into(),
+        );
+    }
+
+    add(
+        "error_rate",
+        Check {
+            ok: snapshot.error_rate <= 0.01,
+            severity: Severity::Warning,
+            value: json!(snapshot.error_rate),
+            threshold: json!(0.01),
+            message: format!(
+                "{:.2}% of the last ten minutes' work failed",
+                snapshot.error_rate * 100.0
+            ),
+        },
+        "More than 1% of recent work failed: SELECT * FROM sync_errors WHERE resolved = FALSE \
+         ORDER BY created_at DESC; shows what and why."
+            .into(),
+    );
+
+    add(
+        "consecutive_failures",
+        Check {
+            ok: snapshot.consecutive_failures <= 5,
+            severity: Severity::Critical,
+            value: json!(snapshot.consecutive_failures),
+            threshold: json!(5),
+            message: format!("{} attempts in a row failed", snapshot.consecutive_failures),
+        },
+        "Syncing keeps failing: check that both databases accept connections from rowsync \
+         (psql \"$SOURCE_DATABASE_URL\" -c 'SELECT 1'), and the latest sync_errors rows."
+            .into(),
+    );
+
+    for &(database, usage) in pools {
+        let ratio = if usage.max_size == 0 {
+            0.0
+        } else {
+            usage.in_use as f64 / usage.max_size as f64
+        };
+        let name = if database == "source" {
+            "pool_usage_source"
+        } else {
+            "pool_usage_target"
+        };
+        add(
+            name,
+            Check {
+                ok: ratio <= 0.8,
+                severity: Severity::Warning,
+                value: json!(ratio),
+                threshold: json!(0.8),
+                message: format!(
+                    "{} of {} {database} connections in use",
+                    usage.in_use, usage.max_size
+                ),
+            },
+            format!(
+                "The {database} pool is more than 80% in use: raise {}.",
+                if database == "source" {
+                    "SOURCE_DB_POOL_SIZE"
+                } else {
+                    "CHAT_DB_POOL_SIZE"
+                }
+            ),
+        );
+    }
+
+    let status = if checks
+        .values()
+        .any(|c| !c.ok && c.severity == Severity::Critical)
+    {
+        Status::Unhealthy
+    } else if checks.values().any(|c| !c.ok) {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    };
+    if recommendations.is_empty() {
+        recommendations.push(match snapshot.role {
+            Role::Standby => "Standing by: another rowsync process is active; this one takes over \
+                              if it stops."
+                .into(),
+            _ => "All systems operational.".into(),
+        });
+    }
+    Health {
+        status,
+        role: snapshot.role,
+        checks,
+        recommendations,
+    }
+}

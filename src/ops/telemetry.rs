@@ -1,0 +1,485 @@
+//! What rowsync is doing, for operators: written by the sync loop, read by the HTTP endpoints,
+//! the systemd notifications, the metrics and `rowsync status`.
+//!
+//! Everything is in one mutex-guarded struct with short critical sections (no I/O under the lock),
+//! plus an atomic heartbeat that the sync loop beats whenever it makes progress: the systemd
+//! watchdog is only fed while the heartbeat is fresh.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::pipeline::apply::Counts;
+use crate::source::listener::ListenerState;
+
+/// Whether this process applies changes or waits as a hot standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    /// Not yet connected or not yet elected.
+    Starting,
+    /// Another rowsync process holds the leader lock; this one takes over if it goes away.
+    Standby,
+    /// This process applies changes.
+    Active,
+}
+
+/// Per-table figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct TableFigures {
+    /// Since this process started.
+    pub counts: Counts,
+    /// Journaled changes not yet applied (as of the last sweep).
+    pub pending: Option<i64>,
+    /// Rows the target rejected that wait for a retry.
+    pub unresolved: usize,
+    /// All capture triggers exist and are `ENABLE ALWAYS` (as of the last sweep; None before).
+    pub capture_intact: Option<bool>,
+    /// The source snapshot most recently known to be fully applied was taken at this time.
+    #[serde(skip)]
+    pub applied_as_of: Option<SystemTime>,
+    #[serde(skip)]
+    pub last_batch_at: Option<SystemTime>,
+}
+
+/// Upper bounds (seconds) of the sweep duration histogram's buckets.
+pub(crate) const SWEEP_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+];
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Histogram {
+    /// Observations at or below each bound of [`SWEEP_BUCKETS`] (cumulative, as Prometheus wants).
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, value: f64) {
+        if self.cumulative.is_empty() {
+            self.cumulative = vec![0; SWEEP_BUCKETS.len()];
+        }
+        for (bound, bucket) in SWEEP_BUCKETS.iter().zip(self.cumulative.iter_mut()) {
+            if value <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += value;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SweepSummary {
+    #[serde(skip)]
+    pub finished_at: SystemTime,
+    pub duration: Duration,
+    pub counts: Counts,
+}
+
+/// A copy of the figures at one moment.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Snapshot {
+    pub role: Role,
+    #[serde(skip)]
+    pub started_at: SystemTime,
+    pub totals: Counts,
+    pub tables: BTreeMap<String, TableFigures>,
+    pub batches: u64,
+    pub sweeps: u64,
+    pub last_sweep: Option<SweepSummary>,
+    pub sweep_in_progress: bool,
+    /// Failed attempts (batches, sweeps, listener connections) since start.
+    pub errors: u64,
+    /// Failures recorded in sync_errors, by error_type, since start.
+    pub errors_by_type: BTreeMap<String, u64>,
+    pub consecutive_failures: u32,
+    pub listener: ListenerState,
+    /// The start-up catch-up is done.
+    pub caught_up: bool,
+    pub sweep_durations: Histogram,
+    /// Share of failed work (rows rejected, attempts failed) over the last ten minutes.
+    pub error_rate: f64,
+    /// Seconds since the newest source snapshot known to be fully applied, as an upper bound on
+    /// how far the target is behind (None before the first batch).
+    pub lag_seconds: Option<f64>,
+    /// Set while rowsync defers its work because the source is busy.
+    pub yielding: Option<Yielding>,
+    /// Time spent yielding since start.
+    pub yielded: Duration,
+    /// Active sessions on the source at the last look (rowsync's own not counted).
+    pub source_active_sessions: Option<u32>,
+}
+
+/// A period of deferring work to a busy source.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Yielding {
+    #[serde(skip)]
+    pub since: SystemTime,
+    /// Why: the mean of the last looks at the source's active sessions.
+    pub active_sessions: f64,
+}
+
+/// Figures, and the few signals that go with them.
+pub(crate) struct Telemetry {
+    state: Mutex<State>,
+    started: Instant,
+    heartbeat_ms: AtomicU64,
+    sweep_request: Notify,
+    sweep_requested: AtomicBool,
+}
+
+struct State {
+    snapshot: Snapshot,
+    /// Per second: (second since start, work done, work failed), the last ten minutes.
+    recent: VecDeque<(u64, u64, u64)>,
+}
+
+const RECENT_WINDOW_SECS: u64 = 600;
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                snapshot: Snapshot {
+                    role: Role::Starting,
+                    started_at: SystemTime::now(),
+                    totals: Counts::default(),
+                    tables: BTreeMap::new(),
+                    batches: 0,
+                    sweeps: 0,
+                    last_sweep: None,
+                    sweep_in_progress: false,
+                    errors: 0,
+                    errors_by_type: BTreeMap::new(),
+                    consecutive_failures: 0,
+                    listener: ListenerState::Connecting,
+                    caught_up: false,
+                    sweep_durations: Histogram::default(),
+                    error_rate: 0.0,
+                    lag_seconds: None,
+                    yielding: None,
+                    yielded: Duration::ZERO,
+                    source_active_sessions: None,
+                },
+                recent: VecDeque::new(),
+            }),
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            sweep_request: Notify::new(),
+            sweep_requested: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Figures are plain numbers: a panic elsewhere cannot leave them in a harmful state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let now = SystemTime::now();
+        let state = self.lock();
+        let mut snapshot = state.snapshot.clone();
+        let (done, failed) = state
+            .recent
+            .iter()
+            .fold((0, 0), |(d, f), (_, done, failed)| (d + done, f + failed));
+        snapshot.error_rate = if done == 0 {
+            0.0
+        } else {
+            failed as f64 / done as f64
+        };
+        snapshot.lag_seconds = snapshot
+            .tables
+            .values()
+            .map(|t| t.applied_as_of)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|times| times.into_iter().min())
+            .map(|oldest| now.duration_since(oldest).unwrap_or_default().as_secs_f64());
+        snapshot
+    }
+
+    /// The sync loop made progress (a call returned, a batch ended, an idle wait passed).
+    pub(crate) fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last [`beat`](Self::beat).
+    pub(crate) fn heartbeat_age(&self) -> Duration {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+
+    /// The source's active sessions, as last seen.
+    pub(crate) fn source_load(&self, active_sessions: u32) {
+        self.lock().snapshot.source_active_sessions = Some(active_sessions);
+    }
+
+    /// rowsync starts deferring its work to a busy source.
+    pub(crate) fn yield_started(&self, active_sessions: f64) {
+        self.lock().snapshot.yielding = Some(Yielding {
+            since: SystemTime::now(),
+            active_sessions,
+        });
+    }
+
+    /// The yield is over; its duration is added to the total.
+    pub(crate) fn yield_ended(&self) {
+        let mut state = self.lock();
+        if let Some(yielding) = state.snapshot.yielding.take() {
+            state.snapshot.yielded += yielding.since.elapsed().unwrap_or_default();
+        }
+    }
+
+    pub(crate) fn set_role(&self, role: Role) {
+        self.lock().snapshot.role = role;
+    }
+
+    pub(crate) fn set_listener(&self, listener: ListenerState) {
+        self.lock().snapshot.listener = listener;
+    }
+
+    pub(crate) fn listener(&self) -> ListenerState {
+        self.lock().snapshot.listener
+    }
+
+    /// A listener connection attempt failed (not a sync failure: sweeps and polling go on).
+    pub(crate) fn listener_failure(&self) {
+        self.lock().snapshot.errors += 1;
+    }
+
+    pub(crate) fn add_table(&self, table: &str) {
+        self.lock()
+            .snapshot
+            .tables
+            .entry(table.to_string())
+            .or_default();
+    }
+
+    /// A batch of `table` was applied; its snapshot was taken at `snapshot_at`.
+    pub(crate) fn batch(&self, table: &str, counts: Counts, snapshot_at: SystemTime) {
+        let second = self.started.elapsed().as_secs();
+        let mut state = self.lock();
+        state.snapshot.totals += counts;
+        state.snapshot.batches += 1;
+        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        figures.counts += counts;
+        figures.applied_as_of = Some(snapshot_at);
+        figures.last_batch_at = Some(SystemTime::now());
+        record_recent(&mut state.recent, second, counts.total(), counts.failed);
+    }
+
+    /// `table` had nothing to apply in the snapshot taken at `snapshot_at`.
+    pub(crate) fn checked(&self, table: &str, snapshot_at: SystemTime) {
+        let mut state = self.lock();
+        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        figures.applied_as_of = Some(snapshot_at);
+    }
+
+    pub(crate) fn set_table_backlog(&self, table: &str, pending: Option<i64>, unresolved: usize) {
+        let mut state = self.lock();
+        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        if pending.is_some() {
+            figures.pending = pending;
+        }
+        figures.unresolved = unresolved;
+    }
+
+    pub(crate) fn set_capture(&self, table: &str, intact: bool) {
+        let mut state = self.lock();
+        state
+            .snapshot
+            .tables
+            .entry(table.to_string())
+            .or_default()
+            .capture_intact = Some(intact);
+    }
+
+    /// An attempt failed (`consecutive` in a row so far).
+    pub(crate) fn failure(&self, consecutive: u32) {
+        let second = self.started.elapsed().as_secs();
+        let mut state = self.lock();
+        state.snapshot.errors += 1;
+        state.snapshot.consecutive_failures = consecutive;
+        record_recent(&mut state.recent, second, 1, 1);
+    }
+
+    pub(crate) fn recovered(&self) {
+        self.lock().snapshot.consecutive_failures = 0;
+    }
+
+    /// A failure of `error_type` was recorded in sync_errors.
+    pub(crate) fn recorded(&self, error_type: &str) {
+        *self
+            .lock()
+            .snapshot
+            .errors_by_type
+            .entry(error_type.to_string())
+            .or_default() += 1;
+    }
+
+    pub(crate) fn sweep_started(&self) {
+        self.lock().snapshot.sweep_in_progress = true;
+        self.sweep_requested.store(false, Ordering::SeqCst);
+    }
+
+    pub(crate) fn sweep_finished(&self, summary: Option<SweepSummary>) {
+        let mut state = self.lock();
+        state.snapshot.sweep_in_progress = false;
+        if let Some(summary) = summary {
+            state.snapshot.sweeps += 1;
+            state
+                .snapshot
+                .sweep_durations
+                .observe(summary.duration.as_secs_f64());
+            state.snapshot.last_sweep = Some(summary);
+            state.snapshot.caught_up = true;
+        }
+    }
+
+    /// Asks the sync loop for a sweep now. Returns false when one is already running or queued.
+    pub(crate) fn request_sweep(&self) -> bool {
+        if self.lock().snapshot.sweep_in_progress {
+            return false;
+        }
+        if self.sweep_requested.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.sweep_request.notify_one();
+        true
+    }
+
+    /// Resolves when a sweep is requested (cancel-safe).
+    pub(crate) async fn sweep_requested(&self) {
+        self.sweep_request.notified().await;
+    }
+}
+
+fn record_recent(recent: &mut VecDeque<(u64, u64, u64)>, second: u64, done: u64, failed: u64) {
+    match recent.back_mut() {
+        Some((s, d, f)) if *s == second => {
+            *d += done;
+            *f += failed;
+        }
+        _ => recent.push_back((second, done, failed)),
+    }
+    while recent
+        .front()
+        .is_some_and(|(s, _, _)| s + RECENT_WINDOW_SECS < second)
+    {
+        recent.pop_front();
+    }
+}
+
+/// `2026-11-22T18:09:08.741Z`: RFC 3339 in UTC, to the millisecond.
+pub(crate) fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = UNIX_EPOCH + Duration::from_millis(951_782_400_123); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.000Z");
+    }
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::default();
+        for v in [0.003, 0.02, 0.02, 3.0] {
+            h.observe(v);
+        }
+        assert_eq!(h.count, 4);
+        assert_eq!(h.cumulative[0], 1); // <= 5 ms
+        assert_eq!(h.cumulative[2], 3); // <= 25 ms
+        assert_eq!(h.cumulative[8], 4); // <= 5 s
+    }
+
+    #[test]
+    fn error_rate_counts_failed_work_over_recent_work() {
+        let telemetry = Telemetry::new();
+        telemetry.add_table("t");
+        telemetry.batch(
+            "t",
+            Counts {
+                created: 97,
+                failed: 1,
+                ..Counts::default()
+            },
+            SystemTime::now(),
+        );
+        telemetry.failure(1);
+        telemetry.failure(2);
+        let snapshot = telemetry.snapshot();
+        assert_eq!(snapshot.errors, 2);
+        assert_eq!(snapshot.consecutive_failures, 2);
+        assert!(
+            (snapshot.error_rate - 3.0 / 100.0).abs() < 1e-9,
+            "{}",
+            snapshot.error_rate
+        );
+    }
+
+    #[test]
+    fn sweep_requests_are_not_queued_twice() {
+        let telemetry = Telemetry::new();
+        assert!(telemetry.request_sweep());
+        assert!(!telemetry.request_sweep(), "second request while queued");
+        telemetry.sweep_started();
+        assert!(!telemetry.request_sweep(), "request while running");
+        telemetry.sweep_finished(None);
+        assert!(telemetry.request_sweep());
+    }
+
+    #[test]
+    fn lag_is_the_oldest_tables_staleness() {
+        let telemetry = Telemetry::new();
+        assert_eq!(telemetry.snapshot().lag_seconds, None);
+        let now = SystemTime::now();
+        telemetry.checked("a", now - Duration::from_secs(5));
+        telemetry.checked("b", now);
+        let lag = telemetry.snapshot().lag_seconds.unwrap();
+        assert!((5.0..6.0).contains(&lag), "{lag}");
+    }
+}

@@ -1,0 +1,226 @@
+//! The two statements that write a table's changes into the target, built once per table.
+
+use crate::catalog::mapping::{Column, TableMapping, Transfer, join};
+
+#[derive(Debug, Clone)]
+pub(crate) struct ApplyStatements {
+    /// Parameters: one array per synced column. Returns one `bool` per written row: true when
+    /// inserted, false when updated. Rows whose content is already identical are not written (and
+    /// not returned).
+    pub upsert: String,
+    /// Parameters: one array per key column. Returns the deleted rows' count.
+    pub delete: String,
+    /// Parameters: one array per key column. Adds the keys to the temporary table
+    /// `rowsync_stage_keys` (the initial copy's record of which keys the source has).
+    pub stage_keys: String,
+    /// Parameters: one array per key column. Locks (`FOR UPDATE SKIP LOCKED`) the target rows of
+    /// these keys that nobody else holds, and returns the 1-based positions of the keys whose
+    /// target row exists but is locked by another session.
+    pub locked: String,
+}
+
+impl ApplyStatements {
+    pub(crate) fn new(mapping: &TableMapping) -> Self {
+        Self {
+            upsert: upsert(mapping),
+            delete: delete(mapping),
+            stage_keys: stage_keys(mapping),
+            locked: locked(mapping),
+        }
+    }
+}
+
+/// `$n::type[]`: binary columns arrive in the target's own type, text columns as text.
+fn array_param(n: usize, column: &Column) -> String {
+    match column.transfer {
+        Transfer::Binary => format!("${n}::{}[]", column.target_type),
+        Transfer::Text => format!("${n}::text[]"),
+    }
+}
+
+fn value_expr(alias: &str, column: &Column) -> String {
+    match column.transfer {
+        Transfer::Binary => format!("{alias}.{}", column.quoted()),
+        Transfer::Text => format!("{alias}.{}::{}", column.quoted(), column.target_type),
+    }
+}
+
+fn upsert(mapping: &TableMapping) -> String {
+    let columns = &mapping.columns;
+    let params = join(
+        columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| array_param(i + 1, c)),
+    );
+    format!(
+        "INSERT INTO {target} AS t ({column_list}) \
+         SELECT {values} FROM unnest({params}) AS s({column_list}) \
+         {conflict} \
+         RETURNING (t.xmax = 0)",
+        target = mapping.target.quoted(),
+        column_list = mapping.column_list(),
+        values = join(columns.iter().map(|c| value_expr("s", c))),
+        conflict = on_conflict(mapping),
+    )
+}
+
+/// `ON CONFLICT (key) DO UPDATE SET … WHERE <content differs>` for an `INSERT INTO … AS t`.
+pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
+    let non_key: Vec<&Column> = mapping
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !mapping.key.contains(i))
+        .map(|(_, c)| c)
+        .collect();
+    let key_list = mapping.key_list();
+    if non_key.is_empty() {
+        return format!("ON CONFLICT ({key_list}) DO NOTHING");
+    }
+    // record_image_eq compares the stored bytes, so it works for every type (json and point have no
+    // equality operator) and treats NULL as equal to NULL.
+    format!(
+        "ON CONFLICT ({key_list}) DO UPDATE SET {} \
+         WHERE NOT pg_catalog.record_image_eq(ROW({}), ROW({}))",
+        join(
+            non_key
+                .iter()
+                .map(|c| format!("{0} = EXCLUDED.{0}", c.quoted()))
+        ),
+        join(non_key.iter().map(|c| format!("t.{}", c.quoted()))),
+        join(non_key.iter().map(|c| format!("EXCLUDED.{}", c.quoted()))),
+    )
+}
+
+fn delete(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
+    let matches = keys
+        .iter()
+        .map(|k| format!("t.{} = {}", k.quoted(), value_expr("d", k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "DELETE FROM {target} AS t USING unnest({params}) AS d({key_list}) WHERE {matches}",
+        target = mapping.target.quoted(),
+        key_list = mapping.key_list(),
+    )
+}
+
+fn stage_keys(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    format!(
+        "INSERT INTO rowsync_stage_keys ({key_list}) SELECT {values} FROM unnest({params}) AS d({key_list})",
+        key_list = mapping.key_list(),
+        values = join(keys.iter().map(|k| value_expr("d", k))),
+        params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c))),
+    )
+}
+
+fn locked(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
+    let on = |left: &str, right: &str| {
+        keys.iter()
+            .map(|k| format!("{left}.{} = {}", k.quoted(), value_expr(right, k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    format!(
+        "WITH d AS (SELECT * FROM unnest({params}) WITH ORDINALITY AS d({key_list}, rowsync_n)), \
+              mine AS (SELECT {mine_keys} FROM {target} t JOIN d ON {t_d} FOR UPDATE OF t SKIP LOCKED) \
+         SELECT d.rowsync_n FROM d JOIN {target} t ON {t_d} \
+          WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE {m_t})",
+        target = mapping.target.quoted(),
+        key_list = mapping.key_list(),
+        mine_keys = join(keys.iter().map(|k| format!("t.{}", k.quoted()))),
+        t_d = on("t", "d"),
+        m_t = keys
+            .iter()
+            .map(|k| format!("m.{0} = t.{0}", k.quoted()))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ident::QualifiedName;
+
+    fn mapping(columns: &[(&str, &str, Transfer)], key: Vec<usize>) -> TableMapping {
+        TableMapping {
+            source: QualifiedName::new("public", "t"),
+            target: QualifiedName::new("chat", "t"),
+            journal: None,
+            columns: columns
+                .iter()
+                .map(|(name, ty, transfer)| Column {
+                    name: name.to_string(),
+                    target_type: ty.to_string(),
+                    transfer: *transfer,
+                })
+                .collect(),
+            key,
+            updated_at: None,
+            copy_binary: true,
+            source_only: vec![],
+        }
+    }
+
+    #[test]
+    fn upsert_skips_identical_rows_and_casts_text_columns() {
+        let m = mapping(
+            &[
+                ("id", "uuid", Transfer::Binary),
+                ("Name", "text", Transfer::Binary),
+                ("tags", "text[]", Transfer::Text),
+            ],
+            vec![0],
+        );
+        let sql = ApplyStatements::new(&m).upsert;
+        assert!(
+            sql.starts_with(r#"INSERT INTO "chat"."t" AS t ("id", "Name", "tags")"#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#"unnest($1::uuid[], $2::text[], $3::text[])"#),
+            "{sql}"
+        );
+        assert!(sql.contains(r#"s."tags"::text[]"#), "{sql}");
+        assert!(
+            sql.contains(r#"ON CONFLICT ("id") DO UPDATE SET "Name" = EXCLUDED."Name""#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                r#"record_image_eq(ROW(t."Name", t."tags"), ROW(EXCLUDED."Name", EXCLUDED."tags"))"#
+            ),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn key_only_tables_do_nothing_on_conflict() {
+        let m = mapping(
+            &[
+                ("a", "integer", Transfer::Binary),
+                ("b", "text", Transfer::Binary),
+            ],
+            vec![1, 0],
+        );
+        let statements = ApplyStatements::new(&m);
+        assert!(
+            statements
+                .upsert
+                .contains(r#"ON CONFLICT ("b", "a") DO NOTHING"#),
+            "{}",
+            statements.upsert
+        );
+        assert_eq!(
+            statements.delete,
+            r#"DELETE FROM "chat"."t" AS t USING unnest($1::text[], $2::integer[]) AS d("b", "a") WHERE t."b" = d."b" AND t."a" = d."a""#
+        );
+    }
+}

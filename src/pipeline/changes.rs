@@ -1,0 +1,198 @@
+//! Reading a batch of changes from the source: which keys changed, and their rows now.
+//!
+//! A batch is every key journaled by a transaction that is visible in the current snapshot but was
+//! not visible in the previous one (PgQ's rule): `txid >= xmax(prev)`, or `txid` listed in
+//! `xip(prev)` (in progress then), and visible now. Every committed transaction becomes visible in
+//! exactly one snapshot, so it lands in exactly one batch however long it ran; an aborted one never
+//! appears. A sweep adds the keys of rows whose `updated_at` falls in the lookback window, and keys
+//! whose earlier apply failed (to retry them).
+//!
+//! The query runs in the same REPEATABLE READ transaction that took the snapshot, and joins each key
+//! to its current source row: present means upsert it, absent means delete it. Applying the current
+//! state (not the journaled event) makes apply idempotent and independent of commit order, and
+//! several changes of one key collapse into one write.
+
+use crate::catalog::ident::quote;
+use crate::catalog::mapping::{Column, TableMapping, Transfer, join};
+
+/// Where things are in a row of the change query.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    keys: usize,
+}
+
+impl Layout {
+    /// `bool`: the key still exists in the source (upsert) or not (delete).
+    pub(crate) const PRESENT: usize = 0;
+    /// `jsonb`: the key as an object, `{"id": …}`, for error records and retries.
+    pub(crate) const KEY_JSON: usize = 1;
+
+    pub(crate) fn new(mapping: &TableMapping) -> Self {
+        Self {
+            keys: mapping.key.len(),
+        }
+    }
+
+    /// Key column `i` (in primary-key order), taken from the journal, so it is there for deletes.
+    pub(crate) fn key(&self, i: usize) -> usize {
+        2 + i
+    }
+
+    /// Synced column `j` (in mapping order), from the current source row.
+    pub(crate) fn column(&self, j: usize) -> usize {
+        2 + self.keys + j
+    }
+}
+
+/// How a column is selected so that the target can take it (see [`Transfer`]).
+fn select_expr(alias: &str, column: &Column) -> String {
+    match column.transfer {
+        Transfer::Binary => format!("{alias}.{}", column.quoted()),
+        Transfer::Text => format!("{alias}.{}::text", column.quoted()),
+    }
+}
+
+/// The change query for a table. With `keyed`, each row carries its key as a JSON object
+/// ([`Layout::KEY_JSON`]), needed only to record a rejected row or resolve an earlier one; without,
+/// that column is NULL and the source saves building it for every change. Parameters:
+/// `$1` text: the previous snapshot (`pg_snapshot` as text);
+/// `$2` float8, nullable: the sweep's lookback in seconds (NULL outside sweeps);
+/// `$3` jsonb[]: keys to retry (objects as in [`Layout::KEY_JSON`]).
+pub(crate) fn change_query(mapping: &TableMapping, journal: &str, keyed: bool) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let key_list = mapping.key_list();
+    let source = mapping.source.quoted();
+
+    // The snapshots are wrapped in scalar subqueries so that they are parsed and built once per
+    // execution: in a generic plan they would otherwise be evaluated for every journal row.
+    let mut changed = format!(
+        "SELECT {key_list} FROM {journal} j \
+          WHERE (j.txid >= (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
+                 OR j.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot)))) \
+            AND pg_catalog.pg_visible_in_snapshot(j.txid, (SELECT pg_catalog.pg_current_snapshot()))"
+    );
+    if let Some(updated_at) = &mapping.updated_at {
+        changed.push_str(&format!(
+            " UNION SELECT {key_list} FROM {source} \
+               WHERE $2::float8 IS NOT NULL \
+                 AND {} > now() - pg_catalog.make_interval(secs => $2::float8)",
+            quote(updated_at)
+        ));
+    }
+    changed.push_str(&format!(
+        " UNION SELECT {} FROM unnest($3::jsonb[]) AS r(key) \
+           CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{source}, r.key) AS p",
+        join(keys.iter().map(|k| format!("p.{}", k.quoted())))
+    ));
+
+    let key_json = if keyed {
+        format!(
+            "pg_catalog.jsonb_build_object({})",
+            join(
+                keys.iter()
+                    .map(|k| format!("{}, c.{}", quote_literal(&k.name), k.quoted()))
+            )
+        )
+    } else {
+        "NULL::jsonb".to_string()
+    };
+    let join_on = keys
+        .iter()
+        .map(|k| format!("s.{0} = c.{0}", k.quoted()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    // LATERAL with OFFSET 0 (which keeps the planner from flattening it back into a plain join):
+    // one primary-key lookup per changed key, whatever the estimates. A plain join let it pick a
+    // hash join over a scan of the whole table (the journal's statistics are always stale: it is
+    // emptied continuously), which cost ~100 µs per change on a 1M-row table.
+    format!(
+        "WITH c AS ({changed}) \
+         SELECT t.{first_key} IS NOT NULL, {key_json}, {key_values}, {columns} \
+           FROM c LEFT JOIN LATERAL (SELECT * FROM {source} s WHERE {join_on} OFFSET 0) t ON true",
+        first_key = keys[0].quoted(),
+        key_values = join(keys.iter().map(|k| select_expr("c", k))),
+        columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
+    )
+}
+
+/// Every row of the source table, in the change query's layout (all present): the initial copy's
+/// careful path, which applies rows like a batch when COPY cannot take them all.
+pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let key_json = join(
+        keys.iter()
+            .map(|k| format!("{}, t.{}", quote_literal(&k.name), k.quoted())),
+    );
+    format!(
+        "SELECT true, pg_catalog.jsonb_build_object({key_json}), {key_values}, {columns} FROM {source} t",
+        key_values = join(keys.iter().map(|k| select_expr("t", k))),
+        columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
+        source = mapping.source.quoted(),
+    )
+}
+
+/// Deletes journal rows of every transaction visible in snapshot `$1`: all of them are applied.
+/// Runs in the batch's own transaction, whose snapshot is `$1`.
+pub(crate) fn journal_cleanup(journal: &str) -> String {
+    format!(
+        "DELETE FROM {journal} \
+          WHERE txid < (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
+            AND pg_catalog.pg_visible_in_snapshot(txid, (SELECT $1::text::pg_snapshot))"
+    )
+}
+
+/// A string literal for SQL text (only used for column names inside jsonb_build_object).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ident::QualifiedName;
+
+    fn mapping() -> TableMapping {
+        TableMapping {
+            source: QualifiedName::new("public", "users"),
+            target: QualifiedName::new("public", "users"),
+            journal: Some(QualifiedName::new("rowsync", "public_users_journal")),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    target_type: "uuid".into(),
+                    transfer: Transfer::Binary,
+                },
+                Column {
+                    name: "it's".into(),
+                    target_type: "text[]".into(),
+                    transfer: Transfer::Text,
+                },
+            ],
+            key: vec![0],
+            updated_at: None,
+            copy_binary: false,
+            source_only: vec![],
+        }
+    }
+
+    #[test]
+    fn change_query_quotes_names_and_casts_text_columns() {
+        let sql = change_query(&mapping(), r#""rowsync"."public_users_journal""#, true);
+        assert!(sql.contains(r#"t."it's"::text"#), "{sql}");
+        assert!(sql.contains(r#"'id', c."id""#), "{sql}");
+        assert!(!sql.contains("$2"), "no lookback without updated_at: {sql}");
+        let plain = change_query(&mapping(), r#""rowsync"."public_users_journal""#, false);
+        assert!(
+            plain.contains("NULL::jsonb") && !plain.contains("jsonb_build_object"),
+            "{plain}"
+        );
+        let layout = Layout::new(&mapping());
+        assert_eq!(layout.key(0), 2);
+        assert_eq!(layout.column(1), 4);
+    }
+
+    #[test]
+    fn literals_double_single_quotes() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

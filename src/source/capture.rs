@@ -1,0 +1,161 @@
+//! What rowsync keeps in the source: capture triggers, journals, the doorbell, and the listener.
+//!
+//! The objects themselves are defined in `sql/capture.sql` (embedded here, installable by hand with
+//! psql), so there is one definition whichever way they are installed.
+
+use tokio_postgres::GenericClient;
+
+use crate::catalog::ident::QualifiedName;
+use crate::config::DatabaseRole;
+use crate::error::{Result, SqlContext};
+
+/// sql/capture.sql, as shipped.
+pub(crate) const CAPTURE_SQL: &str = include_str!("../../sql/capture.sql");
+
+/// The NOTIFY channel the doorbell rings on (case-sensitive, hence always quoted).
+pub(crate) const CHANNEL: &str = "rowsync";
+
+/// What `install_capture` did to a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InstallStatus {
+    /// Capture was created now.
+    Installed,
+    /// Something was missing or disabled and has been put back; changes made meanwhile were not
+    /// journaled, so the table needs a fresh copy.
+    Repaired,
+    /// Triggers of an older rowsync were replaced in one transaction: no write escaped capture.
+    Upgraded,
+    /// Everything was already in place.
+    Unchanged,
+}
+
+/// Creates or updates the shared capture objects (schema, doorbell, functions). Idempotent.
+pub(crate) async fn install_objects(client: &impl GenericClient) -> Result<()> {
+    client
+        .batch_execute(CAPTURE_SQL)
+        .await
+        .context(DatabaseRole::Source, || "installing sql/capture.sql".into())
+}
+
+/// Installs (or repairs) capture on one table.
+pub(crate) async fn install_table(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<InstallStatus> {
+    let status: String = client
+        .query_one(
+            "SELECT rowsync.install_capture($1::text::regclass)",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("installing capture on {table}")
+        })?
+        .get(0);
+    Ok(match status.as_str() {
+        "installed" => InstallStatus::Installed,
+        "repaired" => InstallStatus::Repaired,
+        "upgraded" => InstallStatus::Upgraded,
+        _ => InstallStatus::Unchanged,
+    })
+}
+
+/// Arms the doorbell: the next source write will NOTIFY. Returns false when a writer is ringing it
+/// at this moment (a notification is on its way).
+pub(crate) async fn arm_doorbell(client: &impl GenericClient) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT rowsync.arm_doorbell()", &[])
+        .await
+        .context(DatabaseRole::Source, || "arming the doorbell".into())?
+        .get(0))
+}
+
+/// The capture triggers `rowsync.install_capture` creates on every captured table.
+const CAPTURE_TRIGGERS: [&str; 5] = [
+    "rowsync_capture_insert",
+    "rowsync_capture_update",
+    "rowsync_capture_delete",
+    "rowsync_capture_truncate",
+    "rowsync_capture_key",
+];
+
+/// Capture triggers of a table that are missing or not `ENABLE ALWAYS` (a restore or an ALTER TABLE
+/// … DISABLE TRIGGER can silently switch them off).
+pub(crate) async fn trigger_problems(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT t.name, tg.tgenabled::text \
+               FROM unnest($2::text[]) AS t(name) \
+               LEFT JOIN pg_catalog.pg_trigger tg \
+                 ON tg.tgrelid = $1::text::regclass AND tg.tgname = t.name",
+            &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("checking the triggers of {table}")
+        })?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            match row.get::<_, Option<String>>(1).as_deref() {
+                Some("A") => None,
+                Some(_) => Some(format!("{name} is not ENABLE ALWAYS")),
+                None => Some(format!("{name} is missing")),
+            }
+        })
+        .collect())
+}
+
+/// The state of a table's capture, for noticing when it may have been bypassed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CaptureState {
+    /// Each capture trigger's name, catalog row version and enabled state. Any `ALTER TABLE …
+    /// DISABLE/ENABLE TRIGGER`, drop or re-creation writes a new catalog row, so a changed
+    /// fingerprint means capture may have been off in between, even if it is on again now.
+    pub fingerprint: String,
+    /// All of [`CAPTURE_TRIGGERS`] exist and are `ENABLE ALWAYS`.
+    pub intact: bool,
+    /// The table is a logical-replication subscriber: its apply worker fires no statement
+    /// triggers, so only a look-back can see what it writes.
+    pub subscriber: bool,
+}
+
+pub(crate) async fn capture_state(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<CaptureState> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
+                                        ORDER BY tgname), ''), \
+                    count(*) FILTER (WHERE tgname = ANY ($2::text[]) AND tgenabled = 'A') \
+                      = cardinality($2::text[]), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = $1::text::regclass) \
+               FROM pg_catalog.pg_trigger \
+              WHERE tgrelid = $1::text::regclass AND tgname LIKE 'rowsync\\_capture\\_%'",
+            &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
+        )
+        .await
+        .context(DatabaseRole::Source, || format!("checking the capture of {table}"))?;
+    Ok(CaptureState {
+        fingerprint: row.get(0),
+        intact: row.get(1),
+        subscriber: row.get(2),
+    })
+}
+
+/// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).
+pub(crate) async fn journal_depth(
+    client: &impl GenericClient,
+    journal: &QualifiedName,
+) -> Result<i64> {
+    Ok(client
+        .query_one(&format!("SELECT count(*) FROM {}", journal.quoted()), &[])
+        .await
+        .context(DatabaseRole::Source, || format!("counting {journal}"))?
+        .get(0))
+}

@@ -1,0 +1,285 @@
+//! The real-time path: one dedicated (never pooled) source session that LISTENs for the doorbell.
+//!
+//! A notification only says "something changed": the listener wakes the sync loop, which reads the
+//! journal. Notifications sent while this session is down are lost, so every (re)connect wakes the
+//! loop once more after LISTEN has taken effect, and the loop also polls on a timer. The listener is
+//! a latency optimisation; correctness never depends on it.
+//!
+//! A dead session is noticed by the connection failing (reset, keepalive or `tcp_user_timeout`) or by
+//! a periodic ping that does not answer in time (a black-holed server). Reconnects back off from
+//! `RETRY_INITIAL_DELAY` to `RETRY_MAX_DELAY`; after `MAX_RECONNECT_ATTEMPTS` consecutive failures the
+//! real-time path is reported down (log, state, `sync_errors`) and reconnects go on at the maximum
+//! delay. It never gives up.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{AsyncMessage, Connection, NoTls, Socket};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{DatabaseRole, Settings};
+use crate::connection::{
+    APP_LISTENER, Pools, SessionLimits, session_config, with_server_keepalives,
+};
+use crate::error::policy::ErrorType;
+use crate::error::{Error, Result, SqlContext};
+use crate::ops::telemetry::Telemetry;
+use crate::runtime::retry::Backoff;
+use crate::target::sync_errors;
+
+/// How often the listening session is pinged (half the statement timeout, 1 to 15 s), and how long a
+/// ping may take (the client-side timeout, at most 10 s). With the defaults a silently dead session
+/// is noticed within 25 s.
+fn ping_timing(limits: &SessionLimits) -> (Duration, Duration) {
+    (
+        (limits.statement_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(15)),
+        limits.client_timeout().min(Duration::from_secs(10)),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ListenerState {
+    /// Not listening yet, or reconnecting after a failure.
+    Connecting,
+    Listening,
+    /// `MAX_RECONNECT_ATTEMPTS` consecutive reconnects failed; still retrying at the maximum delay.
+    Down,
+}
+
+impl ListenerState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Listening => "listening",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// Runs until `shutdown`. `wake` is notified on every doorbell and after every (re)connect.
+pub(crate) async fn run(
+    settings: Arc<Settings>,
+    pools: Pools,
+    wake: Arc<Notify>,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) {
+    let limits = SessionLimits::from_settings(&settings);
+    let config = with_server_keepalives(session_config(&settings.source, limits, APP_LISTENER));
+    let timing = ping_timing(&limits);
+    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(&settings.retry);
+    loop {
+        let outcome = listen(&config, timing, &pools, &wake, &telemetry, &shutdown).await;
+        let (listened, err) = match outcome {
+            Ok(()) => {
+                telemetry.set_listener(ListenerState::Connecting);
+                return;
+            }
+            Err(failure) => failure,
+        };
+        if shutdown.is_cancelled() {
+            telemetry.set_listener(ListenerState::Connecting);
+            return;
+        }
+        telemetry.listener_failure();
+        telemetry.recorded(ErrorType::RealtimeSyncConnectionError.as_str());
+        if listened {
+            failures = 0;
+            backoff = Backoff::new(&settings.retry);
+        }
+        failures += 1;
+        let delay = if failures >= settings.max_reconnect_attempts {
+            if telemetry.listener() != ListenerState::Down {
+                error!(
+                    failures,
+                    error = %crate::error::chain(&err),
+                    "real-time path is down; sweeps and polling go on, reconnecting at the maximum delay"
+                );
+            }
+            telemetry.set_listener(ListenerState::Down);
+            settings.retry.max_delay
+        } else {
+            if telemetry.listener() != ListenerState::Down {
+                telemetry.set_listener(ListenerState::Connecting);
+            }
+            backoff.next().unwrap_or(settings.retry.max_delay)
+        };
+        warn!(
+            failures,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %crate::error::chain(&err),
+            "listener connection failed"
+        );
+        record_failure(&pools, &err, failures).await;
+        tokio::select! {
+            biased;
+            // Cancel-safe: nothing to clean up between attempts.
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One session: connect, LISTEN, relay notifications until it fails. Returns Ok only on shutdown;
+/// on failure, whether LISTEN had taken effect (so the failure count starts afresh).
+async fn listen(
+    config: &tokio_postgres::Config,
+    (ping_interval, ping_timeout): (Duration, Duration),
+    pools: &Pools,
+    wake: &Notify,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<(), (bool, Error)> {
+    let connect = async {
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .context(DatabaseRole::Source, || "connecting the listener".into())?;
+        Ok::<_, Error>((client, connection))
+    };
+    let (client, connection) = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Ok(()),
+        result = tokio::time::timeout(ping_timeout * 2, connect) => match result {
+            Ok(result) => result.map_err(|err| (false, err))?,
+            Err(_) => return Err((false, timeout_error("connecting the listener"))),
+        },
+    };
+    let (notify_tx, mut notifications) = mpsc::unbounded_channel();
+    let mut driver = tokio::spawn(drive(connection, notify_tx));
+    let _abort_driver = AbortOnDrop(driver.abort_handle());
+
+    let listen_sql = format!(
+        "LISTEN {}",
+        crate::catalog::ident::quote(super::capture::CHANNEL)
+    );
+    let listen = tokio::time::timeout(ping_timeout, client.batch_execute(&listen_sql));
+    match listen.await {
+        Ok(result) => result
+            .context(DatabaseRole::Source, || "LISTEN".into())
+            .map_err(|err| (false, err))?,
+        Err(_) => return Err((false, timeout_error("LISTEN"))),
+    }
+    info!("listening for changes");
+    telemetry.set_listener(ListenerState::Listening);
+    // Notifications sent while we were not listening are gone: catch up now.
+    wake.notify_one();
+    if let Ok(target) = pools.target().await {
+        let resolve = sync_errors::resolve_episode(
+            &**target,
+            &[ErrorType::RealtimeSyncConnectionError],
+            None,
+        );
+        let _ = tokio::time::timeout(ping_timeout, resolve).await;
+    }
+
+    let mut ping = tokio::time::interval(ping_interval);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            // Cancel-safe: dropping the session is all there is to do.
+            _ = shutdown.cancelled() => return Ok(()),
+            // Cancel-safe: a JoinHandle can be polled again.
+            ended = &mut driver => {
+                let err = match ended {
+                    Ok(Err(err)) => Error::Sql {
+                        role: DatabaseRole::Source,
+                        action: "listening".into(),
+                        source: err,
+                    },
+                    _ => timeout_error("listening (the session ended)"),
+                };
+                return Err((true, err));
+            }
+            // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
+            Some(()) = notifications.recv() => {
+                while notifications.try_recv().is_ok() {}
+                wake.notify_one();
+            }
+            // Cancel-safe: Interval::tick.
+            _ = ping.tick() => {
+                match tokio::time::timeout(ping_timeout, client.simple_query("")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => {
+                        return Err((true, Error::Sql {
+                            role: DatabaseRole::Source,
+                            action: "pinging the listener".into(),
+                            source: err,
+                        }));
+                    }
+                    Err(_) => return Err((true, timeout_error("pinging the listener"))),
+                }
+            }
+        }
+    }
+}
+
+/// Drives the session and forwards notifications. Ends when the session does.
+async fn drive(
+    mut connection: Connection<Socket, NoTlsStream>,
+    notifications: mpsc::UnboundedSender<()>,
+) -> Result<(), tokio_postgres::Error> {
+    loop {
+        match poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(_))) => {
+                let _ = notifications.send(());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(err),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn timeout_error(action: &str) -> Error {
+    Error::Timeout {
+        role: DatabaseRole::Source,
+        action: action.to_string(),
+    }
+}
+
+async fn record_failure(pools: &Pools, err: &Error, attempt: u32) {
+    let failure = sync_errors::Failure {
+        error_type: ErrorType::RealtimeSyncConnectionError,
+        table: None,
+        record_id: None,
+        message: crate::error::chain(err),
+        stack_trace: sync_errors::stack_trace(err),
+        metadata: sync_errors::metadata(None, "listen", err.postgres(), attempt),
+        retry_in: None,
+    };
+    match pools.target().await {
+        Ok(target) => {
+            let record = sync_errors::record(&**target, &failure);
+            let outcome = tokio::time::timeout(Duration::from_secs(10), record)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        role: DatabaseRole::Target,
+                        action: "recording a listener failure".into(),
+                    })
+                });
+            if let Err(err) = outcome {
+                warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors");
+            }
+        }
+        Err(err) => {
+            warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors")
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,104 @@
+//! Replication progress, kept in the target (`rowsync_progress`), one row per table.
+//!
+//! The stored value is a source `pg_snapshot` (as text): every source transaction visible in it has
+//! been applied. It only ever moves inside the same target transaction as the rows it covers, and
+//! only from the value the mover read under `FOR UPDATE` (compare-and-set), so a crash at any moment,
+//! or a second process, can never skip or double-apply a batch.
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::ToStatement;
+
+use crate::config::DatabaseRole;
+use crate::error::{Result, SqlContext};
+
+/// Creates the table's progress row if it has none (snapshot NULL: not copied yet).
+pub(crate) async fn ensure_row(client: &impl GenericClient, table: &str) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO rowsync_progress (table_name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&table],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("creating the progress row of {table}")
+        })?;
+    Ok(())
+}
+
+/// The applied snapshot, or None when the table was never copied (no row, or NULL).
+pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT snapshot FROM rowsync_progress WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("reading the progress of {table}")
+        })?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// `$1` table: the snapshot, locked until the transaction ends. (Public so the hot path can
+/// prepare it once per session and pass the statement to [`lock_with`].)
+pub(crate) const LOCK: &str =
+    "SELECT snapshot FROM rowsync_progress WHERE table_name = $1 FOR UPDATE";
+
+/// `$1` table, `$2` snapshot, `$3` whether this is a (re)copy. (See [`advance_with`].)
+pub(crate) const ADVANCE: &str = "UPDATE rowsync_progress \
+        SET snapshot = $2, updated_at = now(), \
+            copied_at = CASE WHEN $3 THEN now() ELSE copied_at END \
+      WHERE table_name = $1";
+
+/// Like [`load`], but locks the row until the transaction ends: nobody else moves it meanwhile.
+pub(crate) async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+    lock_with(client, LOCK, table).await
+}
+
+/// [`lock`] with `statement`: [`LOCK`] as text or prepared.
+pub(crate) async fn lock_with<S>(
+    client: &impl GenericClient,
+    statement: &S,
+    table: &str,
+) -> Result<Option<String>>
+where
+    S: ?Sized + ToStatement + Sync + Send,
+{
+    let row = client
+        .query_opt(statement, &[&table])
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("locking the progress of {table}")
+        })?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// Records `snapshot` as applied. Call only in the transaction that applied it, after [`lock`].
+pub(crate) async fn advance(
+    client: &impl GenericClient,
+    table: &str,
+    snapshot: &str,
+    copied: bool,
+) -> Result<()> {
+    advance_with(client, ADVANCE, table, snapshot, copied).await
+}
+
+/// [`advance`] with `statement`: [`ADVANCE`] as text or prepared.
+pub(crate) async fn advance_with<S>(
+    client: &impl GenericClient,
+    statement: &S,
+    table: &str,
+    snapshot: &str,
+    copied: bool,
+) -> Result<()>
+where
+    S: ?Sized + ToStatement + Sync + Send,
+{
+    client
+        .execute(statement, &[&table, &snapshot, &copied])
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("recording the progress of {table}")
+        })?;
+    Ok(())
+}
