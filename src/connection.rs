@@ -202,11 +202,11 @@ pub(crate) async fn end_abandoned_sessions(
         })
 }
 
-/// Bounds a driver call on the client side and names it: a timeout becomes [`Error::Timeout`], a
-/// driver error [`Error::Sql`] with `action` as context.
-pub(crate) trait Within<T>:
-    Future<Output = Result<T, tokio_postgres::Error>> + Sized
-{
+/// Bounds a call on the client side and names it: the one way rowsync waits for a server.
+///
+/// Works on driver calls (whose error becomes [`Error::Sql`] with `action` as context) and on
+/// rowsync's own calls (whose errors pass through); running out of time is [`Error::Timeout`].
+pub(crate) trait Within<T, E: IntoError>: Future<Output = Result<T, E>> + Sized {
     async fn within(
         self,
         limit: Duration,
@@ -214,11 +214,7 @@ pub(crate) trait Within<T>:
         action: impl FnOnce() -> String,
     ) -> Result<T> {
         match tokio::time::timeout(limit, self).await {
-            Ok(result) => result.map_err(|source| Error::Sql {
-                role,
-                action: action(),
-                source,
-            }),
+            Ok(result) => result.map_err(|err| err.into_error(role, action)),
             Err(_) => Err(Error::Timeout {
                 role,
                 action: action(),
@@ -227,21 +223,27 @@ pub(crate) trait Within<T>:
     }
 }
 
-impl<T, F: Future<Output = Result<T, tokio_postgres::Error>>> Within<T> for F {}
+impl<T, E: IntoError, F: Future<Output = Result<T, E>>> Within<T, E> for F {}
 
-/// Like [`Within`], for calls that already return rowsync's errors.
-pub(crate) async fn bounded<T>(
-    limit: Duration,
-    role: DatabaseRole,
-    action: &str,
-    call: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(Error::Timeout {
+/// An error a bounded call can end with.
+pub(crate) trait IntoError {
+    fn into_error(self, role: DatabaseRole, action: impl FnOnce() -> String) -> Error;
+}
+
+impl IntoError for tokio_postgres::Error {
+    fn into_error(self, role: DatabaseRole, action: impl FnOnce() -> String) -> Error {
+        Error::Sql {
             role,
-            action: action.to_string(),
-        })
-    })
+            action: action(),
+            source: self,
+        }
+    }
+}
+
+impl IntoError for Error {
+    fn into_error(self, _: DatabaseRole, _: impl FnOnce() -> String) -> Error {
+        self
+    }
 }
 
 fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {

@@ -18,6 +18,7 @@ use crate::connection::Pools;
 use crate::error::{Error, Result, SqlContext};
 use crate::ops::telemetry::Telemetry;
 use crate::runtime::daemon;
+use crate::runtime::requests::SweepRequests;
 use crate::runtime::shutdown;
 use rowsync_sandbox::{LocalServer, ServerOptions};
 
@@ -134,12 +135,13 @@ async fn run_demo(
     let stats = Arc::new(Telemetry::new());
     let stop_daemon = CancellationToken::new();
     let pools = Pools::new(&settings)?;
-    let daemon = tokio::spawn(daemon::run(
-        settings.clone(),
-        pools.clone(),
-        stats.clone(),
-        stop_daemon.clone(),
-    ));
+    let context = daemon::Context {
+        settings: settings.clone(),
+        pools: pools.clone(),
+        telemetry: stats.clone(),
+        requests: Arc::new(SweepRequests::default()),
+    };
+    let daemon = tokio::spawn(daemon::run(context, stop_daemon.clone()));
 
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -248,7 +250,7 @@ async fn show(
         .await
         .context(DatabaseRole::Source, || "reading the journal".into())?
         .get(0);
-    let s = stats.snapshot();
+    let s = stats.figures();
     say(&format!(
         "{:>4.0}s  backend {source_rows:>5} users  chat {target_rows:>5} users  pending {pending:>4}  \
          synced: +{} created  ~{} updated  -{} deleted  ({} batches)",

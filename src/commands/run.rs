@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::ops::http;
 use crate::ops::systemd::Notifier;
 use crate::ops::telemetry::{Role, Telemetry, rfc3339};
-use crate::runtime::daemon;
+use crate::runtime::daemon::{self, Context};
+use crate::runtime::requests::SweepRequests;
 use crate::runtime::shutdown;
 
 /// Runs until SIGTERM or SIGINT, then lets the in-flight batch finish within
@@ -28,10 +29,14 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
         tables = ?settings.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "rowsync starting"
     );
+    let context = Context {
+        settings: settings.clone(),
+        pools: pools.clone(),
+        telemetry: telemetry.clone(),
+        requests: Arc::new(SweepRequests::default()),
+    };
     let http = match settings.health_addr {
-        Some(addr) => {
-            Some(http::serve(addr, telemetry.clone(), settings.clone(), pools.clone()).await?)
-        }
+        Some(addr) => Some(http::serve(addr, context.clone()).await?),
         None => None,
     };
     let notifier = Arc::new(Notifier::from_env());
@@ -42,12 +47,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
         token.clone(),
     ));
 
-    let mut daemon = tokio::spawn(daemon::run(
-        settings.clone(),
-        pools.clone(),
-        telemetry.clone(),
-        token.clone(),
-    ));
+    let mut daemon = tokio::spawn(daemon::run(context, token.clone()));
     // Everything after a signal, HTTP connections included, must end by this deadline.
     let mut deadline = None;
     let result = tokio::select! {
@@ -113,10 +113,10 @@ async fn notify_systemd(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let snapshot = telemetry.snapshot();
+        let figures = telemetry.figures();
         let alive = telemetry.heartbeat_age() < fresh;
         if !ready {
-            if snapshot.caught_up || snapshot.role == Role::Standby {
+            if figures.caught_up || figures.role == Role::Standby {
                 notifier.ready();
                 ready = true;
             } else if alive {
@@ -127,7 +127,7 @@ async fn notify_systemd(
         if alive && watchdog.is_some() {
             notifier.watchdog();
         }
-        let status = status_line(&snapshot, &settings);
+        let status = status_line(&figures, &settings);
         if status != last_status {
             notifier.status(&status);
             last_status = status;
@@ -136,15 +136,12 @@ async fn notify_systemd(
 }
 
 /// One line for `systemctl status`.
-pub(crate) fn status_line(
-    snapshot: &crate::ops::telemetry::Snapshot,
-    settings: &Settings,
-) -> String {
-    match snapshot.role {
+pub(crate) fn status_line(figures: &crate::ops::telemetry::Figures, settings: &Settings) -> String {
+    match figures.role {
         Role::Starting => "starting".to_string(),
         Role::Standby => "standby: another rowsync is active".to_string(),
         Role::Active => {
-            let sweep = match &snapshot.last_sweep {
+            let sweep = match &figures.last_sweep {
                 Some(s) => format!(
                     "last sweep {}: {} created, {} updated, {} deleted, {} unchanged, {} failed in {} ms",
                     rfc3339(s.finished_at),
@@ -159,10 +156,10 @@ pub(crate) fn status_line(
             };
             format!(
                 "active; {sweep}; lag {}; real-time {}; every {} s",
-                snapshot
+                figures
                     .lag_seconds
                     .map_or("n/a".to_string(), |lag| format!("{lag:.2} s")),
-                snapshot.listener.as_str(),
+                figures.listener.as_str(),
                 settings.sync_interval.as_secs_f64()
             )
         }
@@ -170,7 +167,7 @@ pub(crate) fn status_line(
 }
 
 fn log_final(telemetry: &Telemetry) {
-    let stats = telemetry.snapshot();
+    let stats = telemetry.figures();
     info!(
         batches = stats.batches,
         sweeps = stats.sweeps,

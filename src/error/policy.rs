@@ -6,16 +6,40 @@
 
 use tokio_postgres::error::SqlState;
 
+use super::Error;
+
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Disposition {
+pub(crate) enum Action {
     /// Likely to succeed if tried again after a pause: connection loss, deadlock, timeouts, overload.
-    Transient,
+    Retry,
     /// The target rejects this particular row (constraint, bad value, missing column): isolate it,
     /// record it, retry it on later sweeps, let every other row through.
-    RowRejected,
+    IsolateRow,
     /// Anything else: a bug or a misconfiguration that retrying will not fix.
-    Fatal,
+    GiveUp,
+}
+
+/// The decision about one error: what to do, and how `sync_errors` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub(crate) action: Action,
+    pub(crate) error_type: ErrorType,
+}
+
+impl Decision {
+    const fn new(action: Action, error_type: ErrorType) -> Self {
+        Self { action, error_type }
+    }
+
+    pub(crate) fn retry(self) -> bool {
+        self.action == Action::Retry
+    }
+
+    /// The session is gone (or going): nothing more can be done in its transaction.
+    pub(crate) fn connection_lost(self) -> bool {
+        self == Self::new(Action::Retry, ErrorType::ConnectionError)
+    }
 }
 
 /// `sync_errors.error_type` values.
@@ -46,19 +70,34 @@ impl ErrorType {
     }
 }
 
-/// Classifies a driver error.
-pub(crate) fn classify(error: &tokio_postgres::Error) -> (Disposition, ErrorType) {
-    match error.code() {
-        Some(code) => classify_sqlstate(code),
-        // No SQLSTATE: the connection broke (I/O error, closed, or protocol trouble).
-        None => (Disposition::Transient, ErrorType::ConnectionError),
+/// The decision about any error of ours.
+pub(crate) fn decide(error: &Error) -> Decision {
+    match error {
+        // The server did not answer in time: as good as a lost connection (it is given up).
+        Error::Timeout { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
+        Error::Pool { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
+        other => match other.postgres() {
+            Some(driver) => decide_driver(driver),
+            None => Decision::new(Action::GiveUp, ErrorType::SyncError),
+        },
     }
 }
 
-/// Classifies a SQLSTATE.
-pub(crate) fn classify_sqlstate(code: &SqlState) -> (Disposition, ErrorType) {
-    let code_str = code.code();
-    let class = &code_str[..2.min(code_str.len())];
+/// The decision about a driver error: by SQLSTATE, or, without one, a broken connection.
+pub(crate) fn decide_driver(error: &tokio_postgres::Error) -> Decision {
+    if error.is_closed() {
+        return Decision::new(Action::Retry, ErrorType::ConnectionError);
+    }
+    match error.code() {
+        Some(code) => decide_sqlstate(code),
+        // No SQLSTATE: the connection broke (I/O error, closed, or protocol trouble).
+        None => Decision::new(Action::Retry, ErrorType::ConnectionError),
+    }
+}
+
+/// The decision about a SQLSTATE.
+pub(crate) fn decide_sqlstate(code: &SqlState) -> Decision {
+    use Action::{GiveUp, IsolateRow, Retry};
     if [
         SqlState::QUERY_CANCELED,
         SqlState::LOCK_NOT_AVAILABLE,
@@ -66,38 +105,40 @@ pub(crate) fn classify_sqlstate(code: &SqlState) -> (Disposition, ErrorType) {
     ]
     .contains(code)
     {
-        return (Disposition::Transient, ErrorType::Timeout);
+        return Decision::new(Retry, ErrorType::Timeout);
     }
-    match class {
+    let code_str = code.code();
+    let (action, error_type) = match &code_str[..2.min(code_str.len())] {
         // connection_exception; admin/crash shutdown, cannot_connect_now (57P01..57P03)
-        "08" => (Disposition::Transient, ErrorType::ConnectionError),
-        "57" => (Disposition::Transient, ErrorType::ConnectionError),
+        "08" | "57" => (Retry, ErrorType::ConnectionError),
         // insufficient_resources: too_many_connections, out of memory, disk full
-        "53" => (Disposition::Transient, ErrorType::ConnectionError),
+        "53" => (Retry, ErrorType::ConnectionError),
         // transaction_rollback: serialization_failure, deadlock_detected
-        "40" => (Disposition::Transient, ErrorType::Timeout),
+        "40" => (Retry, ErrorType::Timeout),
         // system error (I/O)
-        "58" => (Disposition::Transient, ErrorType::ConnectionError),
-        "23" => (Disposition::RowRejected, ErrorType::ConstraintViolation),
-        "22" => (Disposition::RowRejected, ErrorType::DataError),
+        "58" => (Retry, ErrorType::ConnectionError),
+        "23" => (IsolateRow, ErrorType::ConstraintViolation),
+        "22" => (IsolateRow, ErrorType::DataError),
         "42" if code == &SqlState::INSUFFICIENT_PRIVILEGE => {
-            (Disposition::RowRejected, ErrorType::PermissionDenied)
+            (IsolateRow, ErrorType::PermissionDenied)
         }
         // syntax_error_or_access_rule_violation: undefined column or table, datatype mismatch
-        "42" => (Disposition::RowRejected, ErrorType::SchemaMismatch),
+        "42" => (IsolateRow, ErrorType::SchemaMismatch),
         // a trigger or rule in the target raised an exception for this row
-        "P0" | "44" | "27" => (Disposition::RowRejected, ErrorType::ConstraintViolation),
-        _ => (Disposition::Fatal, ErrorType::SyncError),
-    }
+        "P0" | "44" | "27" => (IsolateRow, ErrorType::ConstraintViolation),
+        _ => (GiveUp, ErrorType::SyncError),
+    };
+    Decision::new(action, error_type)
 }
 
-/// Whether an error of ours, wherever it came from, is worth retrying.
-pub(crate) fn is_transient(error: &crate::error::Error) -> bool {
+/// Whether a call failed waiting for a lock (lock_timeout, or statement_timeout while waiting, or
+/// our own bound on the call).
+pub(crate) fn waited_for_a_lock(error: &Error) -> bool {
     match error {
-        crate::error::Error::Pool { .. } | crate::error::Error::Timeout { .. } => true,
-        other => other
-            .postgres()
-            .is_some_and(|e| classify(e).0 == Disposition::Transient),
+        Error::Timeout { .. } => true,
+        other => other.postgres().and_then(|e| e.code()).is_some_and(|code| {
+            code == &SqlState::LOCK_NOT_AVAILABLE || code == &SqlState::QUERY_CANCELED
+        }),
     }
 }
 
@@ -105,8 +146,8 @@ pub(crate) fn is_transient(error: &crate::error::Error) -> bool {
 mod tests {
     use super::*;
 
-    fn classify_code(code: &str) -> (Disposition, ErrorType) {
-        classify_sqlstate(&SqlState::from_code(code))
+    fn classify_code(code: &str) -> Decision {
+        decide_sqlstate(&SqlState::from_code(code))
     }
 
     #[test]
@@ -125,7 +166,7 @@ mod tests {
         ] {
             assert_eq!(
                 classify_code(code),
-                (Disposition::Transient, kind),
+                Decision::new(Action::Retry, kind),
                 "{code}"
             );
         }
@@ -148,7 +189,7 @@ mod tests {
         ] {
             assert_eq!(
                 classify_code(code),
-                (Disposition::RowRejected, kind),
+                Decision::new(Action::IsolateRow, kind),
                 "{code}"
             );
         }
@@ -156,7 +197,7 @@ mod tests {
 
     #[test]
     fn unknown_failures_are_fatal() {
-        assert_eq!(classify_code("XX000").0, Disposition::Fatal); // internal_error
-        assert_eq!(classify_code("0A000").0, Disposition::Fatal); // feature_not_supported
+        assert_eq!(classify_code("XX000").action, Action::GiveUp); // internal_error
+        assert_eq!(classify_code("0A000").action, Action::GiveUp); // feature_not_supported
     }
 }

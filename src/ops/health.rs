@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::Settings;
-use crate::ops::telemetry::{Role, Snapshot};
+use crate::ops::telemetry::{Figures, Role};
 use crate::source::listener::ListenerState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,7 +66,7 @@ pub(crate) struct PoolUsage {
 }
 
 pub(crate) fn evaluate(
-    snapshot: &Snapshot,
+    figures: &Figures,
     settings: &Settings,
     pools: &[(&'static str, PoolUsage)],
     now: SystemTime,
@@ -81,8 +81,8 @@ pub(crate) fn evaluate(
         checks.insert(name, check);
     };
 
-    if snapshot.role == Role::Active {
-        let duration = snapshot
+    if figures.role == Role::Active {
+        let duration = figures
             .last_sweep
             .as_ref()
             .map_or(0.0, |s| s.duration.as_secs_f64());
@@ -104,11 +104,11 @@ pub(crate) fn evaluate(
         add(
             "realtime",
             Check {
-                ok: snapshot.listener == ListenerState::Listening,
+                ok: figures.listener == ListenerState::Listening,
                 severity: Severity::Warning,
-                value: json!(snapshot.listener.as_str()),
+                value: json!(figures.listener.as_str()),
                 threshold: json!("listening"),
-                message: format!("the LISTEN connection is {}", snapshot.listener.as_str()),
+                message: format!("the LISTEN connection is {}", figures.listener.as_str()),
             },
             "The real-time path is not listening; changes still arrive by polling and sweeps. Check \
              that the source accepts connections (sync_errors has REALTIME_SYNC_CONNECTION_ERROR \
@@ -116,12 +116,12 @@ pub(crate) fn evaluate(
                 .into(),
         );
 
-        let since_sweep = snapshot
+        let since_sweep = figures
             .last_sweep
             .as_ref()
-            .map_or(snapshot.started_at, |s| s.finished_at);
+            .map_or(figures.started_at, |s| s.finished_at);
         let overdue_after = 3.0 * interval
-            + snapshot
+            + figures
                 .last_sweep
                 .as_ref()
                 .map_or(0.0, |s| s.duration.as_secs_f64());
@@ -143,7 +143,7 @@ pub(crate) fn evaluate(
                 .into(),
         );
 
-        let broken: Vec<&String> = snapshot
+        let broken: Vec<&String> = figures
             .tables
             .iter()
             .filter(|(_, t)| t.capture_intact == Some(false))
@@ -168,7 +168,7 @@ pub(crate) fn evaluate(
                 .into(),
         );
 
-        let lag = snapshot.lag_seconds;
+        let lag = figures.lag_seconds;
         let lag_ok = lag.is_some_and(|lag| lag <= interval);
         let lag_critical = lag.is_none_or(|lag| lag > 3.0 * interval);
         add(
@@ -196,13 +196,13 @@ pub(crate) fn evaluate(
     add(
         "error_rate",
         Check {
-            ok: snapshot.error_rate <= 0.01,
+            ok: figures.error_rate <= 0.01,
             severity: Severity::Warning,
-            value: json!(snapshot.error_rate),
+            value: json!(figures.error_rate),
             threshold: json!(0.01),
             message: format!(
                 "{:.2}% of the last ten minutes' work failed",
-                snapshot.error_rate * 100.0
+                figures.error_rate * 100.0
             ),
         },
         "More than 1% of recent work failed: SELECT * FROM sync_errors WHERE resolved = FALSE \
@@ -213,11 +213,11 @@ pub(crate) fn evaluate(
     add(
         "consecutive_failures",
         Check {
-            ok: snapshot.consecutive_failures <= 5,
+            ok: figures.consecutive_failures <= 5,
             severity: Severity::Critical,
-            value: json!(snapshot.consecutive_failures),
+            value: json!(figures.consecutive_failures),
             threshold: json!(5),
-            message: format!("{} attempts in a row failed", snapshot.consecutive_failures),
+            message: format!("{} attempts in a row failed", figures.consecutive_failures),
         },
         "Syncing keeps failing: check that both databases accept connections from rowsync \
          (psql \"$SOURCE_DATABASE_URL\" -c 'SELECT 1'), and the latest sync_errors rows."
@@ -269,7 +269,7 @@ pub(crate) fn evaluate(
         Status::Healthy
     };
     if recommendations.is_empty() {
-        recommendations.push(match snapshot.role {
+        recommendations.push(match figures.role {
             Role::Standby => "Standing by: another rowsync process is active; this one takes over \
                               if it stops."
                 .into(),
@@ -278,7 +278,7 @@ pub(crate) fn evaluate(
     }
     Health {
         status,
-        role: snapshot.role,
+        role: figures.role,
         checks,
         recommendations,
     }

@@ -53,6 +53,7 @@ use crate::error::{Error, Result};
 use crate::ops::health::{self, PoolUsage, Status};
 use crate::ops::metrics;
 use crate::ops::telemetry::{Role, Telemetry, rfc3339};
+use crate::runtime::daemon::Context;
 
 /// Longest wait for a request's head (its request line and headers).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,12 +62,8 @@ pub(crate) const MAX_BODY_BYTES: u64 = 64 * 1024;
 /// Connections served at once.
 pub(crate) const MAX_CONNECTIONS: usize = 64;
 
-#[derive(Clone)]
-struct AppState {
-    telemetry: Arc<Telemetry>,
-    settings: Arc<Settings>,
-    pools: Pools,
-}
+/// What the handlers read: the daemon's figures, settings and pools, and where sweep requests go.
+type AppState = Context;
 
 /// The running listener.
 pub(crate) struct Server {
@@ -90,12 +87,7 @@ impl Server {
 
 /// Binds `addr` and serves until [`Server::stop`]. Binding happens before this returns, so a taken
 /// port is reported at start-up.
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    telemetry: Arc<Telemetry>,
-    settings: Arc<Settings>,
-    pools: Pools,
-) -> Result<Server> {
+pub(crate) async fn serve(addr: SocketAddr, state: Context) -> Result<Server> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Io {
@@ -106,14 +98,9 @@ pub(crate) async fn serve(
         })?;
     tracing::info!(
         addr = %addr,
-        token = settings.health_token.is_some(),
+        token = state.settings.health_token.is_some(),
         "serving /health, /status, /metrics and POST /sync"
     );
-    let state = AppState {
-        telemetry,
-        settings,
-        pools,
-    };
     let app = Router::new()
         .route("/health", get(health_handler))
         .route("/status", get(status_handler))
@@ -281,9 +268,9 @@ fn pool_usage(pools: &Pools) -> [(&'static str, PoolUsage); 2] {
 }
 
 async fn health_handler(State(state): State<AppState>) -> Response {
-    let snapshot = state.telemetry.snapshot();
+    let figures = state.telemetry.figures();
     let health = health::evaluate(
-        &snapshot,
+        &figures,
         &state.settings,
         &pool_usage(&state.pools),
         SystemTime::now(),
@@ -298,11 +285,11 @@ async fn health_handler(State(state): State<AppState>) -> Response {
 
 /// The `/status` document.
 pub(crate) fn status_document(telemetry: &Telemetry, settings: &Settings, pools: &Pools) -> Value {
-    let snapshot = telemetry.snapshot();
+    let figures = telemetry.figures();
     let usage = pool_usage(pools);
-    let health = health::evaluate(&snapshot, settings, &usage, SystemTime::now());
-    let totals = snapshot.totals;
-    let tables: serde_json::Map<String, Value> = snapshot
+    let health = health::evaluate(&figures, settings, &usage, SystemTime::now());
+    let totals = figures.totals;
+    let tables: serde_json::Map<String, Value> = figures
         .tables
         .iter()
         .map(|(name, figures)| {
@@ -323,27 +310,27 @@ pub(crate) fn status_document(telemetry: &Telemetry, settings: &Settings, pools:
         .collect();
     json!({
         "totalSynced": totals.created + totals.updated + totals.deleted,
-        "lastSyncTime": snapshot.last_sweep.as_ref().map(|s| rfc3339(s.finished_at)),
-        "lastSyncDuration": snapshot.last_sweep.as_ref().map(|s| s.duration.as_millis() as u64),
-        "errors": snapshot.errors,
-        "consecutiveFailures": snapshot.consecutive_failures,
-        "isRealTimeActive": snapshot.listener == crate::source::listener::ListenerState::Listening,
-        "isSyncInProgress": snapshot.sweep_in_progress,
+        "lastSyncTime": figures.last_sweep.as_ref().map(|s| rfc3339(s.finished_at)),
+        "lastSyncDuration": figures.last_sweep.as_ref().map(|s| s.duration.as_millis() as u64),
+        "errors": figures.errors,
+        "consecutiveFailures": figures.consecutive_failures,
+        "isRealTimeActive": figures.listener == crate::source::listener::ListenerState::Listening,
+        "isSyncInProgress": figures.sweep_in_progress,
         "healthStatus": health,
-        "lagSeconds": snapshot.lag_seconds,
-        "yielding": snapshot.yielding.map(|y| json!({
+        "lagSeconds": figures.lag_seconds,
+        "yielding": figures.yielding.map(|y| json!({
             "since": rfc3339(y.since),
             "sourceActiveSessions": y.active_sessions,
         })),
-        "yieldedSeconds": snapshot.yielded.as_secs_f64(),
-        "sourceActiveSessions": snapshot.source_active_sessions,
-        "role": snapshot.role,
-        "caughtUp": snapshot.caught_up,
-        "startedAt": rfc3339(snapshot.started_at),
-        "batches": snapshot.batches,
-        "sweeps": snapshot.sweeps,
-        "errorRate": snapshot.error_rate,
-        "errorsByType": snapshot.errors_by_type,
+        "yieldedSeconds": figures.yielded.as_secs_f64(),
+        "sourceActiveSessions": figures.source_active_sessions,
+        "role": figures.role,
+        "caughtUp": figures.caught_up,
+        "startedAt": rfc3339(figures.started_at),
+        "batches": figures.batches,
+        "sweeps": figures.sweeps,
+        "errorRate": figures.error_rate,
+        "errorsByType": figures.errors_by_type,
         "totals": totals,
         "tables": tables,
         "pools": usage.iter().map(|(db, u)| (db.to_string(), json!(u))).collect::<serde_json::Map<_, _>>(),
@@ -360,7 +347,7 @@ async fn status_handler(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
-    let text = metrics::render(&state.telemetry.snapshot(), &pool_usage(&state.pools));
+    let text = metrics::render(&state.telemetry.figures(), &pool_usage(&state.pools));
     (
         [(
             header::CONTENT_TYPE,
@@ -372,7 +359,7 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
 }
 
 async fn sync_handler(State(state): State<AppState>) -> Response {
-    if state.telemetry.snapshot().role != Role::Active {
+    if state.telemetry.figures().role != Role::Active {
         return (
             StatusCode::CONFLICT,
             Json(
@@ -381,7 +368,8 @@ async fn sync_handler(State(state): State<AppState>) -> Response {
         )
             .into_response();
     }
-    if state.telemetry.request_sweep() {
+    // While a sweep runs, that sweep is the answer: nothing more is queued.
+    if !state.telemetry.figures().sweep_in_progress && state.requests.request() {
         (
             StatusCode::ACCEPTED,
             Json(json!({"status": "started", "message": "a sweep starts now"})),

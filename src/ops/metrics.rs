@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::ops::health::PoolUsage;
-use crate::ops::telemetry::{SWEEP_BUCKETS, Snapshot};
+use crate::ops::telemetry::{Figures, SWEEP_BUCKETS};
 
 pub const CHANGES_APPLIED: &str = "rowsync_changes_applied_total";
 pub const SYNC_ERRORS: &str = "rowsync_sync_errors_total";
@@ -26,7 +26,7 @@ pub const YIELDED_SECONDS: &str = "rowsync_yielded_seconds_total";
 pub const SOURCE_ACTIVE_SESSIONS: &str = "rowsync_source_active_sessions";
 
 /// Renders every metric.
-pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -> String {
+pub(crate) fn render(figures: &Figures, pools: &[(&'static str, PoolUsage)]) -> String {
     let mut out = String::new();
 
     let name = family(
@@ -36,7 +36,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         "Rows processed into the target, by table and outcome.",
     );
     let mut lines = String::new();
-    for (table, figures) in &snapshot.tables {
+    for (table, figures) in &figures.tables {
         let c = figures.counts;
         for (operation, value) in [
             ("created", c.created),
@@ -61,7 +61,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         "Failures recorded in sync_errors, by error_type.",
     );
     let mut lines = String::new();
-    for (kind, value) in &snapshot.errors_by_type {
+    for (kind, value) in &figures.errors_by_type {
         let _ = writeln!(lines, "{name}{{type=\"{}\"}} {value}", label(kind));
     }
     push(&mut out, &lines);
@@ -74,7 +74,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
     );
     push(
         &mut out,
-        &format!("{name} {}\n", snapshot.lag_seconds.unwrap_or(f64::NAN)),
+        &format!("{name} {}\n", figures.lag_seconds.unwrap_or(f64::NAN)),
     );
 
     let name = family(
@@ -85,7 +85,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
     );
     push(
         &mut out,
-        &format!("{name} {}\n", u8::from(snapshot.yielding.is_some())),
+        &format!("{name} {}\n", u8::from(figures.yielding.is_some())),
     );
     let name = family(
         &mut out,
@@ -95,7 +95,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
     );
     push(
         &mut out,
-        &format!("{name} {}\n", snapshot.yielded.as_secs_f64()),
+        &format!("{name} {}\n", figures.yielded.as_secs_f64()),
     );
     let name = family(
         &mut out,
@@ -107,7 +107,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         &mut out,
         &format!(
             "{name} {}\n",
-            snapshot.source_active_sessions.map_or(f64::NAN, f64::from)
+            figures.source_active_sessions.map_or(f64::NAN, f64::from)
         ),
     );
 
@@ -117,7 +117,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         "histogram",
         "Duration of sweeps, in seconds.",
     );
-    let h = &snapshot.sweep_durations;
+    let h = &figures.sweep_durations;
     let mut lines = String::new();
     for (i, bound) in SWEEP_BUCKETS.iter().enumerate() {
         let value = h.cumulative.get(i).copied().unwrap_or(0);
@@ -135,7 +135,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         "Journaled source changes not yet applied, by table (as of the last sweep).",
     );
     let mut lines = String::new();
-    for (table, figures) in &snapshot.tables {
+    for (table, figures) in &figures.tables {
         if let Some(pending) = figures.pending {
             let _ = writeln!(lines, "{name}{{table=\"{}\"}} {pending}", label(table));
         }
@@ -149,7 +149,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
         "Rows the target rejected that wait for a retry, by table.",
     );
     let mut lines = String::new();
-    for (table, figures) in &snapshot.tables {
+    for (table, figures) in &figures.tables {
         let _ = writeln!(
             lines,
             "{name}{{table=\"{}\"}} {}",
@@ -179,7 +179,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
             "gauge",
             "1 while the LISTEN connection is listening.",
             f64::from(u8::from(
-                snapshot.listener == crate::source::listener::ListenerState::Listening,
+                figures.listener == crate::source::listener::ListenerState::Listening,
             )),
         ),
         (
@@ -187,26 +187,21 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
             "gauge",
             "1 while this process is the active applier (0: standby or starting).",
             f64::from(u8::from(
-                snapshot.role == crate::ops::telemetry::Role::Active,
+                figures.role == crate::ops::telemetry::Role::Active,
             )),
         ),
         (
             BATCHES,
             "counter",
             "Batches applied.",
-            snapshot.batches as f64,
+            figures.batches as f64,
         ),
-        (
-            SWEEPS,
-            "counter",
-            "Sweeps finished.",
-            snapshot.sweeps as f64,
-        ),
+        (SWEEPS, "counter", "Sweeps finished.", figures.sweeps as f64),
         (
             FAILED_ATTEMPTS,
             "counter",
             "Failed attempts (batches, sweeps, listener connections).",
-            snapshot.errors as f64,
+            figures.errors as f64,
         ),
     ];
     for (metric, kind, help, value) in gauges {
@@ -221,7 +216,7 @@ pub(crate) fn render(snapshot: &Snapshot, pools: &[(&'static str, PoolUsage)]) -
     );
     push(
         &mut out,
-        &format!("{name} {}\n", snapshot.consecutive_failures),
+        &format!("{name} {}\n", figures.consecutive_failures),
     );
 
     let name = family(&mut out, BUILD_INFO, "gauge", "Build information.");
@@ -280,7 +275,7 @@ mod tests {
                 in_use: 1,
             },
         )];
-        let text = render(&telemetry.snapshot(), &pools);
+        let text = render(&telemetry.figures(), &pools);
         for expected in [
             "rowsync_changes_applied_total{table=\"public.users\",operation=\"created\"} 3",
             "rowsync_sync_errors_total{type=\"CONSTRAINT_VIOLATION\"} 1",

@@ -7,11 +7,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::pipeline::apply::Counts;
 use crate::source::listener::ListenerState;
@@ -84,7 +83,7 @@ pub(crate) struct SweepSummary {
 
 /// A copy of the figures at one moment.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct Snapshot {
+pub(crate) struct Figures {
     pub role: Role,
     #[serde(skip)]
     pub started_at: SystemTime,
@@ -130,12 +129,10 @@ pub(crate) struct Telemetry {
     state: Mutex<State>,
     started: Instant,
     heartbeat_ms: AtomicU64,
-    sweep_request: Notify,
-    sweep_requested: AtomicBool,
 }
 
 struct State {
-    snapshot: Snapshot,
+    figures: Figures,
     /// Per second: (second since start, work done, work failed), the last ten minutes.
     recent: VecDeque<(u64, u64, u64)>,
 }
@@ -152,7 +149,7 @@ impl Telemetry {
     pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                snapshot: Snapshot {
+                figures: Figures {
                     role: Role::Starting,
                     started_at: SystemTime::now(),
                     totals: Counts::default(),
@@ -177,8 +174,6 @@ impl Telemetry {
             }),
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
-            sweep_request: Notify::new(),
-            sweep_requested: AtomicBool::new(false),
         }
     }
 
@@ -189,27 +184,27 @@ impl Telemetry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn snapshot(&self) -> Snapshot {
+    pub(crate) fn figures(&self) -> Figures {
         let now = SystemTime::now();
         let state = self.lock();
-        let mut snapshot = state.snapshot.clone();
+        let mut figures = state.figures.clone();
         let (done, failed) = state
             .recent
             .iter()
             .fold((0, 0), |(d, f), (_, done, failed)| (d + done, f + failed));
-        snapshot.error_rate = if done == 0 {
+        figures.error_rate = if done == 0 {
             0.0
         } else {
             failed as f64 / done as f64
         };
-        snapshot.lag_seconds = snapshot
+        figures.lag_seconds = figures
             .tables
             .values()
             .map(|t| t.applied_as_of)
             .collect::<Option<Vec<_>>>()
             .and_then(|times| times.into_iter().min())
             .map(|oldest| now.duration_since(oldest).unwrap_or_default().as_secs_f64());
-        snapshot
+        figures
     }
 
     /// The sync loop made progress (a call returned, a batch ended, an idle wait passed).
@@ -228,12 +223,12 @@ impl Telemetry {
 
     /// The source's active sessions, as last seen.
     pub(crate) fn source_load(&self, active_sessions: u32) {
-        self.lock().snapshot.source_active_sessions = Some(active_sessions);
+        self.lock().figures.source_active_sessions = Some(active_sessions);
     }
 
     /// rowsync starts deferring its work to a busy source.
     pub(crate) fn yield_started(&self, active_sessions: f64) {
-        self.lock().snapshot.yielding = Some(Yielding {
+        self.lock().figures.yielding = Some(Yielding {
             since: SystemTime::now(),
             active_sessions,
         });
@@ -242,31 +237,31 @@ impl Telemetry {
     /// The yield is over; its duration is added to the total.
     pub(crate) fn yield_ended(&self) {
         let mut state = self.lock();
-        if let Some(yielding) = state.snapshot.yielding.take() {
-            state.snapshot.yielded += yielding.since.elapsed().unwrap_or_default();
+        if let Some(yielding) = state.figures.yielding.take() {
+            state.figures.yielded += yielding.since.elapsed().unwrap_or_default();
         }
     }
 
     pub(crate) fn set_role(&self, role: Role) {
-        self.lock().snapshot.role = role;
+        self.lock().figures.role = role;
     }
 
     pub(crate) fn set_listener(&self, listener: ListenerState) {
-        self.lock().snapshot.listener = listener;
+        self.lock().figures.listener = listener;
     }
 
     pub(crate) fn listener(&self) -> ListenerState {
-        self.lock().snapshot.listener
+        self.lock().figures.listener
     }
 
     /// A listener connection attempt failed (not a sync failure: sweeps and polling go on).
     pub(crate) fn listener_failure(&self) {
-        self.lock().snapshot.errors += 1;
+        self.lock().figures.errors += 1;
     }
 
     pub(crate) fn add_table(&self, table: &str) {
         self.lock()
-            .snapshot
+            .figures
             .tables
             .entry(table.to_string())
             .or_default();
@@ -276,9 +271,9 @@ impl Telemetry {
     pub(crate) fn batch(&self, table: &str, counts: Counts, snapshot_at: SystemTime) {
         let second = self.started.elapsed().as_secs();
         let mut state = self.lock();
-        state.snapshot.totals += counts;
-        state.snapshot.batches += 1;
-        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        state.figures.totals += counts;
+        state.figures.batches += 1;
+        let figures = state.figures.tables.entry(table.to_string()).or_default();
         figures.counts += counts;
         figures.applied_as_of = Some(snapshot_at);
         figures.last_batch_at = Some(SystemTime::now());
@@ -288,13 +283,13 @@ impl Telemetry {
     /// `table` had nothing to apply in the snapshot taken at `snapshot_at`.
     pub(crate) fn checked(&self, table: &str, snapshot_at: SystemTime) {
         let mut state = self.lock();
-        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        let figures = state.figures.tables.entry(table.to_string()).or_default();
         figures.applied_as_of = Some(snapshot_at);
     }
 
     pub(crate) fn set_table_backlog(&self, table: &str, pending: Option<i64>, unresolved: usize) {
         let mut state = self.lock();
-        let figures = state.snapshot.tables.entry(table.to_string()).or_default();
+        let figures = state.figures.tables.entry(table.to_string()).or_default();
         if pending.is_some() {
             figures.pending = pending;
         }
@@ -304,7 +299,7 @@ impl Telemetry {
     pub(crate) fn set_capture(&self, table: &str, intact: bool) {
         let mut state = self.lock();
         state
-            .snapshot
+            .figures
             .tables
             .entry(table.to_string())
             .or_default()
@@ -315,59 +310,41 @@ impl Telemetry {
     pub(crate) fn failure(&self, consecutive: u32) {
         let second = self.started.elapsed().as_secs();
         let mut state = self.lock();
-        state.snapshot.errors += 1;
-        state.snapshot.consecutive_failures = consecutive;
+        state.figures.errors += 1;
+        state.figures.consecutive_failures = consecutive;
         record_recent(&mut state.recent, second, 1, 1);
     }
 
     pub(crate) fn recovered(&self) {
-        self.lock().snapshot.consecutive_failures = 0;
+        self.lock().figures.consecutive_failures = 0;
     }
 
     /// A failure of `error_type` was recorded in sync_errors.
     pub(crate) fn recorded(&self, error_type: &str) {
         *self
             .lock()
-            .snapshot
+            .figures
             .errors_by_type
             .entry(error_type.to_string())
             .or_default() += 1;
     }
 
     pub(crate) fn sweep_started(&self) {
-        self.lock().snapshot.sweep_in_progress = true;
-        self.sweep_requested.store(false, Ordering::SeqCst);
+        self.lock().figures.sweep_in_progress = true;
     }
 
     pub(crate) fn sweep_finished(&self, summary: Option<SweepSummary>) {
         let mut state = self.lock();
-        state.snapshot.sweep_in_progress = false;
+        state.figures.sweep_in_progress = false;
         if let Some(summary) = summary {
-            state.snapshot.sweeps += 1;
+            state.figures.sweeps += 1;
             state
-                .snapshot
+                .figures
                 .sweep_durations
                 .observe(summary.duration.as_secs_f64());
-            state.snapshot.last_sweep = Some(summary);
-            state.snapshot.caught_up = true;
+            state.figures.last_sweep = Some(summary);
+            state.figures.caught_up = true;
         }
-    }
-
-    /// Asks the sync loop for a sweep now. Returns false when one is already running or queued.
-    pub(crate) fn request_sweep(&self) -> bool {
-        if self.lock().snapshot.sweep_in_progress {
-            return false;
-        }
-        if self.sweep_requested.swap(true, Ordering::SeqCst) {
-            return false;
-        }
-        self.sweep_request.notify_one();
-        true
-    }
-
-    /// Resolves when a sweep is requested (cancel-safe).
-    pub(crate) async fn sweep_requested(&self) {
-        self.sweep_request.notified().await;
     }
 }
 
@@ -451,35 +428,24 @@ mod tests {
         );
         telemetry.failure(1);
         telemetry.failure(2);
-        let snapshot = telemetry.snapshot();
-        assert_eq!(snapshot.errors, 2);
-        assert_eq!(snapshot.consecutive_failures, 2);
+        let figures = telemetry.figures();
+        assert_eq!(figures.errors, 2);
+        assert_eq!(figures.consecutive_failures, 2);
         assert!(
-            (snapshot.error_rate - 3.0 / 100.0).abs() < 1e-9,
+            (figures.error_rate - 3.0 / 100.0).abs() < 1e-9,
             "{}",
-            snapshot.error_rate
+            figures.error_rate
         );
-    }
-
-    #[test]
-    fn sweep_requests_are_not_queued_twice() {
-        let telemetry = Telemetry::new();
-        assert!(telemetry.request_sweep());
-        assert!(!telemetry.request_sweep(), "second request while queued");
-        telemetry.sweep_started();
-        assert!(!telemetry.request_sweep(), "request while running");
-        telemetry.sweep_finished(None);
-        assert!(telemetry.request_sweep());
     }
 
     #[test]
     fn lag_is_the_oldest_tables_staleness() {
         let telemetry = Telemetry::new();
-        assert_eq!(telemetry.snapshot().lag_seconds, None);
+        assert_eq!(telemetry.figures().lag_seconds, None);
         let now = SystemTime::now();
         telemetry.checked("a", now - Duration::from_secs(5));
         telemetry.checked("b", now);
-        let lag = telemetry.snapshot().lag_seconds.unwrap();
+        let lag = telemetry.figures().lag_seconds.unwrap();
         assert!((5.0..6.0).contains(&lag), "{lag}");
     }
 }

@@ -44,6 +44,30 @@ impl Layout {
     }
 }
 
+/// A table's change queries, built once: with and without the rows' keys as JSON, and the cleanup
+/// of consumed journal rows.
+#[derive(Debug, Clone)]
+pub(crate) struct ChangeQueries {
+    plain: String,
+    keyed: String,
+    pub(crate) cleanup: String,
+}
+
+impl ChangeQueries {
+    pub(crate) fn new(mapping: &TableMapping, journal: &str) -> Self {
+        Self {
+            plain: change_query(mapping, journal, false),
+            keyed: change_query(mapping, journal, true),
+            cleanup: journal_cleanup(journal),
+        }
+    }
+
+    /// The change query, with each row's key as JSON when `keyed` (see [`change_query`]).
+    pub(crate) fn changes(&self, keyed: bool) -> &str {
+        if keyed { &self.keyed } else { &self.plain }
+    }
+}
+
 /// How a column is selected so that the target can take it (see [`Transfer`]).
 fn select_expr(alias: &str, column: &Column) -> String {
     match column.transfer {

@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{SessionLimits, session_config, with_server_keepalives};
+use crate::connection::{SessionLimits, Within, session_config, with_server_keepalives};
 use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
-use crate::runtime::retry::Backoff;
+use crate::runtime::retry::{Attempts, pause, until_ok};
 
 /// `application_name` of the leader-lock session.
 pub(crate) const APP_LEADER: &str = "rowsync-leader";
@@ -86,103 +86,137 @@ pub(crate) async fn acquire(
     let limits = SessionLimits::from_settings(settings);
     let config = with_server_keepalives(session_config(&settings.target, limits, APP_LEADER));
     let scope = lock_scope(settings);
-    let mut backoff = Backoff::new(&settings.retry);
     let mut said_standby = false;
     loop {
-        if shutdown.is_cancelled() {
-            return Ok(None);
-        }
-        let attempt = tokio::time::timeout(limits.client_timeout(), config.connect(NoTls)).await;
-        let (client, connection) = match attempt {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(err)) => {
-                let delay = backoff.next().unwrap_or(settings.retry.max_delay);
-                warn!(error = %crate::error::chain(&err), retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
-                if sleep_or_shutdown(delay, shutdown).await {
-                    return Ok(None);
-                }
-                continue;
-            }
-            Err(_) => {
-                warn!("connecting for the leader lock timed out");
-                continue;
-            }
-        };
-        backoff = Backoff::new(&settings.retry);
-        let driver = tokio::spawn(connection);
-        let session = tokio::time::timeout(
-            limits.client_timeout(),
-            client.query_one(
-                "SELECT pid, backend_start::text FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()",
-                &[],
-            ),
-        )
-        .await;
-        let session = match session {
-            Ok(Ok(row)) => Backend {
-                pid: row.get(0),
-                started: row.get(1),
+        let session = until_ok(
+            &settings.retry,
+            Attempts::Unlimited,
+            shutdown,
+            || open_lock_session(&config, limits),
+            |error, _, delay| {
+                warn!(error = %crate::error::chain(error), retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
             },
-            _ => {
-                driver.abort();
-                continue;
-            }
+        )
+        .await?;
+        let Some(session) = session else {
+            return Ok(None);
         };
         loop {
             telemetry.beat();
-            let locked = tokio::time::timeout(
-                limits.client_timeout(),
-                client.query_one(
+            let locked = session
+                .client
+                .query_one(
                     "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('rowsync'), pg_catalog.hashtext($1))",
                     &[&scope],
-                ),
-            )
-            .await;
+                )
+                .within(limits.client_timeout(), DatabaseRole::Target, || {
+                    "taking the leader lock".into()
+                })
+                .await;
             match locked {
-                Ok(Ok(row)) if row.get::<_, bool>(0) => {
+                Ok(row) if row.get::<_, bool>(0) => {
                     info!(tables = %scope, "holding the leader lock: this is the active instance");
-                    let lost = CancellationToken::new();
-                    let client = std::sync::Arc::new(client);
-                    let watcher = tokio::spawn(watch(
-                        ClientHandle(client.clone()),
-                        driver,
-                        lost.clone(),
-                        limits,
-                    ));
-                    return Ok(Some(Leadership {
-                        _client: client,
-                        lost,
-                        watcher,
-                        session,
-                    }));
+                    return Ok(Some(session.lead(limits)));
                 }
-                Ok(Ok(_)) if abandoned.is_some() => {
+                Ok(_) if abandoned.is_some() => {
                     if let Some(old) = abandoned.take() {
-                        end_abandoned_lock_session(&client, &old).await;
+                        end_abandoned_lock_session(&session.client, &old).await;
                     }
                 }
-                Ok(Ok(_)) => {
+                Ok(_) => {
                     if !said_standby {
                         info!(tables = %scope, "another rowsync holds the leader lock; standing by to take over");
                         said_standby = true;
                     }
                     telemetry.set_role(Role::Standby);
-                    if sleep_or_shutdown(POLL, shutdown).await {
+                    if !pause(POLL, shutdown).await {
                         return Ok(None);
                     }
                 }
-                Ok(Err(err)) => {
+                Err(err) => {
                     warn!(error = %crate::error::chain(&err), "the leader lock session failed; reconnecting");
-                    break;
-                }
-                Err(_) => {
-                    warn!("the leader lock session does not answer; reconnecting");
                     break;
                 }
             }
         }
-        driver.abort();
     }
+}
+
+/// A connected lock session, not yet holding the lock. Dropping it closes it.
+struct LockSession {
+    client: Client,
+    driver: Driver,
+    backend: Backend,
+}
+
+/// The task driving a session's connection, aborted when dropped (unless handed on).
+struct Driver(Option<tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>>);
+
+impl Driver {
+    fn hand_on(mut self) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+        self.0.take().expect("a driver is handed on once")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.0 {
+            driver.abort();
+        }
+    }
+}
+
+impl LockSession {
+    /// This session holds the lock now: watch it.
+    fn lead(self, limits: SessionLimits) -> Leadership {
+        let lost = CancellationToken::new();
+        let client = std::sync::Arc::new(self.client);
+        let watcher = tokio::spawn(watch(
+            ClientHandle(client.clone()),
+            self.driver.hand_on(),
+            lost.clone(),
+            limits,
+        ));
+        Leadership {
+            _client: client,
+            lost,
+            watcher,
+            session: self.backend,
+        }
+    }
+}
+
+/// Connects the lock session and learns which server session it is.
+async fn open_lock_session(
+    config: &tokio_postgres::Config,
+    limits: SessionLimits,
+) -> Result<LockSession> {
+    let limit = limits.client_timeout();
+    let (client, connection) = config
+        .connect(NoTls)
+        .within(limit, DatabaseRole::Target, || {
+            "connecting for the leader lock".into()
+        })
+        .await?;
+    let driver = Driver(Some(tokio::spawn(connection)));
+    let row = client
+        .query_one(
+            "SELECT pid, backend_start::text FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()",
+            &[],
+        )
+        .within(limit, DatabaseRole::Target, || {
+            "identifying the leader lock session".into()
+        })
+        .await;
+    let row = row?;
+    Ok(LockSession {
+        client,
+        driver,
+        backend: Backend {
+            pid: row.get(0),
+            started: row.get(1),
+        },
+    })
 }
 
 /// Watches the lock session; cancels `lost` as soon as it breaks or stops answering.
@@ -230,14 +264,6 @@ async fn end_abandoned_lock_session(client: &Client, old: &Backend) {
             pid = old.pid,
             "ended this process's abandoned leader-lock session, which still held the lock"
         );
-    }
-}
-
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
     }
 }
 

@@ -3,6 +3,8 @@
 
 pub(crate) mod daemon;
 pub(crate) mod leader;
+pub(crate) mod requests;
 pub(crate) mod retry;
 pub(crate) mod shutdown;
+pub(crate) mod sync_loop;
 pub(crate) mod yielding;

@@ -22,10 +22,13 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
 
-use crate::config::{DatabaseRole, YieldSettings};
-use crate::connection::APP_POOL;
+use crate::config::{DatabaseRole, Settings, YieldSettings};
+use crate::connection::{APP_POOL, SessionLimits, Within};
 use crate::error::{Result, SqlContext};
+use crate::runtime::daemon::Context;
 
 /// Least time between two looks at the source's sessions.
 pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(200);
@@ -36,7 +39,7 @@ const STALE: Duration = Duration::from_secs(1);
 
 /// What rowsync has seen of the source's load, and whether it may yield to it.
 #[derive(Debug)]
-pub(crate) struct SourceLoad {
+struct SourceLoad {
     settings: YieldSettings,
     looks: VecDeque<(Instant, u32)>,
     /// A yield ran its full length: none again until rowsync has caught up.
@@ -105,6 +108,116 @@ impl SourceLoad {
     /// A batch found nothing to apply.
     pub(crate) fn caught_up(&mut self) {
         self.must_catch_up = false;
+    }
+}
+
+/// How a yield to a busy source ended.
+pub(crate) enum Yield {
+    /// Go on applying.
+    Go,
+    /// `POST /sync` asked for a sweep.
+    SweepRequested,
+    Shutdown,
+}
+
+/// The sync loop's side of yielding: looks at the source, and waits while it is busy.
+pub(crate) struct Yielder {
+    load: SourceLoad,
+    /// Client-side bound of each look.
+    limit: Duration,
+}
+
+impl Yielder {
+    pub(crate) fn new(settings: &Settings) -> Self {
+        Self {
+            load: SourceLoad::new(settings.yielding),
+            limit: SessionLimits::from_settings(settings).client_timeout(),
+        }
+    }
+
+    /// A batch found nothing to apply.
+    pub(crate) fn caught_up(&mut self) {
+        self.load.caught_up();
+    }
+
+    /// While the source is busy, defers the next batches, for at most `YIELD_MAX_SECONDS`.
+    pub(crate) async fn yield_if_busy(
+        &mut self,
+        context: &Context,
+        shutdown: &CancellationToken,
+    ) -> Yield {
+        if !self.load.due(Instant::now()) || !self.look(context).await || !self.load.busy() {
+            return Yield::Go;
+        }
+        let started = Instant::now();
+        let mean = self.load.mean().unwrap_or_default();
+        info!(
+            active_sessions = format!("{mean:.1}"),
+            threshold = self.load.threshold(),
+            max_ms = self.load.max().as_millis() as u64,
+            "the source is busy: deferring sync until it is not (changes wait in the journal)"
+        );
+        context.telemetry.yield_started(mean);
+        let outcome = self.wait_until_quiet(context, shutdown, started).await;
+        context.telemetry.yield_ended();
+        info!(
+            yielded_ms = started.elapsed().as_millis() as u64,
+            "resuming sync after yielding to the source"
+        );
+        outcome
+    }
+
+    async fn wait_until_quiet(
+        &mut self,
+        context: &Context,
+        shutdown: &CancellationToken,
+        started: Instant,
+    ) -> Yield {
+        loop {
+            tokio::select! {
+                biased;
+                // Cancel-safe: every arm only waits.
+                _ = shutdown.cancelled() => return Yield::Shutdown,
+                _ = context.requests.requested() => return Yield::SweepRequested,
+                _ = tokio::time::sleep(LOOK_EVERY) => {}
+            }
+            context.telemetry.beat();
+            if started.elapsed() >= self.load.max() {
+                self.load.ran_full_length();
+                info!(
+                    max_ms = self.load.max().as_millis() as u64,
+                    "the source is still busy after the longest yield: catching up now"
+                );
+                return Yield::Go;
+            }
+            // A source rowsync cannot look at is no reason to wait: the next batch will tell.
+            if !self.look(context).await || self.load.quiet() {
+                return Yield::Go;
+            }
+        }
+    }
+
+    /// Counts the source's active sessions into the load; false if it could not.
+    async fn look(&mut self, context: &Context) -> bool {
+        let counted = async {
+            let source = context.pools.source().await?;
+            active_sessions(&**source).await
+        }
+        .within(self.limit, DatabaseRole::Source, || {
+            "counting the source's active sessions".into()
+        })
+        .await;
+        match counted {
+            Ok(active) => {
+                self.load.record(Instant::now(), active);
+                context.telemetry.source_load(active);
+                true
+            }
+            Err(err) => {
+                debug!(error = %crate::error::chain(&err), "could not count the source's active sessions");
+                false
+            }
+        }
     }
 }
 

@@ -25,11 +25,11 @@
 use std::time::Duration;
 
 use deadpool_postgres::Object;
-use tokio_postgres::error::SqlState;
 
 use crate::config::DatabaseRole;
 use crate::connection::Within;
 use crate::error::Result;
+use crate::error::policy::{self, ErrorType};
 
 /// Consumed rows after which rowsync vacuums a journal (about a second at 10,000 changes/s).
 pub(crate) const VACUUM_EVERY_ROWS: u64 = 10_000;
@@ -41,7 +41,7 @@ const SOURCE: DatabaseRole = DatabaseRole::Source;
 
 /// What [`upkeep`] did besides the vacuum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Truncation {
+enum Truncation {
     /// The journal was small enough to leave alone.
     NotNeeded,
     /// A writer held the journal, or it still had rows: tried again after the next vacuum.
@@ -52,8 +52,72 @@ pub(crate) enum Truncation {
     NotPermitted,
 }
 
+/// The upkeep of one journal: counts the rows consumed from it and looks after it when due.
+#[derive(Debug)]
+pub(crate) struct JournalUpkeep {
+    table: String,
+    /// The journal's quoted name.
+    journal: String,
+    /// Whether our role owns the journal, as upkeep needs.
+    owned: bool,
+    /// Rows consumed since the last vacuum.
+    consumed: u64,
+    limit: Duration,
+}
+
+impl JournalUpkeep {
+    /// Upkeep of `journal` (quoted), the journal of `table`; says once if it is not ours to keep.
+    pub(crate) async fn new(
+        client: &Object,
+        table: &str,
+        journal: &str,
+        limit: Duration,
+    ) -> Result<Self> {
+        let owned = owned(client, journal, limit).await?;
+        if !owned {
+            not_ours(table);
+        }
+        Ok(Self {
+            table: table.to_string(),
+            journal: journal.to_string(),
+            owned,
+            consumed: 0,
+            limit,
+        })
+    }
+
+    /// `rows` journal rows were consumed; vacuums (and maybe truncates) the journal on `client`
+    /// once [`VACUUM_EVERY_ROWS`] have been. Failing here fails nothing: autovacuum remains, and the
+    /// next attempt comes after as many rows again. `client` must not be in a transaction.
+    pub(crate) async fn consumed(&mut self, rows: u64, client: &mut Object) {
+        self.consumed += rows;
+        if self.consumed < VACUUM_EVERY_ROWS || !self.owned {
+            return;
+        }
+        self.consumed = 0;
+        match upkeep(client, &self.journal, self.limit).await {
+            Ok(Truncation::Done { bytes }) => {
+                tracing::info!(table = %self.table, freed_bytes = bytes, "truncated the emptied journal");
+            }
+            Ok(Truncation::NotPermitted) => {
+                self.owned = false;
+                not_ours(&self.table);
+            }
+            Ok(Truncation::NotNeeded | Truncation::Deferred) => {}
+            Err(err) => {
+                tracing::debug!(table = %self.table, error = %crate::error::chain(&err), "journal upkeep failed; will retry");
+            }
+        }
+    }
+}
+
+/// Says once why rowsync does not vacuum or truncate a table's journal.
+fn not_ours(table: &str) {
+    tracing::info!(table = %table, "the journal is owned by another role: leaving its upkeep to autovacuum");
+}
+
 /// Whether our role owns `journal` (already quoted), as upkeep needs.
-pub(crate) async fn owned(client: &Object, journal: &str, limit: Duration) -> Result<bool> {
+async fn owned(client: &Object, journal: &str, limit: Duration) -> Result<bool> {
     let row = client
         .query_one(
             "SELECT pg_catalog.pg_has_role(c.relowner, 'MEMBER') FROM pg_catalog.pg_class c \
@@ -67,11 +131,7 @@ pub(crate) async fn owned(client: &Object, journal: &str, limit: Duration) -> Re
 
 /// Vacuums `journal` (already quoted) and, if it has grown large, truncates it when it is empty.
 /// `client` must not be in a transaction.
-pub(crate) async fn upkeep(
-    client: &mut Object,
-    journal: &str,
-    limit: Duration,
-) -> Result<Truncation> {
+async fn upkeep(client: &mut Object, journal: &str, limit: Duration) -> Result<Truncation> {
     // SKIP_LOCKED: never wait for autovacuum working on the same journal. TRUNCATE false: the
     // vacuum's own truncation may wait seconds for its lock; ours below does not wait at all.
     client
@@ -98,12 +158,14 @@ pub(crate) async fn upkeep(
                 Truncation::Deferred
             }
         })
-        .or_else(|err| match err.postgres().and_then(|e| e.code()) {
-            Some(state) if *state == SqlState::LOCK_NOT_AVAILABLE => Ok(Truncation::Deferred),
-            Some(state) if *state == SqlState::INSUFFICIENT_PRIVILEGE => {
-                Ok(Truncation::NotPermitted)
+        .or_else(|err| {
+            let decision = policy::decide(&err);
+            match decision.error_type {
+                ErrorType::PermissionDenied => Ok(Truncation::NotPermitted),
+                // A writer holds the journal (LOCK … NOWAIT): try again after the next vacuum.
+                ErrorType::Timeout if decision.retry() => Ok(Truncation::Deferred),
+                _ => Err(err),
             }
-            _ => Err(err),
         })
 }
 

@@ -17,18 +17,18 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{
-    APP_LISTENER, Pools, SessionLimits, session_config, with_server_keepalives,
+    APP_LISTENER, IntoError, Pools, SessionLimits, Within, session_config, with_server_keepalives,
 };
 use crate::error::policy::ErrorType;
-use crate::error::{Error, Result, SqlContext};
+use crate::error::{Error, Result};
 use crate::ops::telemetry::Telemetry;
-use crate::runtime::retry::Backoff;
+use crate::runtime::retry::{Retrying, pause};
 use crate::target::sync_errors;
 
 /// How often the listening session is pinged (half the statement timeout, 1 to 15 s), and how long a
@@ -72,16 +72,12 @@ pub(crate) async fn run(
     let limits = SessionLimits::from_settings(&settings);
     let config = with_server_keepalives(session_config(&settings.source, limits, APP_LISTENER));
     let timing = ping_timing(&limits);
-    let mut failures: u32 = 0;
-    let mut backoff = Backoff::new(&settings.retry);
+    let mut retrying = Retrying::new(&settings.retry);
     loop {
         let outcome = listen(&config, timing, &pools, &wake, &telemetry, &shutdown).await;
-        let (listened, err) = match outcome {
-            Ok(()) => {
-                telemetry.set_listener(ListenerState::Connecting);
-                return;
-            }
-            Err(failure) => failure,
+        let Err((listened, err)) = outcome else {
+            telemetry.set_listener(ListenerState::Connecting);
+            return;
         };
         if shutdown.is_cancelled() {
             telemetry.set_listener(ListenerState::Connecting);
@@ -90,10 +86,9 @@ pub(crate) async fn run(
         telemetry.listener_failure();
         telemetry.recorded(ErrorType::RealtimeSyncConnectionError.as_str());
         if listened {
-            failures = 0;
-            backoff = Backoff::new(&settings.retry);
+            retrying.succeeded();
         }
-        failures += 1;
+        let (failures, backoff) = retrying.failed();
         let delay = if failures >= settings.max_reconnect_attempts {
             if telemetry.listener() != ListenerState::Down {
                 error!(
@@ -108,7 +103,7 @@ pub(crate) async fn run(
             if telemetry.listener() != ListenerState::Down {
                 telemetry.set_listener(ListenerState::Connecting);
             }
-            backoff.next().unwrap_or(settings.retry.max_delay)
+            backoff
         };
         warn!(
             failures,
@@ -117,13 +112,49 @@ pub(crate) async fn run(
             "listener connection failed"
         );
         record_failure(&pools, &err, failures).await;
-        tokio::select! {
-            biased;
-            // Cancel-safe: nothing to clean up between attempts.
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !pause(delay, &shutdown).await {
+            return;
         }
     }
+}
+
+/// A session that has issued LISTEN, and its notifications.
+struct Listening {
+    client: Client,
+    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    notifications: mpsc::UnboundedReceiver<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Connects and issues LISTEN, each step bounded by `limit`.
+async fn connect_and_listen(config: &tokio_postgres::Config, limit: Duration) -> Result<Listening> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .within(limit * 2, DatabaseRole::Source, || {
+            "connecting the listener".into()
+        })
+        .await?;
+    let (notify, notifications) = mpsc::unbounded_channel();
+    let listening = Listening {
+        client,
+        driver: tokio::spawn(drive(connection, notify)),
+        notifications,
+    };
+    let listen = format!(
+        "LISTEN {}",
+        crate::catalog::ident::quote(super::capture::CHANNEL)
+    );
+    listening
+        .client
+        .batch_execute(&listen)
+        .within(limit, DatabaseRole::Source, || "LISTEN".into())
+        .await?;
+    Ok(listening)
 }
 
 /// One session: connect, LISTEN, relay notifications until it fails. Returns Ok only on shutdown;
@@ -136,49 +167,26 @@ async fn listen(
     telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), (bool, Error)> {
-    let connect = async {
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .context(DatabaseRole::Source, || "connecting the listener".into())?;
-        Ok::<_, Error>((client, connection))
-    };
-    let (client, connection) = tokio::select! {
+    let mut session = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(()),
-        result = tokio::time::timeout(ping_timeout * 2, connect) => match result {
-            Ok(result) => result.map_err(|err| (false, err))?,
-            Err(_) => return Err((false, timeout_error("connecting the listener"))),
-        },
+        listening = connect_and_listen(config, ping_timeout) => listening.map_err(|err| (false, err))?,
     };
-    let (notify_tx, mut notifications) = mpsc::unbounded_channel();
-    let mut driver = tokio::spawn(drive(connection, notify_tx));
-    let _abort_driver = AbortOnDrop(driver.abort_handle());
-
-    let listen_sql = format!(
-        "LISTEN {}",
-        crate::catalog::ident::quote(super::capture::CHANNEL)
-    );
-    let listen = tokio::time::timeout(ping_timeout, client.batch_execute(&listen_sql));
-    match listen.await {
-        Ok(result) => result
-            .context(DatabaseRole::Source, || "LISTEN".into())
-            .map_err(|err| (false, err))?,
-        Err(_) => return Err((false, timeout_error("LISTEN"))),
-    }
     info!("listening for changes");
     telemetry.set_listener(ListenerState::Listening);
     // Notifications sent while we were not listening are gone: catch up now.
     wake.notify_one();
     if let Ok(target) = pools.target().await {
-        let resolve = sync_errors::resolve_episode(
+        let _ = sync_errors::resolve_episode(
             &**target,
             &[ErrorType::RealtimeSyncConnectionError],
             None,
-        );
-        let _ = tokio::time::timeout(ping_timeout, resolve).await;
+        )
+        .within(ping_timeout, DatabaseRole::Target, || {
+            "resolving listener failures".into()
+        })
+        .await;
     }
-
     let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
     loop {
@@ -187,35 +195,29 @@ async fn listen(
             // Cancel-safe: dropping the session is all there is to do.
             _ = shutdown.cancelled() => return Ok(()),
             // Cancel-safe: a JoinHandle can be polled again.
-            ended = &mut driver => {
+            ended = &mut session.driver => {
                 let err = match ended {
-                    Ok(Err(err)) => Error::Sql {
+                    Ok(Err(err)) => err.into_error(DatabaseRole::Source, || "listening".into()),
+                    _ => Error::Timeout {
                         role: DatabaseRole::Source,
-                        action: "listening".into(),
-                        source: err,
+                        action: "listening (the session ended)".into(),
                     },
-                    _ => timeout_error("listening (the session ended)"),
                 };
                 return Err((true, err));
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
-            Some(()) = notifications.recv() => {
-                while notifications.try_recv().is_ok() {}
+            Some(()) = session.notifications.recv() => {
+                while session.notifications.try_recv().is_ok() {}
                 wake.notify_one();
             }
             // Cancel-safe: Interval::tick.
             _ = ping.tick() => {
-                match tokio::time::timeout(ping_timeout, client.simple_query("")).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => {
-                        return Err((true, Error::Sql {
-                            role: DatabaseRole::Source,
-                            action: "pinging the listener".into(),
-                            source: err,
-                        }));
-                    }
-                    Err(_) => return Err((true, timeout_error("pinging the listener"))),
-                }
+                session
+                    .client
+                    .simple_query("")
+                    .within(ping_timeout, DatabaseRole::Source, || "pinging the listener".into())
+                    .await
+                    .map_err(|err| (true, err))?;
             }
         }
     }
@@ -238,13 +240,6 @@ async fn drive(
     }
 }
 
-fn timeout_error(action: &str) -> Error {
-    Error::Timeout {
-        role: DatabaseRole::Source,
-        action: action.to_string(),
-    }
-}
-
 async fn record_failure(pools: &Pools, err: &Error, attempt: u32) {
     let failure = sync_errors::Failure {
         error_type: ErrorType::RealtimeSyncConnectionError,
@@ -255,31 +250,15 @@ async fn record_failure(pools: &Pools, err: &Error, attempt: u32) {
         metadata: sync_errors::metadata(None, "listen", err.postgres(), attempt),
         retry_in: None,
     };
-    match pools.target().await {
-        Ok(target) => {
-            let record = sync_errors::record(&**target, &failure);
-            let outcome = tokio::time::timeout(Duration::from_secs(10), record)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Timeout {
-                        role: DatabaseRole::Target,
-                        action: "recording a listener failure".into(),
-                    })
-                });
-            if let Err(err) = outcome {
-                warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors");
-            }
-        }
-        Err(err) => {
-            warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors")
-        }
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    let recorded = async {
+        let target = pools.target().await?;
+        sync_errors::record(&**target, &failure)
+            .within(Duration::from_secs(10), DatabaseRole::Target, || {
+                "recording a listener failure".into()
+            })
+            .await
+    };
+    if let Err(err) = recorded.await {
+        warn!(error = %crate::error::chain(&err), "could not record a listener failure in sync_errors");
     }
 }

@@ -5,3 +5,4 @@
 pub(crate) mod capture;
 pub(crate) mod journal;
 pub(crate) mod listener;
+pub(crate) mod snapshot;

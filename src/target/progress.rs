@@ -10,6 +10,7 @@ use tokio_postgres::ToStatement;
 
 use crate::config::DatabaseRole;
 use crate::error::{Result, SqlContext};
+use crate::source::snapshot::PgSnapshot;
 
 /// Creates the table's progress row if it has none (snapshot NULL: not copied yet).
 pub(crate) async fn ensure_row(client: &impl GenericClient, table: &str) -> Result<()> {
@@ -26,7 +27,7 @@ pub(crate) async fn ensure_row(client: &impl GenericClient, table: &str) -> Resu
 }
 
 /// The applied snapshot, or None when the table was never copied (no row, or NULL).
-pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Option<PgSnapshot>> {
     let row = client
         .query_opt(
             "SELECT snapshot FROM rowsync_progress WHERE table_name = $1",
@@ -51,7 +52,7 @@ pub(crate) const ADVANCE: &str = "UPDATE rowsync_progress \
       WHERE table_name = $1";
 
 /// Like [`load`], but locks the row until the transaction ends: nobody else moves it meanwhile.
-pub(crate) async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+pub(crate) async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<PgSnapshot>> {
     lock_with(client, LOCK, table).await
 }
 
@@ -60,7 +61,7 @@ pub(crate) async fn lock_with<S>(
     client: &impl GenericClient,
     statement: &S,
     table: &str,
-) -> Result<Option<String>>
+) -> Result<Option<PgSnapshot>>
 where
     S: ?Sized + ToStatement + Sync + Send,
 {
@@ -77,7 +78,7 @@ where
 pub(crate) async fn advance(
     client: &impl GenericClient,
     table: &str,
-    snapshot: &str,
+    snapshot: &PgSnapshot,
     copied: bool,
 ) -> Result<()> {
     advance_with(client, ADVANCE, table, snapshot, copied).await
@@ -88,7 +89,7 @@ pub(crate) async fn advance_with<S>(
     client: &impl GenericClient,
     statement: &S,
     table: &str,
-    snapshot: &str,
+    snapshot: &PgSnapshot,
     copied: bool,
 ) -> Result<()>
 where

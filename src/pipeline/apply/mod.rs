@@ -29,7 +29,7 @@ use self::values::ColumnArray;
 use crate::catalog::mapping::TableMapping;
 use crate::config::DatabaseRole;
 use crate::connection::Within;
-use crate::error::policy::{self, Disposition, ErrorType};
+use crate::error::policy::{self, ErrorType};
 use crate::error::{Error, Result};
 use crate::pipeline::changes::Layout;
 
@@ -48,6 +48,21 @@ pub(crate) struct Counts {
 impl Counts {
     pub(crate) fn total(&self) -> u64 {
         self.created + self.updated + self.deleted + self.unchanged + self.failed
+    }
+}
+
+impl std::ops::Sub for Counts {
+    type Output = Self;
+
+    /// What happened between two totals (`later - earlier`).
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            created: self.created - earlier.created,
+            updated: self.updated - earlier.updated,
+            deleted: self.deleted - earlier.deleted,
+            unchanged: self.unchanged - earlier.unchanged,
+            failed: self.failed - earlier.failed,
+        }
     }
 }
 
@@ -99,7 +114,7 @@ impl RowFailure {
         Self {
             key,
             operation,
-            error_type: policy::classify(error).1,
+            error_type: policy::decide_driver(error).error_type,
             sqlstate: error.code().map(|code| code.code().to_string()),
             message: crate::error::chain(error),
             stack_trace: crate::target::sync_errors::stack_trace(error),
@@ -381,9 +396,5 @@ fn sql_error(action: &str, source: tokio_postgres::Error) -> Error {
 
 /// The session is gone (or going): nothing more can be done in this transaction.
 pub(crate) fn connection_lost(error: &tokio_postgres::Error) -> bool {
-    error.is_closed()
-        || matches!(
-            policy::classify(error),
-            (Disposition::Transient, ErrorType::ConnectionError)
-        )
+    policy::decide_driver(error).connection_lost()
 }

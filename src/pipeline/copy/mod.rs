@@ -30,11 +30,12 @@ use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 use crate::catalog::mapping::TableMapping;
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{self, APP_COPY, Pools, SessionLimits, Within, session_config};
-use crate::error::policy::{self, Disposition};
+use crate::error::policy::{self, Action};
 use crate::error::{Error, Result, SqlContext};
 use crate::pipeline::apply::statements::on_conflict;
 use crate::pipeline::apply::{Applier, Counts, Mode};
 use crate::pipeline::changes::{full_table_query, journal_cleanup};
+use crate::source::snapshot::PgSnapshot;
 use crate::target::{progress, sync_errors};
 
 use self::progress_line::{CopyProgress, estimate_rows};
@@ -67,7 +68,7 @@ pub(crate) async fn copy_table(
             role: DatabaseRole::Target,
             source,
             ..
-        }) if policy::classify(&source).0 == Disposition::RowRejected => {
+        }) if policy::decide_driver(&source).action == Action::IsolateRow => {
             tracing::warn!(
                 table = %mapping.name(),
                 error = %crate::error::chain(&source),
@@ -134,8 +135,8 @@ async fn copy_streaming(
         .context(DatabaseRole::Source, || {
             "lifting the statement timeout".into()
         })?;
-    let snapshot: String = stx
-        .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+    let snapshot: PgSnapshot = stx
+        .query_one(PgSnapshot::CURRENT, &[])
         .await
         .context(DatabaseRole::Source, || "taking the copy snapshot".into())?
         .get(0);
@@ -222,7 +223,7 @@ async fn copy_streaming(
 async fn clean_copied_journal(
     stx: &tokio_postgres::Transaction<'_>,
     journal: &str,
-    snapshot: &str,
+    snapshot: &PgSnapshot,
 ) -> Result<()> {
     stx.execute(&journal_cleanup(journal), &[&snapshot])
         .await
@@ -363,8 +364,8 @@ async fn copy_careful(
         .context(DatabaseRole::Source, || {
             "lifting the statement timeout".into()
         })?;
-    let snapshot: String = stx
-        .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+    let snapshot: PgSnapshot = stx
+        .query_one(PgSnapshot::CURRENT, &[])
         .within(limit, DatabaseRole::Source, || {
             "taking the copy snapshot".into()
         })

@@ -1,0 +1,50 @@
+//! Noticing when capture may have been bypassed, and so when a sweep must look back.
+//!
+//! The journal sees every change made through the capture triggers. What it can miss are changes
+//! made while a trigger was off (`ALTER TABLE … DISABLE TRIGGER`, `pg_restore
+//! --disable-triggers`) and those of a logical-replication apply worker (it fires no statement
+//! triggers). Any disable, enable, drop or re-creation of a trigger writes a new catalog row, so a
+//! changed fingerprint of the triggers' catalog rows between two sweeps means capture may have been
+//! off in between, even if it is on again now.
+
+use crate::config::LookbackMode;
+use crate::source::capture::CaptureState;
+
+/// What the previous sweep saw of a table's capture triggers.
+#[derive(Debug)]
+pub(crate) struct CaptureWatch {
+    mode: LookbackMode,
+    /// The fingerprint at the previous sweep; None before the first.
+    seen: Option<String>,
+}
+
+impl CaptureWatch {
+    pub(crate) fn new(mode: LookbackMode) -> Self {
+        Self { mode, seen: None }
+    }
+
+    /// Whether this sweep looks back over `updated_at`, given capture's state now (see
+    /// [`LookbackMode`]). Warns when capture is off or was altered.
+    pub(crate) fn look_back(&mut self, table: &str, state: CaptureState) -> bool {
+        if !state.intact {
+            tracing::warn!(
+                table = %table,
+                "capture triggers are disabled or missing: changes are not captured; run `rowsync setup` to repair"
+            );
+        }
+        let changed = self
+            .seen
+            .as_ref()
+            .is_some_and(|seen| *seen != state.fingerprint);
+        if changed {
+            tracing::warn!(table = %table, "capture triggers were altered since the last sweep; looking back for changes they missed");
+        }
+        let first = self.seen.is_none();
+        self.seen = Some(state.fingerprint);
+        match self.mode {
+            LookbackMode::Always => true,
+            LookbackMode::Never => false,
+            LookbackMode::Auto => first || changed || state.subscriber || !state.intact,
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! One batch of one table: from the previous snapshot to now, read, applied and recorded at once.
+//!
+//! The steps ([`TableSync::run_batch`]), and why they are in this order:
+//! 1. [`open_read`]: source `BEGIN ISOLATION LEVEL REPEATABLE READ`, take `pg_current_snapshot()`
+//!    (= `cur`).
+//! 2. [`TableSync::read_changes`]: run the change query ([`crate::pipeline::changes`]) for
+//!    (`prev`, `cur`], reading rows in chunks. Nothing found: roll back, done (an idle table costs
+//!    one short read-only transaction).
+//! 3. [`TableSync::lock_progress`]: target, lock the progress row; it must still say `prev` (else
+//!    another process moved it: reload).
+//! 4. [`TableSync::stream`], [`TableSync::commit`]: apply the chunks (the next one is read while the
+//!    current one is applied); record rejected rows in `sync_errors`, resolve rows that succeeded;
+//!    set progress to `cur`; COMMIT. Rows and progress become visible together, or not at all. If
+//!    the target rejected a row, the target transaction rolls back and the batch is replayed under
+//!    savepoints from the same source snapshot, isolating the row.
+//! 5. [`delete_consumed`]: source, delete the journal rows of every transaction visible in `cur`;
+//!    COMMIT. Then journal upkeep, when due.
+//!
+//! A crash before 4 commits leaves `prev`: the batch is redone. A crash between 4 and 5 leaves
+//! journal rows whose transactions are visible in the recorded snapshot: they are skipped by the next
+//! batch and deleted by its step 5. So every change is applied, and none twice.
+//!
+//! Every call is bounded on the client side; a batch that times out is abandoned (both transactions
+//! roll back with their sessions) and redone later.
+
+mod capture_watch;
+mod retry_queue;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use deadpool_postgres::{Object, Transaction};
+use postgres_types::{ToSql, Type};
+use serde_json::Value;
+use tokio_postgres::{IsolationLevel, Portal, Row};
+use tracing::{debug, warn};
+
+use self::capture_watch::CaptureWatch;
+use self::retry_queue::RetryQueue;
+use crate::catalog::ident::TableRef;
+use crate::catalog::mapping::{TableMapping, load_mapping};
+use crate::config::{DatabaseRole, RetrySettings, Settings};
+use crate::connection::{Pools, SessionLimits, Within, end_abandoned_sessions};
+use crate::error::{Error, Result, policy};
+use crate::ops::telemetry::Telemetry;
+use crate::pipeline::apply::{Applier, ChunkOutcome, Counts, Mode, connection_lost};
+use crate::pipeline::changes::ChangeQueries;
+use crate::source::capture;
+use crate::source::journal::JournalUpkeep;
+use crate::source::snapshot::PgSnapshot;
+use crate::target::{progress, sync_errors};
+
+/// Why a batch runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum BatchKind {
+    /// The real-time path: only the journal.
+    Stream,
+    /// A sweep: the journal, rows updated within `lookback`, and rows whose apply failed before
+    /// and whose retry is due.
+    Sweep { lookback: Duration },
+}
+
+/// What one batch did.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchReport {
+    pub(crate) table: String,
+    pub(crate) counts: Counts,
+    pub(crate) duration: Duration,
+}
+
+/// How a batch ended.
+#[derive(Debug)]
+pub(crate) enum BatchOutcome {
+    /// Rows were applied, and progress moved with them.
+    Applied(BatchReport),
+    /// Nothing changed since the previous batch.
+    Nothing,
+    /// Another process moved this table's progress: it is reloaded, and the batch can run again.
+    ProgressMoved,
+}
+
+/// A synced table and its replication state.
+pub(crate) struct TableSync {
+    pub(crate) mapping: TableMapping,
+    queries: ChangeQueries,
+    applier: Applier,
+    journal: JournalUpkeep,
+    /// The applied snapshot as last read or written; None means "reload from the target".
+    progress: Option<PgSnapshot>,
+    /// Rows the target rejected, waiting for their retry.
+    retries: RetryQueue,
+    capture: CaptureWatch,
+    batch_size: usize,
+    /// Client-side bound of each call.
+    limit: Duration,
+    retry: RetrySettings,
+    telemetry: Arc<Telemetry>,
+}
+
+const SOURCE: DatabaseRole = DatabaseRole::Source;
+const TARGET: DatabaseRole = DatabaseRole::Target;
+
+/// The change query's parameters: `$1` the previous snapshot, `$2` the look-back in seconds (or
+/// NULL), `$3` the keys to retry.
+const CHANGE_PARAMS: [Type; 3] = [Type::TEXT, Type::FLOAT8, Type::JSONB_ARRAY];
+
+/// What a batch asks of the source besides the journal.
+struct ChangeRequest {
+    lookback: Option<f64>,
+    retry_keys: Vec<Value>,
+}
+
+/// The source side of a batch: its REPEATABLE READ transaction and the snapshot it took.
+struct SourceRead<'a> {
+    stx: Transaction<'a>,
+    cur: PgSnapshot,
+    /// When `cur` was taken, for the lag.
+    taken_at: SystemTime,
+}
+
+/// The change rows of a batch, being read in chunks through a portal.
+struct Changes {
+    portal: Portal,
+    first: Vec<Row>,
+}
+
+/// How applying the change rows ended.
+enum Streamed {
+    /// Every chunk was applied (some rows may have been rejected and isolated, in careful mode).
+    Done {
+        outcome: ChunkOutcome,
+        resolved: Vec<String>,
+    },
+    /// The target rejected a row in fast mode: the transaction is aborted; replay carefully.
+    Rejected,
+}
+
+/// How the target side of a batch ended.
+enum Applied {
+    Committed(ChunkOutcome),
+    Nothing,
+    ProgressMoved,
+}
+
+impl TableSync {
+    /// Loads the mapping and state of a table that `setup` has prepared.
+    pub(crate) async fn load(
+        pools: &Pools,
+        table: &TableRef,
+        settings: &Settings,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self> {
+        let limit = SessionLimits::from_settings(settings).client_timeout();
+        let source = pools.source().await?;
+        let target = pools.target().await?;
+        let mapping = load_mapping(&**source, &**target, table)
+            .within(limit, SOURCE, || "reading the table definitions".into())
+            .await?;
+        let journal = mapping.journal()?.quoted();
+        let name = mapping.name();
+        let upkeep = JournalUpkeep::new(&source, &name, &journal, limit).await?;
+        let progress = progress::load(&**target, &name)
+            .within(limit, TARGET, || "reading progress".into())
+            .await?;
+        if progress.is_none() {
+            return Err(Error::NotSetUp { table: name });
+        }
+        let open = sync_errors::unresolved_rows(&**target, &name)
+            .within(limit, TARGET, || "reading sync_errors".into())
+            .await?;
+        let sync = Self {
+            queries: ChangeQueries::new(&mapping, &journal),
+            applier: Applier::new(&mapping, limit),
+            journal: upkeep,
+            mapping,
+            progress,
+            retries: RetryQueue::from_records(open),
+            capture: CaptureWatch::new(settings.lookback),
+            batch_size: settings.batch_size,
+            limit,
+            retry: settings.retry,
+            telemetry,
+        };
+        sync.telemetry.add_table(&name);
+        sync.telemetry
+            .set_table_backlog(&name, None, sync.unresolved_count());
+        Ok(sync)
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.mapping.name()
+    }
+
+    /// Rows of this table whose apply failed and that are waiting for a retry.
+    pub(crate) fn unresolved_count(&self) -> usize {
+        self.retries.len()
+    }
+
+    /// Runs one batch: the steps in the module's documentation.
+    pub(crate) async fn run_batch(
+        &mut self,
+        pools: &Pools,
+        kind: BatchKind,
+    ) -> Result<BatchOutcome> {
+        let started = Instant::now();
+        let name = self.name();
+        let prev = self.applied_snapshot(pools).await?;
+        let mut source = pools.source().await?;
+        let read = open_read(&mut source, self.limit, &name).await?;
+        let request = self.request(&read.stx, kind).await?;
+        let outcome = match self.apply(pools, &read, &prev, &request).await? {
+            Applied::Committed(outcome) => outcome,
+            Applied::Nothing => {
+                // Nothing visible since `prev`; the snapshot need not move.
+                self.telemetry.checked(&name, read.taken_at);
+                self.progress = Some(prev);
+                return Ok(BatchOutcome::Nothing);
+            }
+            Applied::ProgressMoved => return Ok(BatchOutcome::ProgressMoved),
+        };
+        let taken_at = read.taken_at;
+        self.progress = Some(read.cur.clone());
+        // The target has the batch; the journal rows behind it can go. If this fails they are
+        // skipped by later batches anyway (visible in the recorded snapshot) and deleted next time.
+        match delete_consumed(read, &self.queries.cleanup, self.limit).await {
+            Ok(deleted) => self.journal.consumed(deleted, &mut source).await,
+            Err(err) => {
+                warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
+                // The session may be hung or broken: keep it out of the pool.
+                drop(Object::take(source));
+            }
+        }
+        self.telemetry.batch(&name, outcome.counts, taken_at);
+        self.telemetry
+            .set_table_backlog(&name, None, self.retries.len());
+        Ok(BatchOutcome::Applied(BatchReport {
+            table: name,
+            counts: outcome.counts,
+            duration: started.elapsed(),
+        }))
+    }
+
+    /// The snapshot applied so far: as last seen, or read from the target.
+    async fn applied_snapshot(&mut self, pools: &Pools) -> Result<PgSnapshot> {
+        if let Some(prev) = self.progress.take() {
+            return Ok(prev);
+        }
+        let target = pools.target().await?;
+        progress::load(&**target, &self.name())
+            .within(self.limit, TARGET, || "reading progress".into())
+            .await?
+            .ok_or_else(|| Error::NotSetUp { table: self.name() })
+    }
+
+    /// What this batch asks for besides the journal: for a sweep, the look-back (when capture may
+    /// have been bypassed, see [`CaptureWatch`]) and the rejected rows whose retry is due.
+    async fn request(&mut self, stx: &Transaction<'_>, kind: BatchKind) -> Result<ChangeRequest> {
+        let BatchKind::Sweep { lookback } = kind else {
+            return Ok(ChangeRequest {
+                lookback: None,
+                retry_keys: Vec::new(),
+            });
+        };
+        let name = self.name();
+        let state = capture::capture_state(&**stx, &self.mapping.source)
+            .within(self.limit, SOURCE, || "checking capture".into())
+            .await?;
+        self.telemetry.set_capture(&name, state.intact);
+        let wanted = self.capture.look_back(&name, state);
+        Ok(ChangeRequest {
+            lookback: (wanted && self.mapping.updated_at.is_some())
+                .then_some(lookback.as_secs_f64()),
+            retry_keys: self.retries.due(Instant::now()),
+        })
+    }
+
+    /// Steps 2 to 4: reads the changes and applies them under the progress lock; when the target
+    /// rejects a row, replays the batch carefully from the same source snapshot.
+    async fn apply(
+        &mut self,
+        pools: &Pools,
+        read: &SourceRead<'_>,
+        prev: &PgSnapshot,
+        request: &ChangeRequest,
+    ) -> Result<Applied> {
+        let mut mode = Mode::Fast;
+        loop {
+            let changes = self.read_changes(&read.stx, prev, request, mode).await?;
+            if changes.first.is_empty() {
+                return Ok(Applied::Nothing);
+            }
+            let mut target = pools.target().await?;
+            let ttx = target
+                .transaction()
+                .within(self.limit, TARGET, || {
+                    format!("starting the apply of {}", self.name())
+                })
+                .await?;
+            match self.lock_progress(&ttx, prev).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Applied::ProgressMoved),
+                Err(err) => {
+                    if policy::waited_for_a_lock(&err) {
+                        drop(ttx);
+                        self.end_abandoned_sessions(&target).await?;
+                    }
+                    return Err(err);
+                }
+            }
+            match self.stream(&ttx, &read.stx, changes, mode).await? {
+                Streamed::Rejected => {
+                    // The transaction is aborted; start again under savepoints. The source
+                    // transaction still has the same snapshot, so the replay sees the same rows.
+                    let _ = ttx.rollback().await;
+                    mode = Mode::Careful;
+                }
+                Streamed::Done { outcome, resolved } => {
+                    self.commit(ttx, &outcome, &resolved, &read.cur).await?;
+                    return Ok(Applied::Committed(outcome));
+                }
+            }
+        }
+    }
+
+    /// Step 2: binds the change query and reads its first chunk.
+    async fn read_changes(
+        &self,
+        stx: &Transaction<'_>,
+        prev: &PgSnapshot,
+        request: &ChangeRequest,
+        mode: Mode,
+    ) -> Result<Changes> {
+        let name = self.name();
+        // Keys as JSON are needed only to record rejected rows (careful mode) or to notice
+        // earlier ones going through.
+        let keyed = mode == Mode::Careful || !self.retries.is_empty();
+        let statement = stx
+            .prepare_typed_cached(self.queries.changes(keyed), &CHANGE_PARAMS)
+            .within(self.limit, SOURCE, || {
+                format!("preparing the change query of {name}")
+            })
+            .await?;
+        let params: [&(dyn ToSql + Sync); 3] = [prev, &request.lookback, &request.retry_keys];
+        let portal = stx
+            .bind(&statement, &params)
+            .within(self.limit, SOURCE, || format!("reading changes of {name}"))
+            .await?;
+        let first = self.next_chunk(stx, &portal).await?;
+        Ok(Changes { portal, first })
+    }
+
+    async fn next_chunk(&self, stx: &Transaction<'_>, portal: &Portal) -> Result<Vec<Row>> {
+        stx.query_portal(portal, self.batch_size as i32)
+            .within(self.limit, SOURCE, || {
+                format!("reading changes of {}", self.name())
+            })
+            .await
+    }
+
+    /// Step 3: locks the table's progress row. False when it no longer says `prev` (another
+    /// process moved it): the progress is reloaded before the next batch.
+    async fn lock_progress(&self, ttx: &Transaction<'_>, prev: &PgSnapshot) -> Result<bool> {
+        let name = self.name();
+        let statement = ttx
+            .prepare_cached(progress::LOCK)
+            .within(self.limit, TARGET, || {
+                format!("locking the progress of {name}")
+            })
+            .await?;
+        let locked = progress::lock_with(&**ttx, &statement, &name)
+            .within(self.limit, TARGET, || "locking progress".into())
+            .await?;
+        Ok(locked.as_ref() == Some(prev))
+    }
+
+    /// The progress lock could not be had: most likely a session of ours that hung and was given
+    /// up on still holds it, idle in its transaction. Ends such sessions (the batch is retried).
+    async fn end_abandoned_sessions(&self, target: &Object) -> Result<()> {
+        let ended = end_abandoned_sessions(&***target, TARGET, self.limit)
+            .within(self.limit, TARGET, || "ending abandoned sessions".into())
+            .await?;
+        if ended > 0 {
+            warn!(table = %self.name(), sessions = ended, "ended abandoned rowsync sessions that held the progress lock");
+        }
+        Ok(())
+    }
+
+    /// Step 4, apply: every chunk into the target, the next chunk read from the source while the
+    /// current one is applied (two sessions, two servers: a large batch costs max(read, apply), not
+    /// the sum).
+    async fn stream(
+        &self,
+        ttx: &Transaction<'_>,
+        stx: &Transaction<'_>,
+        changes: Changes,
+        mode: Mode,
+    ) -> Result<Streamed> {
+        let mut outcome = ChunkOutcome::default();
+        let mut resolved = Vec::new();
+        let mut rows = changes.first;
+        loop {
+            let more = rows.len() >= self.batch_size;
+            let next = async {
+                if more {
+                    self.next_chunk(stx, &changes.portal).await
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (applied, next) = tokio::join!(self.applier.apply(ttx, &rows, mode), next);
+            match applied {
+                Ok(chunk) => {
+                    self.retries.went_through(&rows, &chunk, &mut resolved);
+                    outcome.counts += chunk.counts;
+                    outcome.failures.extend(chunk.failures);
+                }
+                Err(Error::Sql { source, .. })
+                    if mode == Mode::Fast && !connection_lost(&source) =>
+                {
+                    debug!(
+                        table = %self.name(),
+                        sqlstate = source.code().map(|c| c.code()).unwrap_or(""),
+                        "target rejected a row; replaying the batch to isolate it"
+                    );
+                    return Ok(Streamed::Rejected);
+                }
+                Err(other) => return Err(other),
+            }
+            self.telemetry.beat();
+            rows = next?;
+            if rows.is_empty() {
+                return Ok(Streamed::Done { outcome, resolved });
+            }
+        }
+    }
+
+    /// Step 4, commit: records the rejected rows, resolves the ones that went through, moves the
+    /// progress to `cur`, all in the target transaction; then updates the retry queue.
+    async fn commit(
+        &mut self,
+        ttx: Transaction<'_>,
+        outcome: &ChunkOutcome,
+        resolved: &[String],
+        cur: &PgSnapshot,
+    ) -> Result<()> {
+        let name = self.name();
+        let limit = self.limit;
+        let mut delays = Vec::with_capacity(outcome.failures.len());
+        for failure in &outcome.failures {
+            let retry_count = self.retries.retries_of(&failure.key);
+            self.telemetry.recorded(failure.error_type.as_str());
+            let delay =
+                sync_errors::record_rejected(&*ttx, &name, failure, retry_count, &self.retry)
+                    .within(limit, TARGET, || "recording a rejected row".into())
+                    .await?;
+            delays.push(delay);
+        }
+        sync_errors::resolve_rows(&*ttx, &name, resolved)
+            .within(limit, TARGET, || "resolving sync_errors".into())
+            .await?;
+        let statement = ttx
+            .prepare_cached(progress::ADVANCE)
+            .within(limit, TARGET, || {
+                format!("recording the progress of {name}")
+            })
+            .await?;
+        progress::advance_with(&*ttx, &statement, &name, cur, false)
+            .within(limit, TARGET, || "recording progress".into())
+            .await?;
+        ttx.commit()
+            .within(limit, TARGET, || format!("committing changes of {name}"))
+            .await?;
+        self.retries
+            .committed(&name, resolved, &outcome.failures, &delays);
+        Ok(())
+    }
+
+    /// Deletes journal rows already covered by the recorded progress (left over by a crash between
+    /// a batch's commit and its cleanup).
+    pub(crate) async fn clean_journal(&mut self, pools: &Pools) -> Result<u64> {
+        let target = pools.target().await?;
+        let snapshot = progress::load(&**target, &self.name())
+            .within(self.limit, TARGET, || "reading progress".into())
+            .await?;
+        let Some(snapshot) = snapshot else {
+            return Ok(0);
+        };
+        drop(target);
+        let source = pools.source().await?;
+        let deleted = source
+            .execute(&self.queries.cleanup, &[&snapshot])
+            .within(self.limit, SOURCE, || {
+                "deleting consumed journal rows".into()
+            })
+            .await?;
+        self.progress = Some(snapshot);
+        Ok(deleted)
+    }
+}
+
+/// Step 1: the source transaction of a batch, and its snapshot.
+async fn open_read<'a>(
+    source: &'a mut Object,
+    limit: Duration,
+    table: &str,
+) -> Result<SourceRead<'a>> {
+    let stx = source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .within(limit, SOURCE, || format!("starting a batch of {table}"))
+        .await?;
+    let taken_at = SystemTime::now();
+    // Statements of the hot path are prepared once per pooled session.
+    let current = stx
+        .prepare_cached(PgSnapshot::CURRENT)
+        .within(limit, SOURCE, || "preparing the snapshot query".into())
+        .await?;
+    let cur: PgSnapshot = stx
+        .query_one(&current, &[])
+        .within(limit, SOURCE, || "taking a snapshot".into())
+        .await?
+        .get(0);
+    Ok(SourceRead { stx, cur, taken_at })
+}
+
+/// Step 5: deletes the journal rows of every transaction visible in the batch's snapshot (all are
+/// applied now) and ends the source transaction. Returns how many rows went.
+async fn delete_consumed(read: SourceRead<'_>, cleanup: &str, limit: Duration) -> Result<u64> {
+    let SourceRead { stx, cur, .. } = read;
+    let cleanup = stx
+        .prepare_cached(cleanup)
+        .within(limit, SOURCE, || "preparing the journal cleanup".into())
+        .await?;
+    // Losing this commit in a crash is harmless (the recorded progress makes the next batch skip
+    // these rows and delete them again), so it need not wait for the WAL flush. The two statements
+    // are pipelined: one round trip.
+    let params: [&(dyn ToSql + Sync); 1] = [&cur];
+    let ((), deleted) = tokio::try_join!(
+        stx.batch_execute("SET LOCAL synchronous_commit TO off")
+            .within(limit, SOURCE, || "relaxing the cleanup's commit".into()),
+        stx.execute(&cleanup, &params)
+            .within(limit, SOURCE, || "deleting consumed journal rows".into()),
+    )?;
+    stx.commit()
+        .within(limit, SOURCE, || "ending the batch".into())
+        .await?;
+    Ok(deleted)
+}

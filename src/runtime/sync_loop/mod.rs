@@ -1,0 +1,288 @@
+//! The sync loop: one task that applies, so batches of a table never run concurrently and are
+//! applied in snapshot order.
+//!
+//! It runs a batch per table ([`SyncLoop::pass`]) whenever the listener rings, after every listener
+//! (re)connect, on a short poll timer while idle (the doorbell can race), on `POST /sync`, and as a
+//! sweep every `SYNC_INTERVAL_MINUTES` ([`sweep`]). Sweeps are scheduled from the end of the
+//! previous one, so they never overlap; a sweep that takes more than 80% of the interval logs a
+//! warning.
+//!
+//! Before it waits, the loop arms the source's doorbell (only while the listener is listening) and
+//! looks at the journals once more, so a change committed just before arming is not left waiting for
+//! the poll timer. While the source is busy the loop yields: it takes no batches for up to
+//! `YIELD_MAX_SECONDS` ([`crate::runtime::yielding`]). A failed pass is retried with backoff
+//! ([`failures`]).
+//!
+//! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
+//! the in-flight batch may take (`SHUTDOWN_TIMEOUT_SECONDS`).
+
+mod failures;
+mod sweep;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::DatabaseRole;
+use crate::connection::{SessionLimits, Within};
+use crate::error::{Error, Result, policy};
+use crate::pipeline::batch::{BatchKind, BatchOutcome, TableSync};
+use crate::runtime::daemon::Context;
+use crate::runtime::retry::{Retrying, pause};
+use crate::runtime::yielding::{Yield, Yielder};
+use crate::source::capture;
+use crate::source::listener::ListenerState;
+
+/// Under a continuous stream of changes, how long to let changes gather before the next batch,
+/// given how many rows the last pass applied: 0.2 ms per row, between 10 and 40 ms.
+///
+/// Each batch has a fixed cost (about a dozen round trips, a snapshot and a commit on each side),
+/// so bigger batches cost both servers much less per change. The rule settles by itself: below
+/// about 5,000 changes/s the last pass is small and the spacing stays at 10 ms (latency first);
+/// above, it grows to 40 ms and batches grow with it (throughput first, when the source is busy).
+/// Measured on a 1M-row table under 16 writers: ~47 µs of consumer CPU per change at 10 ms,
+/// ~34 µs at 40 ms.
+fn batch_spacing(last_rows: u64) -> Duration {
+    Duration::from_micros(last_rows.saturating_mul(200))
+        .clamp(Duration::from_millis(10), Duration::from_millis(40))
+}
+
+pub(crate) struct SyncLoop {
+    context: Context,
+    tables: Vec<TableSync>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    yielder: Yielder,
+    /// Failed passes in a row, and the backoff before the next.
+    retrying: Retrying,
+    next_sweep: Instant,
+}
+
+/// A failed pass: which table, and what went wrong.
+struct PassError {
+    table: String,
+    error: Error,
+}
+
+/// What the loop does after one turn.
+enum Next {
+    /// Take the next batch at once (a failure's backoff, if any, is over).
+    Again,
+    /// Changes are flowing: the next batch after the batch spacing, unless the source is busy.
+    Spaced {
+        rows: u64,
+        pass_started: Instant,
+    },
+    /// Nothing to do: wait for a doorbell, the poll timer, a request or the next sweep.
+    Idle,
+    Stop,
+}
+
+impl SyncLoop {
+    pub(crate) fn new(
+        context: Context,
+        tables: Vec<TableSync>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            yielder: Yielder::new(&context.settings),
+            retrying: Retrying::new(&context.settings.retry),
+            // The first sweep runs at once: it catches up on everything journaled while rowsync
+            // was stopped, and on rows updated within the lookback window.
+            next_sweep: Instant::now(),
+            context,
+            tables,
+            wake,
+            shutdown,
+        }
+    }
+
+    pub(crate) async fn run(&mut self) {
+        let settings = &self.context.settings;
+        info!(
+            tables = self.tables.len(),
+            interval_ms = settings.sync_interval.as_millis() as u64,
+            lookback_ms = settings.sweep_lookback.as_millis() as u64,
+            "sync loop started"
+        );
+        while !self.shutdown.is_cancelled() {
+            let next = match self.turn().await {
+                Next::Spaced { rows, pass_started } => self.space_out(rows, pass_started).await,
+                Next::Idle => self.idle().await,
+                other => other,
+            };
+            if matches!(next, Next::Stop) {
+                break;
+            }
+        }
+        // The totals are logged once, by the caller, when the process stops.
+        info!("sync loop stopped");
+    }
+
+    /// One pass, or the sweep when it is due; then what to do next.
+    async fn turn(&mut self) -> Next {
+        self.context.telemetry.beat();
+        let pass_started = Instant::now();
+        let sweep_due = pass_started >= self.next_sweep;
+        let outcome = if sweep_due {
+            self.sweep().await
+        } else {
+            self.pass(BatchKind::Stream).await
+        };
+        match outcome {
+            Ok(applied) => {
+                self.succeeded().await;
+                if sweep_due {
+                    self.next_sweep = Instant::now() + self.context.settings.sync_interval;
+                }
+                match applied {
+                    Some(rows) => Next::Spaced { rows, pass_started },
+                    None => {
+                        self.yielder.caught_up();
+                        Next::Idle
+                    }
+                }
+            }
+            Err(failure) => {
+                let (failures, delay) = self.retrying.failed();
+                if policy::decide(&failure.error).retry() {
+                    // A session that timed out or lost its server must not be handed out again.
+                    self.context.pools.evict_idle();
+                }
+                self.fail(&failure, failures, delay).await;
+                if pause(delay, &self.shutdown).await {
+                    Next::Again
+                } else {
+                    Next::Stop
+                }
+            }
+        }
+    }
+
+    /// A pass succeeded: after failures, say so and close their records.
+    async fn succeeded(&mut self) {
+        let failures = self.retrying.failures();
+        if failures > 0 {
+            info!(failures, "sync recovered");
+            self.resolve_failure_episode().await;
+            self.retrying.succeeded();
+            self.context.telemetry.recovered();
+        }
+    }
+
+    /// After a pass that applied rows: yield to a busy source, then wait out the batch spacing.
+    async fn space_out(&mut self, rows: u64, pass_started: Instant) -> Next {
+        let context = &self.context;
+        match self.yielder.yield_if_busy(context, &self.shutdown).await {
+            Yield::Go => {}
+            Yield::SweepRequested => {
+                self.next_sweep = Instant::now();
+                return Next::Again;
+            }
+            Yield::Shutdown => return Next::Stop,
+        }
+        let until = pass_started + batch_spacing(rows);
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Next::Stop,
+            _ = tokio::time::sleep_until(until.into()) => Next::Again,
+        }
+    }
+
+    /// Nothing to apply: arm the doorbell, look once more, then wait.
+    async fn idle(&mut self) -> Next {
+        if self.context.telemetry.listener() == ListenerState::Listening {
+            match self.arm_doorbell().await {
+                // Something may have been committed just before the bell was armed.
+                Ok(()) => match self.pass(BatchKind::Stream).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) | Err(_) => return Next::Again,
+                },
+                Err(err) => {
+                    debug!(error = %crate::error::chain(&err), "could not arm the doorbell")
+                }
+            }
+        }
+        let context = &self.context;
+        tokio::select! {
+            biased;
+            // Each arm is cancel-safe: they only wait.
+            _ = self.shutdown.cancelled() => return Next::Stop,
+            _ = context.requests.requested() => self.next_sweep = Instant::now(),
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(context.settings.poll_interval) => {}
+            _ = tokio::time::sleep_until(self.next_sweep.into()) => {}
+        }
+        Next::Again
+    }
+
+    /// One batch per table. Returns how many rows were applied, or None when nothing changed.
+    async fn pass(&mut self, kind: BatchKind) -> Result<Option<u64>, PassError> {
+        let mut applied = None;
+        for table in &mut self.tables {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            match table.run_batch(&self.context.pools, kind).await {
+                Ok(BatchOutcome::Applied(report)) => {
+                    *applied.get_or_insert(0) += report.counts.total();
+                    debug!(
+                        table = %report.table,
+                        created = report.counts.created,
+                        updated = report.counts.updated,
+                        deleted = report.counts.deleted,
+                        unchanged = report.counts.unchanged,
+                        failed = report.counts.failed,
+                        duration_ms = report.duration.as_millis() as u64,
+                        "batch applied"
+                    );
+                }
+                Ok(BatchOutcome::Nothing) => {}
+                Ok(BatchOutcome::ProgressMoved) => {
+                    info!(table = %table.name(), "progress was moved by another process; reloaded it");
+                    // Not idle: the table's batch runs again at once.
+                    applied.get_or_insert(0);
+                }
+                Err(error) => {
+                    return Err(PassError {
+                        table: table.name(),
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    async fn arm_doorbell(&self) -> Result<()> {
+        let source = self.context.pools.source().await?;
+        capture::arm_doorbell(&**source)
+            .within(self.limit(), DatabaseRole::Source, || {
+                "arming the doorbell".into()
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn limit(&self) -> Duration {
+        SessionLimits::from_settings(&self.context.settings).client_timeout()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_spacing_favours_latency_when_light_and_throughput_when_busy() {
+        assert_eq!(batch_spacing(0), Duration::from_millis(10));
+        assert_eq!(batch_spacing(10), Duration::from_millis(10));
+        assert_eq!(batch_spacing(100), Duration::from_millis(20));
+        assert_eq!(batch_spacing(5_000), Duration::from_millis(40));
+        assert_eq!(batch_spacing(u64::MAX), Duration::from_millis(40));
+    }
+}

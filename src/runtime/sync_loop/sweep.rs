@@ -1,0 +1,142 @@
+//! Sweeps: every `SYNC_INTERVAL_MINUTES`, or on request, the journal is drained and then one batch
+//! per table adds the look-back (when capture may have been bypassed) and the rows whose retry is
+//! due. Each sweep is a row in `sync_runs`, and refreshes the figures of the journals' backlog.
+
+use std::time::{Instant, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use super::{PassError, SyncLoop};
+use crate::config::DatabaseRole;
+use crate::connection::Within;
+use crate::ops::telemetry::SweepSummary;
+use crate::pipeline::apply::Counts;
+use crate::pipeline::batch::BatchKind;
+use crate::source::capture;
+use crate::target::runs::{self, Kind};
+
+impl SyncLoop {
+    /// A sweep, recorded in `sync_runs`. Returns how many rows it applied (None: nothing).
+    pub(super) async fn sweep(&mut self) -> Result<Option<u64>, PassError> {
+        let started = Instant::now();
+        let telemetry = self.context.telemetry.clone();
+        let before = telemetry.figures().totals;
+        telemetry.sweep_started();
+        self.context.requests.answered();
+        debug!("sweep started");
+        let run = self.run_started().await;
+        let result = self.drain_then_sweep().await;
+        let duration = started.elapsed();
+        let counts = telemetry.figures().totals - before;
+        let error = result
+            .as_ref()
+            .err()
+            .map(|failure| crate::error::chain(&failure.error));
+        self.run_finished(run, counts, error.as_deref()).await;
+        let found = match result {
+            Ok(found) => found,
+            Err(failure) => {
+                telemetry.sweep_finished(None);
+                return Err(failure);
+            }
+        };
+        self.update_backlog().await;
+        telemetry.sweep_finished(Some(SweepSummary {
+            finished_at: SystemTime::now(),
+            duration,
+            counts,
+        }));
+        info!(
+            created = counts.created,
+            updated = counts.updated,
+            deleted = counts.deleted,
+            unchanged = counts.unchanged,
+            failed = counts.failed,
+            duration_ms = duration.as_millis() as u64,
+            "sweep finished"
+        );
+        let interval = self.context.settings.sync_interval;
+        if duration > interval.mul_f64(0.8) {
+            warn!(
+                duration_ms = duration.as_millis() as u64,
+                interval_ms = interval.as_millis() as u64,
+                "sweep took more than 80% of the interval; the next one waits for it \
+                 (consider a longer SYNC_INTERVAL_MINUTES)"
+            );
+        }
+        Ok(found)
+    }
+
+    /// Applies what the journal holds with plain batches first (a backlog after a restart must not
+    /// wait for the look-back's re-read), for at most one interval under continuous writes, then
+    /// runs the sweep's own batch: look-back (when due) and retries.
+    async fn drain_then_sweep(&mut self) -> Result<Option<u64>, PassError> {
+        let deadline = Instant::now() + self.context.settings.sync_interval;
+        let mut applied = None;
+        while let Some(rows) = self.pass(BatchKind::Stream).await? {
+            *applied.get_or_insert(0) += rows;
+            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                break;
+            }
+        }
+        let lookback = self.context.settings.sweep_lookback;
+        if let Some(rows) = self.pass(BatchKind::Sweep { lookback }).await? {
+            *applied.get_or_insert(0) += rows;
+        }
+        Ok(applied)
+    }
+
+    /// Records the sweep's start in `sync_runs` (best effort: history must not stop syncing).
+    async fn run_started(&self) -> Option<i64> {
+        let started = async {
+            let target = self.context.pools.target().await?;
+            runs::start(&**target, Kind::Sweep, None).await
+        }
+        .within(self.limit(), DatabaseRole::Target, || {
+            "recording a sweep".into()
+        })
+        .await;
+        started
+            .map_err(|err| warn!(error = %crate::error::chain(&err), "could not record the sweep in sync_runs"))
+            .ok()
+    }
+
+    async fn run_finished(&self, run: Option<i64>, counts: Counts, error: Option<&str>) {
+        let Some(id) = run else {
+            return;
+        };
+        let recorded = async {
+            let target = self.context.pools.target().await?;
+            runs::finish(&**target, id, counts, error).await?;
+            runs::prune(&**target, self.context.settings.sync_runs_retention).await
+        }
+        .within(self.limit(), DatabaseRole::Target, || {
+            "recording a sweep".into()
+        })
+        .await;
+        if let Err(err) = recorded {
+            warn!(error = %crate::error::chain(&err), "could not complete the sweep's sync_runs row");
+        }
+    }
+
+    /// Journal depth and open row failures per table, for /status and /metrics.
+    async fn update_backlog(&self) {
+        let source = self.context.pools.source().await.ok();
+        for table in &self.tables {
+            let pending = match (&source, &table.mapping.journal) {
+                (Some(source), Some(journal)) => capture::journal_depth(&***source, journal)
+                    .within(self.limit(), DatabaseRole::Source, || {
+                        "counting the journal".into()
+                    })
+                    .await
+                    .ok(),
+                _ => None,
+            };
+            self.context.telemetry.set_table_backlog(
+                &table.name(),
+                pending,
+                table.unresolved_count(),
+            );
+        }
+    }
+}
