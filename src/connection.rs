@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::NoTls;
 
 use crate::config::{DatabaseRole, DatabaseSettings, Settings};
 use crate::error::{Error, Result};
@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 pub(crate) const APP_POOL: &str = "rowsync";
 /// `application_name` of the dedicated LISTEN session on the source.
 pub(crate) const APP_LISTENER: &str = "rowsync-listener";
-/// `application_name` of the initial-copy sessions.
+/// `application_name` of the initial copy's transactions (set for each of them).
 pub(crate) const APP_COPY: &str = "rowsync-copy";
 
 /// Bounds applied to every session.
@@ -276,29 +276,6 @@ async fn checkout(pool: &Pool, role: DatabaseRole, database: &str) -> Result<Obj
         database: database.to_string(),
         source,
     })
-}
-
-/// Opens a dedicated session (not pooled) and drives it on a background task. Use it for work that
-/// must not share a pooled session: COPY streams, or anything that outlives a checkout.
-pub(crate) async fn connect(
-    db: &DatabaseSettings,
-    config: &tokio_postgres::Config,
-) -> Result<Client> {
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| Error::Connect {
-            role: db.role,
-            database: db.display(),
-            source,
-        })?;
-    let role = db.role;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%role, %error, "dedicated connection closed with an error");
-        }
-    });
-    Ok(client)
 }
 
 #[cfg(test)]

@@ -265,9 +265,9 @@ async fn endpoints_status_and_sync_now_report_what_happened() {
     let (code, metrics) = http(port, "GET", "/metrics").await;
     assert_eq!(code, 200);
     for expected in [
-        "rowsync_changes_applied_total{table=\"public.users\",operation=\"created\"} 10",
-        "rowsync_changes_applied_total{table=\"public.users\",operation=\"updated\"} 5",
-        "rowsync_changes_applied_total{table=\"public.users\",operation=\"deleted\"} 2",
+        "rowsync_changes_applied_total{operation=\"created\",table=\"public.users\"} 10",
+        "rowsync_changes_applied_total{operation=\"updated\",table=\"public.users\"} 5",
+        "rowsync_changes_applied_total{operation=\"deleted\",table=\"public.users\"} 2",
         "rowsync_realtime_connected 1",
         "rowsync_active 1",
         "rowsync_sweep_duration_seconds_count 1",
@@ -826,7 +826,7 @@ async fn every_metric_family_has_samples_from_a_running_rowsync() {
     }
     for sample in [
         // Each attempt counts: the sweeps' retries of the rejected row add to it.
-        "rowsync_changes_applied_total{table=\"public.users\",operation=\"failed\"} ",
+        "rowsync_changes_applied_total{operation=\"failed\",table=\"public.users\"} ",
         "rowsync_sync_errors_total{type=\"CONSTRAINT_VIOLATION\"}",
         "rowsync_unresolved_rows{table=\"public.users\"} 1",
         "rowsync_consecutive_failures 0",

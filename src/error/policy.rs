@@ -56,6 +56,17 @@ pub(crate) enum ErrorType {
 }
 
 impl ErrorType {
+    pub(crate) const ALL: [ErrorType; 8] = [
+        Self::ConstraintViolation,
+        Self::DataError,
+        Self::SchemaMismatch,
+        Self::ConnectionError,
+        Self::RealtimeSyncConnectionError,
+        Self::Timeout,
+        Self::PermissionDenied,
+        Self::SyncError,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::ConstraintViolation => "CONSTRAINT_VIOLATION",

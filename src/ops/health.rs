@@ -65,199 +65,52 @@ pub(crate) struct PoolUsage {
     pub in_use: usize,
 }
 
+/// One check's verdict and, should it fail, what to do about it.
+struct Evaluated {
+    name: &'static str,
+    check: Check,
+    advice: String,
+}
+
+/// Judges `figures` at `now` against every check.
 pub(crate) fn evaluate(
     figures: &Figures,
     settings: &Settings,
     pools: &[(&'static str, PoolUsage)],
     now: SystemTime,
 ) -> Health {
+    let interval = settings.sync_interval.as_secs_f64();
+    let mut evaluated = Vec::new();
+    if figures.role == Role::Active {
+        evaluated.extend([
+            sweep_duration(figures, interval),
+            realtime(figures),
+            sweep_overdue(figures, interval, now),
+            capture(figures),
+            replication_lag(figures, interval),
+        ]);
+    }
+    evaluated.push(error_rate(figures));
+    evaluated.push(consecutive_failures(figures));
+    evaluated.extend(
+        pools
+            .iter()
+            .map(|&(database, usage)| pool_usage(database, usage)),
+    );
+
     let mut checks = BTreeMap::new();
     let mut recommendations = Vec::new();
-    let interval = settings.sync_interval.as_secs_f64();
-    let mut add = |name: &'static str, check: Check, advice: String| {
+    for Evaluated {
+        name,
+        check,
+        advice,
+    } in evaluated
+    {
         if !check.ok {
             recommendations.push(advice);
         }
         checks.insert(name, check);
-    };
-
-    if figures.role == Role::Active {
-        let duration = figures
-            .last_sweep
-            .as_ref()
-            .map_or(0.0, |s| s.duration.as_secs_f64());
-        add(
-            "sweep_duration",
-            Check {
-                ok: duration <= 0.8 * interval,
-                severity: Severity::Warning,
-                value: json!(duration),
-                threshold: json!(0.8 * interval),
-                message: format!("last sweep took {duration:.3} s of a {interval:.1} s interval"),
-            },
-            "Sweeps take more than 80% of the interval: raise SYNC_INTERVAL_MINUTES, make sure the \
-             source has an index on updated_at, and check the target for slow triggers or missing \
-             indexes."
-                .into(),
-        );
-
-        add(
-            "realtime",
-            Check {
-                ok: figures.listener == ListenerState::Listening,
-                severity: Severity::Warning,
-                value: json!(figures.listener.as_str()),
-                threshold: json!("listening"),
-                message: format!("the LISTEN connection is {}", figures.listener.as_str()),
-            },
-            "The real-time path is not listening; changes still arrive by polling and sweeps. Check \
-             that the source accepts connections (sync_errors has REALTIME_SYNC_CONNECTION_ERROR \
-             rows with the cause)."
-                .into(),
-        );
-
-        let since_sweep = figures
-            .last_sweep
-            .as_ref()
-            .map_or(figures.started_at, |s| s.finished_at);
-        let overdue_after = 3.0 * interval
-            + figures
-                .last_sweep
-                .as_ref()
-                .map_or(0.0, |s| s.duration.as_secs_f64());
-        let age = now
-            .duration_since(since_sweep)
-            .unwrap_or_default()
-            .as_secs_f64();
-        add(
-            "sweep_overdue",
-            Check {
-                ok: age <= overdue_after,
-                severity: Severity::Critical,
-                value: json!(age),
-                threshold: json!(overdue_after),
-                message: format!("{age:.1} s since the last sweep finished"),
-            },
-            "No sweep has finished for three intervals: look at rowsync's log and at sync_errors; a \
-             database may be unreachable or a sweep may be stuck."
-                .into(),
-        );
-
-        let broken: Vec<&String> = figures
-            .tables
-            .iter()
-            .filter(|(_, t)| t.capture_intact == Some(false))
-            .map(|(name, _)| name)
-            .collect();
-        add(
-            "capture",
-            Check {
-                ok: broken.is_empty(),
-                severity: Severity::Critical,
-                value: json!(broken),
-                threshold: json!([]),
-                message: if broken.is_empty() {
-                    "every capture trigger is in place".into()
-                } else {
-                    format!("capture triggers are disabled or missing on {broken:?}")
-                },
-            },
-            "Changes to these tables are not being captured (a restore or ALTER TABLE … DISABLE \
-             TRIGGER can do that): run `rowsync setup` to repair capture and re-copy what was \
-             missed."
-                .into(),
-        );
-
-        let lag = figures.lag_seconds;
-        let lag_ok = lag.is_some_and(|lag| lag <= interval);
-        let lag_critical = lag.is_none_or(|lag| lag > 3.0 * interval);
-        add(
-            "replication_lag",
-            Check {
-                ok: lag_ok,
-                severity: if lag_critical {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                value: json!(lag),
-                threshold: json!(interval),
-                message: match lag {
-                    Some(lag) => format!("the target reflects the source as of at most {lag:.3} s ago"),
-                    None => "nothing applied yet".into(),
-                },
-            },
-            "The target is falling behind: the journal is growing faster than it is applied. Check \
-             the target's write latency, BATCH_SIZE, and pending changes in /status."
-                .into(),
-        );
     }
-
-    add(
-        "error_rate",
-        Check {
-            ok: figures.error_rate <= 0.01,
-            severity: Severity::Warning,
-            value: json!(figures.error_rate),
-            threshold: json!(0.01),
-            message: format!(
-                "{:.2}% of the last ten minutes' work failed",
-                figures.error_rate * 100.0
-            ),
-        },
-        "More than 1% of recent work failed: SELECT * FROM sync_errors WHERE resolved = FALSE \
-         ORDER BY created_at DESC; shows what and why."
-            .into(),
-    );
-
-    add(
-        "consecutive_failures",
-        Check {
-            ok: figures.consecutive_failures <= 5,
-            severity: Severity::Critical,
-            value: json!(figures.consecutive_failures),
-            threshold: json!(5),
-            message: format!("{} attempts in a row failed", figures.consecutive_failures),
-        },
-        "Syncing keeps failing: check that both databases accept connections from rowsync \
-         (psql \"$SOURCE_DATABASE_URL\" -c 'SELECT 1'), and the latest sync_errors rows."
-            .into(),
-    );
-
-    for &(database, usage) in pools {
-        let ratio = if usage.max_size == 0 {
-            0.0
-        } else {
-            usage.in_use as f64 / usage.max_size as f64
-        };
-        let name = if database == "source" {
-            "pool_usage_source"
-        } else {
-            "pool_usage_target"
-        };
-        add(
-            name,
-            Check {
-                ok: ratio <= 0.8,
-                severity: Severity::Warning,
-                value: json!(ratio),
-                threshold: json!(0.8),
-                message: format!(
-                    "{} of {} {database} connections in use",
-                    usage.in_use, usage.max_size
-                ),
-            },
-            format!(
-                "The {database} pool is more than 80% in use: raise {}.",
-                if database == "source" {
-                    "SOURCE_DB_POOL_SIZE"
-                } else {
-                    "CHAT_DB_POOL_SIZE"
-                }
-            ),
-        );
-    }
-
     let status = if checks
         .values()
         .any(|c| !c.ok && c.severity == Severity::Critical)
@@ -281,5 +134,181 @@ pub(crate) fn evaluate(
         role: figures.role,
         checks,
         recommendations,
+    }
+}
+
+fn sweep_duration(figures: &Figures, interval: f64) -> Evaluated {
+    let duration = figures
+        .last_sweep
+        .as_ref()
+        .map_or(0.0, |s| s.duration.as_secs_f64());
+    Evaluated {
+        name: "sweep_duration",
+        check: Check {
+            ok: duration <= 0.8 * interval,
+            severity: Severity::Warning,
+            value: json!(duration),
+            threshold: json!(0.8 * interval),
+            message: format!("last sweep took {duration:.3} s of a {interval:.1} s interval"),
+        },
+        advice:
+            "Sweeps take more than 80% of the interval: raise SYNC_INTERVAL_MINUTES, make sure \
+                 the source has an index on updated_at, and check the target for slow triggers or \
+                 missing indexes."
+                .into(),
+    }
+}
+
+fn realtime(figures: &Figures) -> Evaluated {
+    Evaluated {
+        name: "realtime",
+        check: Check {
+            ok: figures.listener == ListenerState::Listening,
+            severity: Severity::Warning,
+            value: json!(figures.listener.as_str()),
+            threshold: json!("listening"),
+            message: format!("the LISTEN connection is {}", figures.listener.as_str()),
+        },
+        advice: "The real-time path is not listening; changes still arrive by polling and sweeps. \
+                 Check that the source accepts connections (sync_errors has \
+                 REALTIME_SYNC_CONNECTION_ERROR rows with the cause)."
+            .into(),
+    }
+}
+
+fn sweep_overdue(figures: &Figures, interval: f64, now: SystemTime) -> Evaluated {
+    let last = figures.last_sweep.as_ref();
+    let since_sweep = last.map_or(figures.started_at, |s| s.finished_at);
+    let overdue_after = 3.0 * interval + last.map_or(0.0, |s| s.duration.as_secs_f64());
+    let age = now
+        .duration_since(since_sweep)
+        .unwrap_or_default()
+        .as_secs_f64();
+    Evaluated {
+        name: "sweep_overdue",
+        check: Check {
+            ok: age <= overdue_after,
+            severity: Severity::Critical,
+            value: json!(age),
+            threshold: json!(overdue_after),
+            message: format!("{age:.1} s since the last sweep finished"),
+        },
+        advice: "No sweep has finished for three intervals: look at rowsync's log and at \
+                 sync_errors; a database may be unreachable or a sweep may be stuck."
+            .into(),
+    }
+}
+
+fn capture(figures: &Figures) -> Evaluated {
+    let broken: Vec<&String> = figures
+        .tables
+        .iter()
+        .filter(|(_, t)| t.capture_intact == Some(false))
+        .map(|(name, _)| name)
+        .collect();
+    Evaluated {
+        name: "capture",
+        check: Check {
+            ok: broken.is_empty(),
+            severity: Severity::Critical,
+            value: json!(broken),
+            threshold: json!([]),
+            message: if broken.is_empty() {
+                "every capture trigger is in place".into()
+            } else {
+                format!("capture triggers are disabled or missing on {broken:?}")
+            },
+        },
+        advice: "Changes to these tables are not being captured (a restore or ALTER TABLE … \
+                 DISABLE TRIGGER can do that): run `rowsync setup` to repair capture and re-copy \
+                 what was missed."
+            .into(),
+    }
+}
+
+fn replication_lag(figures: &Figures, interval: f64) -> Evaluated {
+    let lag = figures.lag_seconds;
+    let critical = lag.is_none_or(|lag| lag > 3.0 * interval);
+    Evaluated {
+        name: "replication_lag",
+        check: Check {
+            ok: lag.is_some_and(|lag| lag <= interval),
+            severity: if critical {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            value: json!(lag),
+            threshold: json!(interval),
+            message: match lag {
+                Some(lag) => format!("the target reflects the source as of at most {lag:.3} s ago"),
+                None => "nothing applied yet".into(),
+            },
+        },
+        advice: "The target is falling behind: the journal is growing faster than it is applied. \
+                 Check the target's write latency, BATCH_SIZE, and pending changes in /status."
+            .into(),
+    }
+}
+
+fn error_rate(figures: &Figures) -> Evaluated {
+    Evaluated {
+        name: "error_rate",
+        check: Check {
+            ok: figures.error_rate <= 0.01,
+            severity: Severity::Warning,
+            value: json!(figures.error_rate),
+            threshold: json!(0.01),
+            message: format!(
+                "{:.2}% of the last ten minutes' work failed",
+                figures.error_rate * 100.0
+            ),
+        },
+        advice: "More than 1% of recent work failed: SELECT * FROM sync_errors WHERE resolved = \
+                 FALSE ORDER BY created_at DESC; shows what and why."
+            .into(),
+    }
+}
+
+fn consecutive_failures(figures: &Figures) -> Evaluated {
+    Evaluated {
+        name: "consecutive_failures",
+        check: Check {
+            ok: figures.consecutive_failures <= 5,
+            severity: Severity::Critical,
+            value: json!(figures.consecutive_failures),
+            threshold: json!(5),
+            message: format!("{} attempts in a row failed", figures.consecutive_failures),
+        },
+        advice: "Syncing keeps failing: check that both databases accept connections from rowsync \
+                 (psql \"$SOURCE_DATABASE_URL\" -c 'SELECT 1'), and the latest sync_errors rows."
+            .into(),
+    }
+}
+
+fn pool_usage(database: &'static str, usage: PoolUsage) -> Evaluated {
+    let ratio = if usage.max_size == 0 {
+        0.0
+    } else {
+        usage.in_use as f64 / usage.max_size as f64
+    };
+    let (name, variable) = if database == "source" {
+        ("pool_usage_source", "SOURCE_DB_POOL_SIZE")
+    } else {
+        ("pool_usage_target", "CHAT_DB_POOL_SIZE")
+    };
+    Evaluated {
+        name,
+        check: Check {
+            ok: ratio <= 0.8,
+            severity: Severity::Warning,
+            value: json!(ratio),
+            threshold: json!(0.8),
+            message: format!(
+                "{} of {} {database} connections in use",
+                usage.in_use, usage.max_size
+            ),
+        },
+        advice: format!("The {database} pool is more than 80% in use: raise {variable}."),
     }
 }

@@ -51,7 +51,6 @@ use crate::config::{HealthToken, Settings};
 use crate::connection::Pools;
 use crate::error::{Error, Result};
 use crate::ops::health::{self, PoolUsage, Status};
-use crate::ops::metrics;
 use crate::ops::telemetry::{Role, Telemetry, rfc3339};
 use crate::runtime::daemon::Context;
 
@@ -347,7 +346,10 @@ async fn status_handler(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
-    let text = metrics::render(&state.telemetry.figures(), &pool_usage(&state.pools));
+    let text = state
+        .telemetry
+        .metrics()
+        .render(&state.telemetry.figures(), &pool_usage(&state.pools));
     (
         [(
             header::CONTENT_TYPE,

@@ -1,9 +1,22 @@
-//! Prometheus metrics: every name in one place, rendered in the text exposition format.
+//! Prometheus metrics: every name in one place, kept with the `prometheus` crate and rendered in
+//! Prometheus' text exposition format (0.0.4).
+//!
+//! Counters and the sweep-duration histogram are updated as things happen (by
+//! [`crate::ops::telemetry::Telemetry`]); gauges are set from the figures when `/metrics` is
+//! scraped. The `prometheus` crate rather than `prometheus-client`: the latter writes only
+//! OpenMetrics, whose `# TYPE` lines name counters without `_total`, which would change the
+//! exposition that scrape configs, dashboards and our tests already read.
 
-use std::fmt::Write as _;
+use prometheus::{
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
+use crate::error::policy::ErrorType;
 use crate::ops::health::PoolUsage;
-use crate::ops::telemetry::{Figures, SWEEP_BUCKETS};
+use crate::ops::telemetry::{Figures, Role};
+use crate::pipeline::apply::Counts;
+use crate::source::listener::ListenerState;
 
 pub const CHANGES_APPLIED: &str = "rowsync_changes_applied_total";
 pub const SYNC_ERRORS: &str = "rowsync_sync_errors_total";
@@ -25,224 +38,234 @@ pub const YIELDING: &str = "rowsync_yielding";
 pub const YIELDED_SECONDS: &str = "rowsync_yielded_seconds_total";
 pub const SOURCE_ACTIVE_SESSIONS: &str = "rowsync_source_active_sessions";
 
-/// Renders every metric.
-pub(crate) fn render(figures: &Figures, pools: &[(&'static str, PoolUsage)]) -> String {
-    let mut out = String::new();
+/// Upper bounds (seconds) of the sweep duration histogram's buckets.
+const SWEEP_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+];
 
-    let name = family(
-        &mut out,
-        CHANGES_APPLIED,
-        "counter",
-        "Rows processed into the target, by table and outcome.",
-    );
-    let mut lines = String::new();
-    for (table, figures) in &figures.tables {
-        let c = figures.counts;
-        for (operation, value) in [
-            ("created", c.created),
-            ("updated", c.updated),
-            ("deleted", c.deleted),
-            ("unchanged", c.unchanged),
-            ("failed", c.failed),
-        ] {
-            let _ = writeln!(
-                lines,
-                "{name}{{table=\"{}\",operation=\"{operation}\"}} {value}",
-                label(table)
-            );
-        }
-    }
-    push(&mut out, &lines);
+/// The metrics of this process.
+pub(crate) struct Metrics {
+    registry: Registry,
+    changes_applied: IntCounterVec,
+    sync_errors: IntCounterVec,
+    sweep_duration: Histogram,
+    batches: IntCounter,
+    sweeps: IntCounter,
+    failed_attempts: IntCounter,
+    yielded_seconds: Counter,
+    lag: Gauge,
+    journal_pending: IntGaugeVec,
+    unresolved: IntGaugeVec,
+    pool_size: IntGaugeVec,
+    pool_in_use: IntGaugeVec,
+    pool_max: IntGaugeVec,
+    realtime: IntGauge,
+    active: IntGauge,
+    consecutive_failures: IntGauge,
+    yielding: IntGauge,
+    source_sessions: Gauge,
+}
 
-    let name = family(
-        &mut out,
-        SYNC_ERRORS,
-        "counter",
-        "Failures recorded in sync_errors, by error_type.",
-    );
-    let mut lines = String::new();
-    for (kind, value) in &figures.errors_by_type {
-        let _ = writeln!(lines, "{name}{{type=\"{}\"}} {value}", label(kind));
-    }
-    push(&mut out, &lines);
+/// Registers a metric; the names and label sets are constants, so registering cannot fail.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique and valid");
+    metric
+}
 
-    let name = family(
-        &mut out,
-        LAG_SECONDS,
-        "gauge",
-        "Upper bound of how far the target is behind the source, in seconds (NaN before the first batch).",
-    );
-    push(
-        &mut out,
-        &format!("{name} {}\n", figures.lag_seconds.unwrap_or(f64::NAN)),
-    );
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    register(registry, vec)
+}
 
-    let name = family(
-        &mut out,
-        YIELDING,
-        "gauge",
-        "1 while rowsync defers its work because the source is busy, else 0.",
-    );
-    push(
-        &mut out,
-        &format!("{name} {}\n", u8::from(figures.yielding.is_some())),
-    );
-    let name = family(
-        &mut out,
-        YIELDED_SECONDS,
-        "counter",
-        "Time spent deferring work to a busy source since start, in seconds (periods in progress not counted).",
-    );
-    push(
-        &mut out,
-        &format!("{name} {}\n", figures.yielded.as_secs_f64()),
-    );
-    let name = family(
-        &mut out,
-        SOURCE_ACTIVE_SESSIONS,
-        "gauge",
-        "Active sessions on the source other than rowsync's, at the last look (NaN before one).",
-    );
-    push(
-        &mut out,
-        &format!(
-            "{name} {}\n",
-            figures.source_active_sessions.map_or(f64::NAN, f64::from)
-        ),
-    );
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    register(registry, vec)
+}
 
-    let name = family(
-        &mut out,
-        SWEEP_DURATION,
-        "histogram",
-        "Duration of sweeps, in seconds.",
-    );
-    let h = &figures.sweep_durations;
-    let mut lines = String::new();
-    for (i, bound) in SWEEP_BUCKETS.iter().enumerate() {
-        let value = h.cumulative.get(i).copied().unwrap_or(0);
-        let _ = writeln!(lines, "{name}_bucket{{le=\"{bound}\"}} {value}");
-    }
-    let _ = writeln!(lines, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(lines, "{name}_sum {}", h.sum);
-    let _ = writeln!(lines, "{name}_count {}", h.count);
-    push(&mut out, &lines);
+fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
+}
 
-    let name = family(
-        &mut out,
-        JOURNAL_PENDING,
-        "gauge",
-        "Journaled source changes not yet applied, by table (as of the last sweep).",
-    );
-    let mut lines = String::new();
-    for (table, figures) in &figures.tables {
-        if let Some(pending) = figures.pending {
-            let _ = writeln!(lines, "{name}{{table=\"{}\"}} {pending}", label(table));
-        }
-    }
-    push(&mut out, &lines);
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid metric"))
+}
 
-    let name = family(
-        &mut out,
-        UNRESOLVED_ROWS,
-        "gauge",
-        "Rows the target rejected that wait for a retry, by table.",
-    );
-    let mut lines = String::new();
-    for (table, figures) in &figures.tables {
-        let _ = writeln!(
-            lines,
-            "{name}{{table=\"{}\"}} {}",
-            label(table),
-            figures.unresolved
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    register(registry, Gauge::new(name, help).expect("valid metric"))
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let r = Registry::new();
+        let build_info = gauge_vec(&r, BUILD_INFO, "Build information.", &["version"]);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let sync_errors = counter_vec(
+            &r,
+            SYNC_ERRORS,
+            "Failures recorded in sync_errors, by error_type.",
+            &["type"],
         );
-    }
-    push(&mut out, &lines);
-
-    for (metric, help, pick) in [
-        (POOL_SIZE, "Open connections, by database.", 0),
-        (POOL_IN_USE, "Connections in use, by database.", 1),
-        (POOL_MAX, "Configured pool size, by database.", 2),
-    ] {
-        let name = family(&mut out, metric, "gauge", help);
-        let mut lines = String::new();
-        for (database, usage) in pools {
-            let value = [usage.size, usage.in_use, usage.max_size][pick];
-            let _ = writeln!(lines, "{name}{{database=\"{database}\"}} {value}");
+        // Every type has a series from the start, so that a rate over it is defined.
+        for error_type in ErrorType::ALL {
+            sync_errors.with_label_values(&[error_type.as_str()]);
         }
-        push(&mut out, &lines);
+        let sweep_duration = HistogramOpts::new(SWEEP_DURATION, "Duration of sweeps, in seconds.")
+            .buckets(SWEEP_BUCKETS.to_vec());
+        Self {
+            changes_applied: counter_vec(
+                &r,
+                CHANGES_APPLIED,
+                "Rows processed into the target, by table and outcome.",
+                &["table", "operation"],
+            ),
+            sync_errors,
+            sweep_duration: register(&r, Histogram::with_opts(sweep_duration).expect("valid metric")),
+            batches: int_counter(&r, BATCHES, "Batches applied."),
+            sweeps: int_counter(&r, SWEEPS, "Sweeps finished."),
+            failed_attempts: int_counter(
+                &r,
+                FAILED_ATTEMPTS,
+                "Failed attempts (batches, sweeps, listener connections).",
+            ),
+            yielded_seconds: register(
+                &r,
+                Counter::new(
+                    YIELDED_SECONDS,
+                    "Time spent deferring work to a busy source since start, in seconds (periods in progress not counted).",
+                )
+                .expect("valid metric"),
+            ),
+            lag: gauge(
+                &r,
+                LAG_SECONDS,
+                "Upper bound of how far the target is behind the source, in seconds (NaN before the first batch).",
+            ),
+            journal_pending: gauge_vec(
+                &r,
+                JOURNAL_PENDING,
+                "Journaled source changes not yet applied, by table (as of the last sweep).",
+                &["table"],
+            ),
+            unresolved: gauge_vec(
+                &r,
+                UNRESOLVED_ROWS,
+                "Rows the target rejected that wait for a retry, by table.",
+                &["table"],
+            ),
+            pool_size: gauge_vec(&r, POOL_SIZE, "Open connections, by database.", &["database"]),
+            pool_in_use: gauge_vec(&r, POOL_IN_USE, "Connections in use, by database.", &["database"]),
+            pool_max: gauge_vec(&r, POOL_MAX, "Configured pool size, by database.", &["database"]),
+            realtime: int_gauge(&r, REALTIME_CONNECTED, "1 while the LISTEN connection is listening."),
+            active: int_gauge(
+                &r,
+                ACTIVE,
+                "1 while this process is the active applier (0: standby or starting).",
+            ),
+            consecutive_failures: int_gauge(&r, CONSECUTIVE_FAILURES, "Attempts failed in a row."),
+            yielding: int_gauge(
+                &r,
+                YIELDING,
+                "1 while rowsync defers its work because the source is busy, else 0.",
+            ),
+            source_sessions: gauge(
+                &r,
+                SOURCE_ACTIVE_SESSIONS,
+                "Active sessions on the source other than rowsync's, at the last look (NaN before one).",
+            ),
+            registry: r,
+        }
     }
 
-    let gauges: [(&str, &str, &str, f64); 5] = [
-        (
-            REALTIME_CONNECTED,
-            "gauge",
-            "1 while the LISTEN connection is listening.",
-            f64::from(u8::from(
-                figures.listener == crate::source::listener::ListenerState::Listening,
-            )),
-        ),
-        (
-            ACTIVE,
-            "gauge",
-            "1 while this process is the active applier (0: standby or starting).",
-            f64::from(u8::from(
-                figures.role == crate::ops::telemetry::Role::Active,
-            )),
-        ),
-        (
-            BATCHES,
-            "counter",
-            "Batches applied.",
-            figures.batches as f64,
-        ),
-        (SWEEPS, "counter", "Sweeps finished.", figures.sweeps as f64),
-        (
-            FAILED_ATTEMPTS,
-            "counter",
-            "Failed attempts (batches, sweeps, listener connections).",
-            figures.errors as f64,
-        ),
-    ];
-    for (metric, kind, help, value) in gauges {
-        let name = family(&mut out, metric, kind, help);
-        push(&mut out, &format!("{name} {value}\n"));
+    /// A table is synced: its series exist from now on, at zero.
+    pub(crate) fn table(&self, table: &str) {
+        self.applied(table, Counts::default());
+        self.unresolved.with_label_values(&[table]).set(0);
     }
-    let name = family(
-        &mut out,
-        CONSECUTIVE_FAILURES,
-        "gauge",
-        "Attempts failed in a row.",
-    );
-    push(
-        &mut out,
-        &format!("{name} {}\n", figures.consecutive_failures),
-    );
 
-    let name = family(&mut out, BUILD_INFO, "gauge", "Build information.");
-    push(
-        &mut out,
-        &format!("{name}{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")),
-    );
-    out
+    /// Rows processed into the target.
+    pub(crate) fn applied(&self, table: &str, counts: Counts) {
+        for (operation, value) in [
+            ("created", counts.created),
+            ("updated", counts.updated),
+            ("deleted", counts.deleted),
+            ("unchanged", counts.unchanged),
+            ("failed", counts.failed),
+        ] {
+            self.changes_applied
+                .with_label_values(&[table, operation])
+                .inc_by(value);
+        }
+    }
+
+    pub(crate) fn batch(&self) {
+        self.batches.inc();
+    }
+
+    pub(crate) fn sweep(&self, seconds: f64) {
+        self.sweeps.inc();
+        self.sweep_duration.observe(seconds);
+    }
+
+    pub(crate) fn recorded(&self, error_type: &str) {
+        self.sync_errors.with_label_values(&[error_type]).inc();
+    }
+
+    pub(crate) fn failed_attempt(&self) {
+        self.failed_attempts.inc();
+    }
+
+    pub(crate) fn yielded(&self, seconds: f64) {
+        self.yielded_seconds.inc_by(seconds);
+    }
+
+    /// Sets the gauges from `figures` and `pools`, and renders every metric.
+    pub(crate) fn render(&self, figures: &Figures, pools: &[(&'static str, PoolUsage)]) -> String {
+        self.lag.set(figures.lag_seconds.unwrap_or(f64::NAN));
+        for (table, t) in &figures.tables {
+            if let Some(pending) = t.pending {
+                self.journal_pending
+                    .with_label_values(&[table])
+                    .set(pending);
+            }
+            self.unresolved
+                .with_label_values(&[table])
+                .set(i64::try_from(t.unresolved).unwrap_or(i64::MAX));
+        }
+        for (database, usage) in pools {
+            let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.pool_size
+                .with_label_values(&[database])
+                .set(as_i64(usage.size));
+            self.pool_in_use
+                .with_label_values(&[database])
+                .set(as_i64(usage.in_use));
+            self.pool_max
+                .with_label_values(&[database])
+                .set(as_i64(usage.max_size));
+        }
+        self.realtime
+            .set(i64::from(figures.listener == ListenerState::Listening));
+        self.active.set(i64::from(figures.role == Role::Active));
+        self.consecutive_failures
+            .set(i64::from(figures.consecutive_failures));
+        self.yielding.set(i64::from(figures.yielding.is_some()));
+        self.source_sessions
+            .set(figures.source_active_sessions.map_or(f64::NAN, f64::from));
+        let mut out = Vec::new();
+        // Encoding into memory fails only on invalid metrics, which the constants rule out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
 }
 
-/// Writes a family's HELP and TYPE lines; returns its name for the samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) -> String {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    name.to_string()
-}
-
-fn push(out: &mut String, lines: &str) {
-    out.push_str(lines);
-}
-
-/// Escapes a label value (backslash, double quote, newline).
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[cfg(test)]
@@ -275,9 +298,9 @@ mod tests {
                 in_use: 1,
             },
         )];
-        let text = render(&telemetry.figures(), &pools);
+        let text = telemetry.metrics().render(&telemetry.figures(), &pools);
         for expected in [
-            "rowsync_changes_applied_total{table=\"public.users\",operation=\"created\"} 3",
+            "rowsync_changes_applied_total{operation=\"created\",table=\"public.users\"} 3",
             "rowsync_sync_errors_total{type=\"CONSTRAINT_VIOLATION\"} 1",
             "rowsync_sweep_duration_seconds_bucket{le=\"+Inf\"} 0",
             "rowsync_pool_in_use{database=\"source\"} 1",
@@ -303,10 +326,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

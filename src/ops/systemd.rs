@@ -15,6 +15,11 @@
 //! The variables stay in the environment, so child processes (the demo's servers) inherit them;
 //! the unit's `NotifyAccess=main` makes the manager ignore anything they might send.
 //!
+//! Why not the `sd-notify` crate (0.5): it cannot address a socket in the abstract namespace
+//! (`@name`, which systemd documents for `NOTIFY_SOCKET` and container managers use), and its send
+//! has no timeout, so a service manager that stops draining its queue would block one of the
+//! runtime's worker threads. The protocol itself is the dozen lines of `send` below.
+//!
 //! This module only delivers messages; what they mean is the caller's business. In particular it
 //! sends `WATCHDOG=1` only when asked: the pings are meant to come from the loop whose progress
 //! they vouch for, at [`Notifier::watchdog_interval`], not from a timer that would keep a stuck

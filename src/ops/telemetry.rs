@@ -8,10 +8,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::ops::metrics::Metrics;
 use crate::pipeline::apply::Counts;
 use crate::source::listener::ListenerState;
 
@@ -45,34 +46,6 @@ pub(crate) struct TableFigures {
     pub last_batch_at: Option<SystemTime>,
 }
 
-/// Upper bounds (seconds) of the sweep duration histogram's buckets.
-pub(crate) const SWEEP_BUCKETS: [f64; 11] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
-];
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub(crate) struct Histogram {
-    /// Observations at or below each bound of [`SWEEP_BUCKETS`] (cumulative, as Prometheus wants).
-    pub cumulative: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, value: f64) {
-        if self.cumulative.is_empty() {
-            self.cumulative = vec![0; SWEEP_BUCKETS.len()];
-        }
-        for (bound, bucket) in SWEEP_BUCKETS.iter().zip(self.cumulative.iter_mut()) {
-            if value <= *bound {
-                *bucket += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += value;
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SweepSummary {
     #[serde(skip)]
@@ -101,7 +74,6 @@ pub(crate) struct Figures {
     pub listener: ListenerState,
     /// The start-up catch-up is done.
     pub caught_up: bool,
-    pub sweep_durations: Histogram,
     /// Share of failed work (rows rejected, attempts failed) over the last ten minutes.
     pub error_rate: f64,
     /// Seconds since the newest source snapshot known to be fully applied, as an upper bound on
@@ -127,6 +99,7 @@ pub(crate) struct Yielding {
 /// Figures, and the few signals that go with them.
 pub(crate) struct Telemetry {
     state: Mutex<State>,
+    metrics: Metrics,
     started: Instant,
     heartbeat_ms: AtomicU64,
 }
@@ -163,7 +136,6 @@ impl Telemetry {
                     consecutive_failures: 0,
                     listener: ListenerState::Connecting,
                     caught_up: false,
-                    sweep_durations: Histogram::default(),
                     error_rate: 0.0,
                     lag_seconds: None,
                     yielding: None,
@@ -172,6 +144,7 @@ impl Telemetry {
                 },
                 recent: VecDeque::new(),
             }),
+            metrics: Metrics::new(),
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
         }
@@ -182,6 +155,11 @@ impl Telemetry {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The Prometheus metrics, kept as things happen.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub(crate) fn figures(&self) -> Figures {
@@ -238,7 +216,9 @@ impl Telemetry {
     pub(crate) fn yield_ended(&self) {
         let mut state = self.lock();
         if let Some(yielding) = state.figures.yielding.take() {
-            state.figures.yielded += yielding.since.elapsed().unwrap_or_default();
+            let yielded = yielding.since.elapsed().unwrap_or_default();
+            state.figures.yielded += yielded;
+            self.metrics.yielded(yielded.as_secs_f64());
         }
     }
 
@@ -257,6 +237,7 @@ impl Telemetry {
     /// A listener connection attempt failed (not a sync failure: sweeps and polling go on).
     pub(crate) fn listener_failure(&self) {
         self.lock().figures.errors += 1;
+        self.metrics.failed_attempt();
     }
 
     pub(crate) fn add_table(&self, table: &str) {
@@ -265,6 +246,7 @@ impl Telemetry {
             .tables
             .entry(table.to_string())
             .or_default();
+        self.metrics.table(table);
     }
 
     /// A batch of `table` was applied; its snapshot was taken at `snapshot_at`.
@@ -278,6 +260,8 @@ impl Telemetry {
         figures.applied_as_of = Some(snapshot_at);
         figures.last_batch_at = Some(SystemTime::now());
         record_recent(&mut state.recent, second, counts.total(), counts.failed);
+        self.metrics.applied(table, counts);
+        self.metrics.batch();
     }
 
     /// `table` had nothing to apply in the snapshot taken at `snapshot_at`.
@@ -313,6 +297,7 @@ impl Telemetry {
         state.figures.errors += 1;
         state.figures.consecutive_failures = consecutive;
         record_recent(&mut state.recent, second, 1, 1);
+        self.metrics.failed_attempt();
     }
 
     pub(crate) fn recovered(&self) {
@@ -327,6 +312,7 @@ impl Telemetry {
             .errors_by_type
             .entry(error_type.to_string())
             .or_default() += 1;
+        self.metrics.recorded(error_type);
     }
 
     pub(crate) fn sweep_started(&self) {
@@ -338,10 +324,7 @@ impl Telemetry {
         state.figures.sweep_in_progress = false;
         if let Some(summary) = summary {
             state.figures.sweeps += 1;
-            state
-                .figures
-                .sweep_durations
-                .observe(summary.duration.as_secs_f64());
+            self.metrics.sweep(summary.duration.as_secs_f64());
             state.figures.last_sweep = Some(summary);
             state.figures.caught_up = true;
         }
@@ -366,30 +349,13 @@ fn record_recent(recent: &mut VecDeque<(u64, u64, u64)>, second: u64, done: u64,
 
 /// `2026-11-22T18:09:08.741Z`: RFC 3339 in UTC, to the millisecond.
 pub(crate) fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        since.subsec_millis()
-    )
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     #[test]
@@ -399,18 +365,6 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.123Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         assert_eq!(rfc3339(t), "2026-11-18T11:06:40.000Z");
-    }
-
-    #[test]
-    fn histogram_is_cumulative() {
-        let mut h = Histogram::default();
-        for v in [0.003, 0.02, 0.02, 3.0] {
-            h.observe(v);
-        }
-        assert_eq!(h.count, 4);
-        assert_eq!(h.cumulative[0], 1); // <= 5 ms
-        assert_eq!(h.cumulative[2], 3); // <= 25 ms
-        assert_eq!(h.cumulative[8], 4); // <= 5 s
     }
 
     #[test]

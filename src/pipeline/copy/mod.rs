@@ -24,35 +24,43 @@ pub(crate) mod progress_line;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deadpool_postgres::{Object, Transaction};
 use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 
+use self::progress_line::{CopyProgress, estimate_rows};
 use crate::catalog::mapping::TableMapping;
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{self, APP_COPY, Pools, SessionLimits, Within, session_config};
+use crate::connection::{APP_COPY, Pools, SessionLimits, Within};
 use crate::error::policy::{self, Action};
 use crate::error::{Error, Result, SqlContext};
 use crate::pipeline::apply::statements::on_conflict;
-use crate::pipeline::apply::{Applier, Counts, Mode};
+use crate::pipeline::apply::{Applier, Counts, Mode, RowFailure};
 use crate::pipeline::changes::{full_table_query, journal_cleanup};
 use crate::source::snapshot::PgSnapshot;
 use crate::target::{progress, sync_errors};
-
-use self::progress_line::{CopyProgress, estimate_rows};
 
 /// What the copy of one table did.
 #[derive(Debug, Clone)]
 pub(crate) struct CopyReport {
     /// Rows read from the source.
-    pub rows: u64,
-    pub counts: Counts,
-    pub duration: Duration,
+    pub(crate) rows: u64,
+    pub(crate) counts: Counts,
+    pub(crate) duration: Duration,
 }
 
+const SOURCE: DatabaseRole = DatabaseRole::Source;
+const TARGET: DatabaseRole = DatabaseRole::Target;
+
 /// A COPY may run far longer than any statement timeout, and the source transaction is idle while
-/// the target catches up: lift both limits for these two sessions only.
-const UNBOUNDED: &str =
-    "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0";
+/// the target catches up: lift both limits for the copy's two transactions only. They are named
+/// `rowsync-copy` ([`APP_COPY`]) for as long as they last.
+fn copy_session() -> String {
+    format!(
+        "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0; \
+         SET LOCAL application_name = '{APP_COPY}'"
+    )
+}
 
 /// Copies every row of `mapping`'s source table into its target table and records the snapshot.
 pub(crate) async fn copy_table(
@@ -63,7 +71,7 @@ pub(crate) async fn copy_table(
     let started = Instant::now();
     let estimate = estimate_rows(&**pools.source().await?, &mapping.source).await;
     let mut progress = CopyProgress::start(&mapping.name(), estimate);
-    let report = match copy_streaming(settings, mapping, &mut progress).await {
+    let copied = match copy_streaming(settings, pools, mapping, &mut progress).await {
         Err(Error::Sql {
             role: DatabaseRole::Target,
             source,
@@ -75,180 +83,207 @@ pub(crate) async fn copy_table(
                 "the target rejected a row during COPY; copying row by row to isolate it"
             );
             progress.restart();
-            let mut report = copy_careful(settings, pools, mapping, &mut progress).await?;
-            report.duration = started.elapsed();
-            report
+            copy_careful(settings, pools, mapping, &mut progress).await?
         }
         other => other?,
     };
-    progress.finish(report.rows);
-    Ok(report)
+    progress.finish(copied.rows);
+    Ok(CopyReport {
+        rows: copied.rows,
+        counts: copied.counts,
+        duration: started.elapsed(),
+    })
 }
 
-/// The fast path: COPY piped from source to target.
+/// Rows read and what became of them.
+struct Copied {
+    rows: u64,
+    counts: Counts,
+}
+
+/// The copy's two sessions, from the pools.
+struct CopySessions {
+    target: Object,
+    source: Object,
+}
+
+/// The copy's two transactions: the target's holds the table's progress row locked, the
+/// source's reads one REPEATABLE READ snapshot.
+struct CopyTransactions<'a> {
+    target: Transaction<'a>,
+    source: Transaction<'a>,
+    snapshot: PgSnapshot,
+    table: String,
+    limit: Duration,
+}
+
+impl CopySessions {
+    async fn open(pools: &Pools) -> Result<Self> {
+        Ok(Self {
+            target: pools.target().await?,
+            source: pools.source().await?,
+        })
+    }
+
+    /// Starts both transactions. From the progress lock until the commit no batch of this table
+    /// can commit (it would need the lock), so the snapshot taken next is the newest state anyone
+    /// has applied.
+    async fn begin(
+        &mut self,
+        mapping: &TableMapping,
+        limit: Duration,
+    ) -> Result<CopyTransactions<'_>> {
+        let table = mapping.name();
+        let starting = || format!("starting the copy of {table}");
+        progress::ensure_row(&**self.target, &table).await?;
+        let target = self
+            .target
+            .transaction()
+            .within(limit, TARGET, starting)
+            .await?;
+        target
+            .batch_execute(&copy_session())
+            .within(limit, TARGET, || "lifting the statement timeout".into())
+            .await?;
+        progress::lock(&*target, &table).await?;
+        let source = self
+            .source
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .start()
+            .within(limit, SOURCE, starting)
+            .await?;
+        source
+            .batch_execute(&copy_session())
+            .within(limit, SOURCE, || "lifting the statement timeout".into())
+            .await?;
+        let snapshot: PgSnapshot = source
+            .query_one(PgSnapshot::CURRENT, &[])
+            .within(limit, SOURCE, || "taking the copy snapshot".into())
+            .await?
+            .get(0);
+        Ok(CopyTransactions {
+            target,
+            source,
+            snapshot,
+            table,
+            limit,
+        })
+    }
+}
+
+impl CopyTransactions<'_> {
+    /// Records the copy's snapshot as the table's progress and commits the copied rows with it;
+    /// then deletes the journal rows of transactions visible in the snapshot (they are in the copy).
+    async fn finish(self, journal: &str) -> Result<()> {
+        let Self {
+            target,
+            source,
+            snapshot,
+            table,
+            limit,
+        } = self;
+        progress::advance(&*target, &table, &snapshot, true).await?;
+        target
+            .commit()
+            .within(limit, TARGET, || format!("committing the copy of {table}"))
+            .await?;
+        source
+            .execute(&journal_cleanup(journal), &[&snapshot])
+            .await
+            .context(SOURCE, || {
+                "deleting journal rows covered by the copy".into()
+            })?;
+        source
+            .commit()
+            .await
+            .context(SOURCE, || "ending the copy transaction".into())
+    }
+}
+
+/// The fast path: COPY piped from source to target, straight into an empty target table, else
+/// through a staging table and merged.
 async fn copy_streaming(
     settings: &Settings,
+    pools: &Pools,
     mapping: &TableMapping,
     progress: &mut CopyProgress,
-) -> Result<CopyReport> {
-    let started = Instant::now();
-    let name = mapping.name();
+) -> Result<Copied> {
     let journal = mapping.journal()?.quoted();
-    let limits = SessionLimits::from_settings(settings);
-    let mut target = connection::connect(
-        &settings.target,
-        &session_config(&settings.target, limits, APP_COPY),
-    )
-    .await?;
-    let mut source = connection::connect(
-        &settings.source,
-        &session_config(&settings.source, limits, APP_COPY),
-    )
-    .await?;
-
-    progress::ensure_row(&target, &name).await?;
-    let ttx = target
-        .transaction()
-        .await
-        .context(DatabaseRole::Target, || {
-            format!("starting the copy of {name}")
-        })?;
-    ttx.batch_execute(UNBOUNDED)
-        .await
-        .context(DatabaseRole::Target, || {
-            "lifting the statement timeout".into()
-        })?;
-    // From here until commit no batch of this table can commit (it would need this lock), so the
-    // snapshot taken next is the newest state anyone has applied.
-    progress::lock(&ttx, &name).await?;
-
-    let stx = source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .context(DatabaseRole::Source, || {
-            format!("starting the copy of {name}")
-        })?;
-    stx.batch_execute(UNBOUNDED)
-        .await
-        .context(DatabaseRole::Source, || {
-            "lifting the statement timeout".into()
-        })?;
-    let snapshot: PgSnapshot = stx
-        .query_one(PgSnapshot::CURRENT, &[])
-        .await
-        .context(DatabaseRole::Source, || "taking the copy snapshot".into())?
-        .get(0);
-
+    let limit = SessionLimits::from_settings(settings).client_timeout();
+    let mut sessions = CopySessions::open(pools).await?;
+    let tx = sessions.begin(mapping, limit).await?;
     let target_table = mapping.target.quoted();
+    let target_empty: bool = tx
+        .target
+        .query_one(
+            &format!("SELECT NOT EXISTS (SELECT 1 FROM {target_table})"),
+            &[],
+        )
+        .await
+        .context(TARGET, || format!("looking into {}", mapping.target))?
+        .get(0);
+    let copied = if target_empty {
+        let rows = pipe(&tx, mapping, &target_table, progress).await?;
+        let counts = Counts {
+            created: rows,
+            ..Counts::default()
+        };
+        Copied { rows, counts }
+    } else {
+        tx.target
+            .batch_execute(&format!(
+                "CREATE TEMPORARY TABLE rowsync_stage ON COMMIT DROP AS \
+                 SELECT {} FROM {target_table} WITH NO DATA",
+                mapping.column_list()
+            ))
+            .await
+            .context(TARGET, || "creating the staging table".into())?;
+        let rows = pipe(&tx, mapping, "rowsync_stage", progress).await?;
+        let counts = merge(&tx.target, mapping, rows).await?;
+        Copied { rows, counts }
+    };
+    tx.finish(&journal).await?;
+    Ok(copied)
+}
+
+/// Streams the source table into `into` (quoted) with COPY, binary when every column has the same
+/// built-in type on both sides. Memory holds a few messages, whatever the table size. The server
+/// sends one message per row (in binary, the trailer is one more), so counting all but the newest
+/// counts rows for `progress`.
+async fn pipe(
+    tx: &CopyTransactions<'_>,
+    mapping: &TableMapping,
+    into: &str,
+    progress: &mut CopyProgress,
+) -> Result<u64> {
+    let table = &tx.table;
     let columns = mapping.column_list();
     let format = if mapping.copy_binary {
         " (FORMAT binary)"
     } else {
         ""
     };
-    let target_empty: bool = ttx
-        .query_one(
-            &format!("SELECT NOT EXISTS (SELECT 1 FROM {target_table})"),
-            &[],
-        )
-        .await
-        .context(DatabaseRole::Target, || {
-            format!("looking into {}", mapping.target)
-        })?
-        .get(0);
-    let rows_out = stx
+    let rows: CopyOutStream = tx
+        .source
         .copy_out(&format!(
             "COPY (SELECT {columns} FROM {}) TO STDOUT{format}",
             mapping.source.quoted()
         ))
         .await
-        .context(DatabaseRole::Source, || {
-            format!("reading {}", mapping.source)
-        })?;
-
-    let (rows, counts) = if target_empty {
-        let sink = ttx
-            .copy_in(&format!(
-                "COPY {target_table} ({columns}) FROM STDIN{format}"
-            ))
-            .await
-            .context(DatabaseRole::Target, || {
-                format!("writing {}", mapping.target)
-            })?;
-        let rows = pipe(rows_out, sink, &name, progress).await?;
-        (
-            rows,
-            Counts {
-                created: rows,
-                ..Counts::default()
-            },
-        )
-    } else {
-        ttx.batch_execute(&format!(
-            "CREATE TEMPORARY TABLE rowsync_stage ON COMMIT DROP AS \
-             SELECT {columns} FROM {target_table} WITH NO DATA"
-        ))
+        .context(SOURCE, || format!("reading {}", mapping.source))?;
+    let sink: CopyInSink<Bytes> = tx
+        .target
+        .copy_in(&format!("COPY {into} ({columns}) FROM STDIN{format}"))
         .await
-        .context(DatabaseRole::Target, || "creating the staging table".into())?;
-        let sink = ttx
-            .copy_in(&format!(
-                "COPY rowsync_stage ({columns}) FROM STDIN{format}"
-            ))
-            .await
-            .context(DatabaseRole::Target, || "writing the staging table".into())?;
-        let rows = pipe(rows_out, sink, &name, progress).await?;
-        let counts = merge(&ttx, mapping, rows).await?;
-        (rows, counts)
-    };
-
-    progress::advance(&ttx, &name, &snapshot, true).await?;
-    ttx.commit().await.context(DatabaseRole::Target, || {
-        format!("committing the copy of {name}")
-    })?;
-    clean_copied_journal(&stx, &journal, &snapshot).await?;
-    stx.commit().await.context(DatabaseRole::Source, || {
-        "ending the copy transaction".into()
-    })?;
-
-    Ok(CopyReport {
-        rows,
-        counts,
-        duration: started.elapsed(),
-    })
-}
-
-/// Deletes the journal rows of transactions visible in the copy's snapshot: they are in the copy.
-async fn clean_copied_journal(
-    stx: &tokio_postgres::Transaction<'_>,
-    journal: &str,
-    snapshot: &PgSnapshot,
-) -> Result<()> {
-    stx.execute(&journal_cleanup(journal), &[&snapshot])
-        .await
-        .context(DatabaseRole::Source, || {
-            "deleting journal rows covered by the copy".into()
-        })?;
-    Ok(())
-}
-
-/// Streams COPY data from source to target. Memory holds a few messages, whatever the table size.
-/// The server sends one message per row (in binary, the trailer is one more), so counting all but
-/// the newest counts rows for `progress`.
-async fn pipe(
-    rows: CopyOutStream,
-    sink: CopyInSink<Bytes>,
-    table: &str,
-    progress: &mut CopyProgress,
-) -> Result<u64> {
+        .context(TARGET, || format!("writing {}", mapping.target))?;
     pin_mut!(rows);
     pin_mut!(sink);
     let mut previous = false;
     while let Some(chunk) = rows
         .try_next()
         .await
-        .context(DatabaseRole::Source, || format!("reading {table}"))?
+        .context(SOURCE, || format!("reading {table}"))?
     {
         if previous {
             progress.add(1);
@@ -256,46 +291,48 @@ async fn pipe(
         previous = true;
         sink.feed(chunk)
             .await
-            .context(DatabaseRole::Target, || format!("writing {table}"))?;
+            .context(TARGET, || format!("writing {table}"))?;
     }
     sink.as_mut()
         .finish()
         .await
-        .context(DatabaseRole::Target, || {
-            format!("finishing the copy of {table}")
-        })
+        .context(TARGET, || format!("finishing the copy of {table}"))
 }
 
-/// Merges `rowsync_stage` into the target: delete what the source lacks, upsert the rest.
-async fn merge(
-    tx: &tokio_postgres::Transaction<'_>,
-    mapping: &TableMapping,
-    rows: u64,
-) -> Result<Counts> {
-    let target = mapping.target.quoted();
-    let columns = mapping.column_list();
-    let key_match = mapping
+/// `s.k = t.k AND …` over the key columns.
+fn key_match(mapping: &TableMapping) -> String {
+    mapping
         .key_columns()
         .map(|k| format!("s.{0} = t.{0}", k.quoted()))
         .collect::<Vec<_>>()
-        .join(" AND ");
+        .join(" AND ")
+}
+
+/// Deletes the target rows whose key is not in `staged` (a temporary table of copied keys): the
+/// target table mirrors the source.
+async fn delete_missing(tx: &Transaction<'_>, mapping: &TableMapping, staged: &str) -> Result<u64> {
+    tx.execute(
+        &format!(
+            "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {staged} s WHERE {})",
+            mapping.target.quoted(),
+            key_match(mapping)
+        ),
+        &[],
+    )
+    .await
+    .context(TARGET, || {
+        format!("deleting rows of {} not in the source", mapping.target)
+    })
+}
+
+/// Merges `rowsync_stage` into the target: delete what the source lacks, upsert the rest.
+async fn merge(tx: &Transaction<'_>, mapping: &TableMapping, rows: u64) -> Result<Counts> {
+    let target = mapping.target.quoted();
+    let columns = mapping.column_list();
     tx.batch_execute("ANALYZE rowsync_stage")
         .await
-        .context(DatabaseRole::Target, || {
-            "analyzing the staging table".into()
-        })?;
-    let deleted = tx
-        .execute(
-            &format!(
-                "DELETE FROM {target} AS t \
-                  WHERE NOT EXISTS (SELECT 1 FROM rowsync_stage s WHERE {key_match})"
-            ),
-            &[],
-        )
-        .await
-        .context(DatabaseRole::Target, || {
-            format!("deleting rows of {} not in the source", mapping.target)
-        })?;
+        .context(TARGET, || "analyzing the staging table".into())?;
+    let deleted = delete_missing(tx, mapping, "rowsync_stage").await?;
     let written = tx
         .query_one(
             &format!(
@@ -308,9 +345,7 @@ async fn merge(
             &[],
         )
         .await
-        .context(DatabaseRole::Target, || {
-            format!("merging into {}", mapping.target)
-        })?;
+        .context(TARGET, || format!("merging into {}", mapping.target))?;
     let created = written.get::<_, i64>(0) as u64;
     let total_written = written.get::<_, i64>(1) as u64;
     Ok(Counts {
@@ -329,127 +364,70 @@ async fn copy_careful(
     pools: &Pools,
     mapping: &TableMapping,
     progress: &mut CopyProgress,
-) -> Result<CopyReport> {
-    let started = Instant::now();
-    let name = mapping.name();
+) -> Result<Copied> {
     let journal = mapping.journal()?.quoted();
     let limit = SessionLimits::from_settings(settings).client_timeout();
+    let mut sessions = CopySessions::open(pools).await?;
+    let tx = sessions.begin(mapping, limit).await?;
+    tx.target
+        .batch_execute(&format!(
+            "CREATE TEMPORARY TABLE rowsync_stage_keys ON COMMIT DROP AS \
+             SELECT {} FROM {} WITH NO DATA",
+            mapping.key_list(),
+            mapping.target.quoted()
+        ))
+        .await
+        .context(TARGET, || "creating the key staging table".into())?;
+    let (rows, mut counts, failures) = apply_every_row(&tx, settings, mapping, progress).await?;
+    counts.deleted += delete_missing(&tx.target, mapping, "rowsync_stage_keys").await?;
+    for failure in &failures {
+        sync_errors::record_rejected(&*tx.target, &tx.table, failure, 0, &settings.retry).await?;
+    }
+    tx.finish(&journal).await?;
+    Ok(Copied { rows, counts })
+}
+
+/// Reads every source row in chunks of `BATCH_SIZE` and applies each chunk carefully, recording
+/// its keys in `rowsync_stage_keys`. Returns the rows read, the counts and the rejected rows.
+async fn apply_every_row(
+    tx: &CopyTransactions<'_>,
+    settings: &Settings,
+    mapping: &TableMapping,
+    progress: &mut CopyProgress,
+) -> Result<(u64, Counts, Vec<RowFailure>)> {
+    let limit = tx.limit;
     let applier = Applier::new(mapping, limit);
-
-    let mut target = pools.target().await?;
-    progress::ensure_row(&**target, &name).await?;
-    let ttx = target
-        .transaction()
-        .within(limit, DatabaseRole::Target, || {
-            format!("starting the copy of {name}")
-        })
-        .await?;
-    ttx.batch_execute(UNBOUNDED)
-        .await
-        .context(DatabaseRole::Target, || {
-            "lifting the statement timeout".into()
-        })?;
-    progress::lock(&*ttx, &name).await?;
-    let mut source = pools.source().await?;
-    let stx = source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .within(limit, DatabaseRole::Source, || {
-            format!("starting the copy of {name}")
-        })
-        .await?;
-    stx.batch_execute(UNBOUNDED)
-        .await
-        .context(DatabaseRole::Source, || {
-            "lifting the statement timeout".into()
-        })?;
-    let snapshot: PgSnapshot = stx
-        .query_one(PgSnapshot::CURRENT, &[])
-        .within(limit, DatabaseRole::Source, || {
-            "taking the copy snapshot".into()
-        })
-        .await?
-        .get(0);
-    ttx.batch_execute(&format!(
-        "CREATE TEMPORARY TABLE rowsync_stage_keys ON COMMIT DROP AS \
-         SELECT {} FROM {} WITH NO DATA",
-        mapping.key_list(),
-        mapping.target.quoted()
-    ))
-    .await
-    .context(DatabaseRole::Target, || {
-        "creating the key staging table".into()
-    })?;
-
-    let statement = stx
+    let reading = || format!("reading {}", mapping.source);
+    let statement = tx
+        .source
         .prepare(&full_table_query(mapping))
-        .within(limit, DatabaseRole::Source, || {
-            format!("reading {}", mapping.source)
-        })
+        .within(limit, SOURCE, reading)
         .await?;
-    let portal = stx
+    let portal = tx
+        .source
         .bind(&statement, &[])
-        .within(limit, DatabaseRole::Source, || {
-            format!("reading {}", mapping.source)
-        })
+        .within(limit, SOURCE, reading)
         .await?;
-    let chunk = settings.batch_size as i32;
-    let mut rows_read = 0u64;
-    let mut counts = Counts::default();
-    let mut failures = Vec::new();
+    let chunk = settings.batch_size;
+    let (mut rows_read, mut counts, mut failures) = (0u64, Counts::default(), Vec::new());
     loop {
-        let rows = stx
-            .query_portal(&portal, chunk)
-            .within(limit, DatabaseRole::Source, || {
-                format!("reading {}", mapping.source)
-            })
+        let rows = tx
+            .source
+            .query_portal(&portal, chunk as i32)
+            .within(limit, SOURCE, reading)
             .await?;
         if rows.is_empty() {
             break;
         }
         rows_read += rows.len() as u64;
         progress.add(rows.len() as u64);
-        let outcome = applier.apply(&ttx, &rows, Mode::Careful).await?;
-        applier.stage_keys(&ttx, &rows).await?;
+        let outcome = applier.apply(&tx.target, &rows, Mode::Careful).await?;
+        applier.stage_keys(&tx.target, &rows).await?;
         counts += outcome.counts;
         failures.extend(outcome.failures);
-        if rows.len() < chunk as usize {
+        if rows.len() < chunk {
             break;
         }
     }
-    let key_match = mapping
-        .key_columns()
-        .map(|k| format!("s.{0} = t.{0}", k.quoted()))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    counts.deleted += ttx
-        .execute(
-            &format!(
-                "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM rowsync_stage_keys s WHERE {key_match})",
-                mapping.target.quoted()
-            ),
-            &[],
-        )
-        .await
-        .context(DatabaseRole::Target, || format!("deleting rows of {} not in the source", mapping.target))?;
-    for failure in &failures {
-        sync_errors::record_rejected(&*ttx, &name, failure, 0, &settings.retry).await?;
-    }
-    progress::advance(&*ttx, &name, &snapshot, true).await?;
-    ttx.commit()
-        .within(limit, DatabaseRole::Target, || {
-            format!("committing the copy of {name}")
-        })
-        .await?;
-    clean_copied_journal(&stx, &journal, &snapshot).await?;
-    stx.commit().await.context(DatabaseRole::Source, || {
-        "ending the copy transaction".into()
-    })?;
-
-    Ok(CopyReport {
-        rows: rows_read,
-        counts,
-        duration: started.elapsed(),
-    })
+    Ok((rows_read, counts, failures))
 }
