@@ -3,13 +3,12 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
-
 use crate::catalog::mapping::load_mapping;
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
 use crate::error::{Result, SqlContext};
 use crate::ops::http;
+use crate::ops::status::StatusDocument;
 use crate::source::capture;
 
 /// The summary to print.
@@ -25,8 +24,8 @@ pub async fn status(settings: &Settings) -> Result<String> {
             )
             .await;
             match answer {
-                Ok((200, body)) => match serde_json::from_str::<Value>(&body) {
-                    Ok(document) => return Ok(from_daemon(&document, &addr.to_string())),
+                Ok((200, body)) => match serde_json::from_str::<StatusDocument>(&body) {
+                    Ok(document) => return Ok(document.summary(&addr.to_string())),
                     Err(_) => format!("The daemon at {addr} sent no status. From the databases:\n"),
                 },
                 Ok((401, _)) => format!(
@@ -44,85 +43,6 @@ pub async fn status(settings: &Settings) -> Result<String> {
         }
     };
     Ok(heading + &from_databases(settings).await?)
-}
-
-fn from_daemon(doc: &Value, addr: &str) -> String {
-    let text = |v: &Value| match v {
-        Value::Null => "n/a".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let health = &doc["healthStatus"];
-    let mut out = format!(
-        "rowsync {} at {addr}: {}, {}\n",
-        text(&doc["version"]),
-        text(&doc["role"]),
-        text(&health["status"]),
-    );
-    let _ = writeln!(
-        out,
-        "  up since {}; real-time {}; lag {} s; {} sweeps, {} batches; {} errors ({} in a row)",
-        text(&doc["startedAt"]),
-        if doc["isRealTimeActive"] == Value::Bool(true) {
-            "listening"
-        } else {
-            "not listening"
-        },
-        doc["lagSeconds"]
-            .as_f64()
-            .map_or("n/a".into(), |lag| format!("{lag:.3}")),
-        text(&doc["sweeps"]),
-        text(&doc["batches"]),
-        text(&doc["errors"]),
-        text(&doc["consecutiveFailures"]),
-    );
-    let _ = writeln!(
-        out,
-        "  last sweep {} ({} ms){}; total synced {}",
-        text(&doc["lastSyncTime"]),
-        text(&doc["lastSyncDuration"]),
-        if doc["isSyncInProgress"] == Value::Bool(true) {
-            ", a sweep is running"
-        } else {
-            ""
-        },
-        text(&doc["totalSynced"]),
-    );
-    if let Some(since) = doc["yielding"]["since"].as_str() {
-        let _ = writeln!(
-            out,
-            "  yielding to a busy source since {since} ({} active sessions); changes wait in the journal",
-            text(&doc["yielding"]["sourceActiveSessions"]),
-        );
-    }
-    if let Some(tables) = doc["tables"].as_object() {
-        for (name, t) in tables {
-            let _ = writeln!(
-                out,
-                "  {name}: {} created, {} updated, {} deleted, {} unchanged, {} failed; {} pending; {} waiting for retry",
-                text(&t["created"]),
-                text(&t["updated"]),
-                text(&t["deleted"]),
-                text(&t["unchanged"]),
-                text(&t["failed"]),
-                text(&t["pending"]),
-                text(&t["unresolved"]),
-            );
-        }
-    }
-    if let Some(checks) = health["checks"].as_object() {
-        for (name, check) in checks {
-            if check["ok"] == Value::Bool(false) {
-                let _ = writeln!(out, "  ✗ {name}: {}", text(&check["message"]));
-            }
-        }
-    }
-    if let Some(advice) = health["recommendations"].as_array() {
-        for line in advice {
-            let _ = writeln!(out, "  → {}", text(line));
-        }
-    }
-    out
 }
 
 async fn from_databases(settings: &Settings) -> Result<String> {

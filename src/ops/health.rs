@@ -18,14 +18,14 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::Settings;
 use crate::ops::telemetry::{Figures, Role};
 use crate::source::listener::ListenerState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub(crate) enum Status {
     Healthy,
@@ -33,14 +33,24 @@ pub(crate) enum Status {
     Unhealthy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+impl Status {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "HEALTHY",
+            Self::Degraded => "DEGRADED",
+            Self::Unhealthy => "UNHEALTHY",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Severity {
     Warning,
     Critical,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Check {
     pub ok: bool,
     pub severity: Severity,
@@ -49,16 +59,16 @@ pub(crate) struct Check {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Health {
     pub status: Status,
     pub role: Role,
-    pub checks: BTreeMap<&'static str, Check>,
+    pub checks: BTreeMap<String, Check>,
     pub recommendations: Vec<String>,
 }
 
 /// Connections of one pool.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) struct PoolUsage {
     pub max_size: usize,
     pub size: usize,
@@ -109,7 +119,7 @@ pub(crate) fn evaluate(
         if !check.ok {
             recommendations.push(advice);
         }
-        checks.insert(name, check);
+        checks.insert(name.to_string(), check);
     }
     let status = if checks
         .values()

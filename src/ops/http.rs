@@ -43,15 +43,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use serde_json::{Value, json};
+use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HealthToken, Settings};
+use crate::config::HealthToken;
 use crate::connection::Pools;
 use crate::error::{Error, Result};
 use crate::ops::health::{self, PoolUsage, Status};
-use crate::ops::telemetry::{Role, Telemetry, rfc3339};
+use crate::ops::status::StatusDocument;
+use crate::ops::telemetry::Role;
 use crate::runtime::daemon::Context;
 
 /// Longest wait for a request's head (its request line and headers).
@@ -282,66 +283,12 @@ async fn health_handler(State(state): State<AppState>) -> Response {
     (code, Json(health)).into_response()
 }
 
-/// The `/status` document.
-pub(crate) fn status_document(telemetry: &Telemetry, settings: &Settings, pools: &Pools) -> Value {
-    let figures = telemetry.figures();
-    let usage = pool_usage(pools);
-    let health = health::evaluate(&figures, settings, &usage, SystemTime::now());
-    let totals = figures.totals;
-    let tables: serde_json::Map<String, Value> = figures
-        .tables
-        .iter()
-        .map(|(name, figures)| {
-            (
-                name.clone(),
-                json!({
-                    "created": figures.counts.created,
-                    "updated": figures.counts.updated,
-                    "deleted": figures.counts.deleted,
-                    "unchanged": figures.counts.unchanged,
-                    "failed": figures.counts.failed,
-                    "pending": figures.pending,
-                    "unresolved": figures.unresolved,
-                    "lastBatchTime": figures.last_batch_at.map(rfc3339),
-                }),
-            )
-        })
-        .collect();
-    json!({
-        "totalSynced": totals.created + totals.updated + totals.deleted,
-        "lastSyncTime": figures.last_sweep.as_ref().map(|s| rfc3339(s.finished_at)),
-        "lastSyncDuration": figures.last_sweep.as_ref().map(|s| s.duration.as_millis() as u64),
-        "errors": figures.errors,
-        "consecutiveFailures": figures.consecutive_failures,
-        "isRealTimeActive": figures.listener == crate::source::listener::ListenerState::Listening,
-        "isSyncInProgress": figures.sweep_in_progress,
-        "healthStatus": health,
-        "lagSeconds": figures.lag_seconds,
-        "yielding": figures.yielding.map(|y| json!({
-            "since": rfc3339(y.since),
-            "sourceActiveSessions": y.active_sessions,
-        })),
-        "yieldedSeconds": figures.yielded.as_secs_f64(),
-        "sourceActiveSessions": figures.source_active_sessions,
-        "role": figures.role,
-        "caughtUp": figures.caught_up,
-        "startedAt": rfc3339(figures.started_at),
-        "batches": figures.batches,
-        "sweeps": figures.sweeps,
-        "errorRate": figures.error_rate,
-        "errorsByType": figures.errors_by_type,
-        "totals": totals,
-        "tables": tables,
-        "pools": usage.iter().map(|(db, u)| (db.to_string(), json!(u))).collect::<serde_json::Map<_, _>>(),
-        "version": env!("CARGO_PKG_VERSION"),
-    })
-}
-
-async fn status_handler(State(state): State<AppState>) -> Json<Value> {
-    Json(status_document(
-        &state.telemetry,
+async fn status_handler(State(state): State<AppState>) -> Json<StatusDocument> {
+    Json(StatusDocument::new(
+        &state.telemetry.figures(),
         &state.settings,
-        &state.pools,
+        &pool_usage(&state.pools),
+        SystemTime::now(),
     ))
 }
 

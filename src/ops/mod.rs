@@ -5,5 +5,6 @@ pub(crate) mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod status;
 pub(crate) mod systemd;
 pub(crate) mod telemetry;

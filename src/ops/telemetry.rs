@@ -10,14 +10,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ops::metrics::Metrics;
 use crate::pipeline::apply::Counts;
 use crate::source::listener::ListenerState;
 
 /// Whether this process applies changes or waits as a hot standby.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Role {
     /// Not yet connected or not yet elected.
@@ -26,6 +26,16 @@ pub(crate) enum Role {
     Standby,
     /// This process applies changes.
     Active,
+}
+
+impl Role {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Standby => "standby",
+            Self::Active => "active",
+        }
+    }
 }
 
 /// Per-table figures.

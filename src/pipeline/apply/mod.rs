@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::changes::Layout;
 
 /// What a batch did to the target.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Counts {
     pub created: u64,
     pub updated: u64,
