@@ -115,26 +115,60 @@ pub(crate) async fn load_mapping(
     table: &TableRef,
 ) -> Result<TableMapping> {
     let (source_name, source_oid) = resolve(source, DatabaseRole::Source, table).await?;
-    let target_ref = TableRef {
-        schema: table.schema.clone(),
-        name: table.name.clone(),
+    let (target_name, target_oid) = resolve(target, DatabaseRole::Target, table).await?;
+    let schema_error = |problem: String| Error::Schema {
+        table: source_name.to_string(),
+        problem,
     };
-    let (target_name, target_oid) = resolve(target, DatabaseRole::Target, &target_ref).await?;
 
     let source_columns = columns(source, DatabaseRole::Source, source_oid).await?;
     let target_columns = columns(target, DatabaseRole::Target, target_oid).await?;
     let key_names = primary_key(source, source_oid).await?;
     if key_names.is_empty() {
-        return Err(Error::Schema {
-            table: source_name.to_string(),
-            problem: "the source table has no primary key; rowsync identifies rows by it".into(),
-        });
+        return Err(schema_error(
+            "the source table has no primary key; rowsync identifies rows by it".into(),
+        ));
     }
+    let (columns, source_only) = match_columns(&source_columns, &target_columns);
+    let mut key = Vec::new();
+    for name in &key_names {
+        let position = columns.iter().position(|c| &c.name == name).ok_or_else(|| {
+            schema_error(format!(
+                "key column {name} is missing in the target table {target_name} (or generated there)"
+            ))
+        })?;
+        key.push(position);
+    }
+    let unique_sets = unique_indexes(target, target_oid).await?;
+    let mut sorted_key = key_names.clone();
+    sorted_key.sort();
+    if !unique_sets.iter().any(|set| set == &sorted_key) {
+        return Err(schema_error(format!(
+            "the target table {target_name} needs a primary key or unique index on ({}), the source's key",
+            key_names.join(", ")
+        )));
+    }
+    let copy_binary = copy_binary(&source_columns, &target_columns, &columns);
+    let journal = journal_of(source, &source_name).await?;
+    Ok(TableMapping {
+        source: source_name,
+        target: target_name,
+        journal,
+        columns,
+        key,
+        updated_at: updated_at(&source_columns),
+        copy_binary,
+        source_only,
+    })
+}
 
+/// The synced columns (same name on both sides, not generated in the target), and the source
+/// columns that are not synced.
+fn match_columns(source: &[CatalogColumn], target: &[CatalogColumn]) -> (Vec<Column>, Vec<String>) {
     let mut columns = Vec::new();
     let mut source_only = Vec::new();
-    for column in &source_columns {
-        match target_columns.iter().find(|t| t.name == column.name) {
+    for column in source {
+        match target.iter().find(|t| t.name == column.name) {
             Some(target) if !target.generated => {
                 let same_builtin =
                     column.type_oid == target.type_oid && column.type_oid < FIRST_NORMAL_OBJECT_ID;
@@ -152,42 +186,26 @@ pub(crate) async fn load_mapping(
             _ => source_only.push(column.name.clone()),
         }
     }
+    (columns, source_only)
+}
 
-    let mut key = Vec::new();
-    for name in &key_names {
-        let position = columns.iter().position(|c| &c.name == name).ok_or_else(|| Error::Schema {
-            table: source_name.to_string(),
-            problem: format!(
-                "key column {name} is missing in the target table {target_name} (or generated there)"
-            ),
-        })?;
-        key.push(position);
-    }
-
-    let unique_sets = unique_indexes(target, target_oid).await?;
-    let mut sorted_key = key_names.clone();
-    sorted_key.sort();
-    if !unique_sets.iter().any(|set| set == &sorted_key) {
-        return Err(Error::Schema {
-            table: source_name.to_string(),
-            problem: format!(
-                "the target table {target_name} needs a primary key or unique index on ({}), the source's key",
-                key_names.join(", ")
-            ),
-        });
-    }
-
-    let copy_binary = source_columns
+/// Whether the initial copy can use COPY's binary format: every synced column has the same
+/// built-in type on both sides.
+fn copy_binary(source: &[CatalogColumn], target: &[CatalogColumn], synced: &[Column]) -> bool {
+    source
         .iter()
-        .filter(|c| columns.iter().any(|m| m.name == c.name))
+        .filter(|c| synced.iter().any(|m| m.name == c.name))
         .all(|c| {
             c.type_oid < FIRST_NORMAL_OBJECT_ID
-                && target_columns
+                && target
                     .iter()
                     .any(|t| t.name == c.name && t.type_oid == c.type_oid)
-        });
+        })
+}
 
-    let updated_at = source_columns
+/// The source's `updated_at` column, if it has one of a type a sweep can look back over.
+fn updated_at(source: &[CatalogColumn]) -> Option<String> {
+    source
         .iter()
         .find(|c| {
             c.name == UPDATED_AT
@@ -198,20 +216,7 @@ pub(crate) async fn load_mapping(
                 ]
                 .contains(&c.type_name.as_str())
         })
-        .map(|c| c.name.clone());
-
-    let journal = journal_of(source, &source_name).await?;
-
-    Ok(TableMapping {
-        source: source_name,
-        target: target_name,
-        journal,
-        columns,
-        key,
-        updated_at,
-        copy_binary,
-        source_only,
-    })
+        .map(|c| c.name.clone())
 }
 
 async fn resolve(

@@ -84,31 +84,7 @@ async fn run_demo(
 ) -> Result<DemoOutcome> {
     let source = client(source_url, DatabaseRole::Source).await?;
     let target = client(target_url, DatabaseRole::Target).await?;
-    for (client, role) in [
-        (&source, DatabaseRole::Source),
-        (&target, DatabaseRole::Target),
-    ] {
-        client
-            .batch_execute(USERS_DDL)
-            .await
-            .context(role, || "creating the users table".into())?;
-    }
-    source
-        .execute(
-            "INSERT INTO users (first_name, last_name, email, phone, role, avatar_url) \
-             SELECT 'User', 'No. ' || g, 'user' || g || '@example.com', '+1555' || lpad(g::text, 7, '0'), \
-                    CASE WHEN g % 10 = 0 THEN 'provider' ELSE 'customer' END, \
-                    'https://example.com/avatars/' || g || '.png' \
-               FROM generate_series(1, $1::int) g",
-            &[&(options.initial_rows as i32)],
-        )
-        .await
-        .context(DatabaseRole::Source, || "filling the backend".into())?;
-    say(&format!(
-        "Created users in both; {} users in the backend.",
-        options.initial_rows
-    ));
-
+    create_users(&source, &target, options.initial_rows).await?;
     let settings = Arc::new(Settings::from_env(&Env::from_pairs([
         ("SOURCE_DATABASE_URL", source_url),
         ("TARGET_DATABASE_URL", target_url),
@@ -142,36 +118,15 @@ async fn run_demo(
         requests: Arc::new(SweepRequests::default()),
     };
     let daemon = tokio::spawn(daemon::run(context, stop_daemon.clone()));
-
     let started = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    let mut interrupted = false;
-    while started.elapsed() < Duration::from_secs(options.seconds) {
-        tokio::select! {
-            biased;
-            _ = interrupt.cancelled() => { interrupted = true; break; }
-            _ = ticker.tick() => show(&source, &target, &stats, started.elapsed()).await?,
-        }
-    }
+    let interrupted = watch(&source, &target, &stats, options.seconds, interrupt).await?;
     stop_writes.cancel();
     let written = writer.await.map_err(Error::Task)??;
     if !interrupted {
         say(&format!(
             "Writes stopped after {written} changes; waiting for the last ones…"
         ));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline && !interrupt.is_cancelled() {
-            let pending: i64 = source
-                .query_one("SELECT count(*) FROM rowsync.public_users_journal", &[])
-                .await
-                .context(DatabaseRole::Source, || "reading the journal".into())?
-                .get(0);
-            if pending == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_for_the_journal(&source, interrupt).await?;
         show(&source, &target, &stats, started.elapsed()).await?;
     }
     stop_daemon.cancel();
@@ -180,9 +135,86 @@ async fn run_demo(
     if interrupted || interrupt.is_cancelled() {
         return Ok(DemoOutcome::Interrupted);
     }
+    verify_both(&settings, &target).await
+}
 
+/// The seed's `users` table in both databases, `rows` users in the backend.
+async fn create_users(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    rows: u32,
+) -> Result<()> {
+    for (client, role) in [
+        (source, DatabaseRole::Source),
+        (target, DatabaseRole::Target),
+    ] {
+        client
+            .batch_execute(USERS_DDL)
+            .await
+            .context(role, || "creating the users table".into())?;
+    }
+    source
+        .execute(
+            "INSERT INTO users (first_name, last_name, email, phone, role, avatar_url) \
+             SELECT 'User', 'No. ' || g, 'user' || g || '@example.com', '+1555' || lpad(g::text, 7, '0'), \
+                    CASE WHEN g % 10 = 0 THEN 'provider' ELSE 'customer' END, \
+                    'https://example.com/avatars/' || g || '.png' \
+               FROM generate_series(1, $1::int) g",
+            &[&(rows as i32)],
+        )
+        .await
+        .context(DatabaseRole::Source, || "filling the backend".into())?;
+    say(&format!(
+        "Created users in both; {rows} users in the backend."
+    ));
+    Ok(())
+}
+
+/// Shows what is synced every second for `seconds`. Returns true when interrupted.
+async fn watch(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    stats: &Telemetry,
+    seconds: u64,
+    interrupt: &CancellationToken,
+) -> Result<bool> {
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::select! {
+            biased;
+            _ = interrupt.cancelled() => return Ok(true),
+            _ = ticker.tick() => show(source, target, stats, started.elapsed()).await?,
+        }
+    }
+    Ok(false)
+}
+
+/// Waits (at most 30 s) until the journal holds nothing more to apply.
+async fn wait_for_the_journal(
+    source: &tokio_postgres::Client,
+    interrupt: &CancellationToken,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !interrupt.is_cancelled() {
+        let pending: i64 = source
+            .query_one("SELECT count(*) FROM rowsync.public_users_journal", &[])
+            .await
+            .context(DatabaseRole::Source, || "reading the journal".into())?
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// `rowsync verify`, and the count of `sync_errors` rows.
+async fn verify_both(settings: &Settings, target: &tokio_postgres::Client) -> Result<DemoOutcome> {
     say("\n$ rowsync verify");
-    let verdicts = verify::verify(&settings, 5).await?;
+    let verdicts = verify::verify(settings, 5).await?;
     print!("{}", verify::report(&verdicts));
     let errors: i64 = target
         .query_one("SELECT count(*) FROM sync_errors", &[])

@@ -231,85 +231,15 @@ mod limits {
 
 impl Settings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let source_pool = whole(
-            env,
-            "SOURCE_DB_POOL_SIZE",
-            10,
-            limits::POOL_SIZE,
-            "connections",
-        )?;
-        let target_pool = target_pool_size(env)?;
-        let source = database(
-            env,
-            "SOURCE_DATABASE_URL",
-            DatabaseRole::Source,
-            source_pool,
-        )?;
-        let target = database(
-            env,
-            "TARGET_DATABASE_URL",
-            DatabaseRole::Target,
-            target_pool,
-        )?;
-        let tables = tables(env)?;
-
-        let interval_minutes = decimal(
-            env,
-            "SYNC_INTERVAL_MINUTES",
-            1.0,
-            limits::SYNC_INTERVAL_MINUTES,
-            "minutes",
-        )?;
-        let sync_interval = Duration::from_secs_f64(interval_minutes * 60.0);
-        let multiplier = decimal(
-            env,
-            "SYNC_WINDOW_MULTIPLIER",
-            3.0,
-            limits::SYNC_WINDOW_MULTIPLIER,
-            "intervals",
-        )?;
-
-        let retry = RetrySettings {
-            max_retries: whole(env, "MAX_RETRIES", 3, limits::MAX_RETRIES, "retries")?,
-            initial_delay: Duration::from_millis(whole(
-                env,
-                "RETRY_INITIAL_DELAY",
-                1000,
-                limits::RETRY_DELAY_MS,
-                "milliseconds",
-            )?),
-            max_delay: Duration::from_millis(whole(
-                env,
-                "RETRY_MAX_DELAY",
-                30_000,
-                limits::RETRY_DELAY_MS,
-                "milliseconds",
-            )?),
-            multiplier: decimal(
-                env,
-                "RETRY_BACKOFF_MULTIPLIER",
-                2.0,
-                limits::RETRY_BACKOFF_MULTIPLIER,
-                "times",
-            )?,
-        };
-        if retry.max_delay < retry.initial_delay {
-            return Err(ConfigError::new(
-                "RETRY_MAX_DELAY",
-                format!(
-                    "must be at least RETRY_INITIAL_DELAY ({} ms)",
-                    retry.initial_delay.as_millis()
-                ),
-            ));
-        }
-
+        let (source, target) = databases(env)?;
+        let (sync_interval, sweep_lookback) = sweep_timing(env)?;
         Ok(Self {
             source,
             target,
-            tables,
+            tables: tables(env)?,
             sync_interval,
-            sweep_lookback: sync_interval.mul_f64(multiplier),
-            retry,
+            sweep_lookback,
+            retry: RetrySettings::from_env(env)?,
             max_reconnect_attempts: whole(
                 env,
                 "MAX_RECONNECT_ATTEMPTS",
@@ -364,16 +294,104 @@ impl Settings {
                     "days",
                 )? * 86_400.0,
             ),
-            yielding: YieldSettings {
-                active_sessions: whole(
-                    env,
-                    "YIELD_ACTIVE_SESSIONS",
-                    8,
-                    limits::YIELD_ACTIVE_SESSIONS,
-                    "sessions (0: never yield)",
-                )?,
-                max: seconds(env, "YIELD_MAX_SECONDS", 30.0, limits::YIELD_MAX_SECONDS)?,
-            },
+            yielding: YieldSettings::from_env(env)?,
+        })
+    }
+}
+
+/// The two databases with their pool sizes.
+fn databases(env: &Env) -> Result<(DatabaseSettings, DatabaseSettings), ConfigError> {
+    let source_pool = whole(
+        env,
+        "SOURCE_DB_POOL_SIZE",
+        10,
+        limits::POOL_SIZE,
+        "connections",
+    )?;
+    let target_pool = target_pool_size(env)?;
+    let source = database(
+        env,
+        "SOURCE_DATABASE_URL",
+        DatabaseRole::Source,
+        source_pool,
+    )?;
+    let target = database(
+        env,
+        "TARGET_DATABASE_URL",
+        DatabaseRole::Target,
+        target_pool,
+    )?;
+    Ok((source, target))
+}
+
+/// The sweep interval, and how far a sweep looks back (`SYNC_WINDOW_MULTIPLIER` intervals).
+fn sweep_timing(env: &Env) -> Result<(Duration, Duration), ConfigError> {
+    let interval_minutes = decimal(
+        env,
+        "SYNC_INTERVAL_MINUTES",
+        1.0,
+        limits::SYNC_INTERVAL_MINUTES,
+        "minutes",
+    )?;
+    let interval = Duration::from_secs_f64(interval_minutes * 60.0);
+    let multiplier = decimal(
+        env,
+        "SYNC_WINDOW_MULTIPLIER",
+        3.0,
+        limits::SYNC_WINDOW_MULTIPLIER,
+        "intervals",
+    )?;
+    Ok((interval, interval.mul_f64(multiplier)))
+}
+
+impl RetrySettings {
+    fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let delay = |variable, default| {
+            whole(
+                env,
+                variable,
+                default,
+                limits::RETRY_DELAY_MS,
+                "milliseconds",
+            )
+            .map(Duration::from_millis)
+        };
+        let retry = Self {
+            max_retries: whole(env, "MAX_RETRIES", 3, limits::MAX_RETRIES, "retries")?,
+            initial_delay: delay("RETRY_INITIAL_DELAY", 1000)?,
+            max_delay: delay("RETRY_MAX_DELAY", 30_000)?,
+            multiplier: decimal(
+                env,
+                "RETRY_BACKOFF_MULTIPLIER",
+                2.0,
+                limits::RETRY_BACKOFF_MULTIPLIER,
+                "times",
+            )?,
+        };
+        if retry.max_delay < retry.initial_delay {
+            return Err(ConfigError::new(
+                "RETRY_MAX_DELAY",
+                format!(
+                    "must be at least RETRY_INITIAL_DELAY ({} ms)",
+                    retry.initial_delay.as_millis()
+                ),
+            ));
+        }
+        Ok(retry)
+    }
+}
+
+impl YieldSettings {
+    fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            active_sessions: whole(
+                env,
+                "YIELD_ACTIVE_SESSIONS",
+                8,
+                limits::YIELD_ACTIVE_SESSIONS,
+                "sessions (0: never yield)",
+            )?,
+            max: seconds(env, "YIELD_MAX_SECONDS", 30.0, limits::YIELD_MAX_SECONDS)?,
         })
     }
 }
