@@ -83,7 +83,7 @@ async fn unchanged_rows_are_not_rewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() {
-    let (pair, daemon) = Pair::running(
+    let (pair, _daemon) = Pair::running(
         0,
         &[
             ("POLL_INTERVAL_MS", "600000"),
@@ -93,8 +93,9 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
     .await;
     let source = pair.source().await;
     // Let the start-up sweep finish and the doorbell be armed.
+    let target = pair.target().await;
     wait_for("the first sweep", Duration::from_secs(10), || async {
-        daemon.log_text().contains("sweep finished")
+        crate::harness::finished_sweeps(&target).await >= 1
     })
     .await;
     for i in 0..5 {
@@ -113,14 +114,21 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
 async fn sweep_catches_changes_made_with_capture_disabled() {
     let (pair, _daemon) = Pair::running(50, &[("SYNC_INTERVAL_MINUTES", "0.02")]).await;
     let source = pair.source().await;
-    // A maintenance script bypasses the triggers; updated_at still moves, so the sweep sees it.
+    let target = pair.target().await;
+    // The first sweep looks back anyway; what is tested is the sweep after the triggers changed.
+    wait_for("the first sweep", Duration::from_secs(20), || async {
+        crate::harness::finished_sweeps(&target).await >= 1
+    })
+    .await;
+    // A maintenance script bypasses every trigger and turns them all back on: capture is intact
+    // again, and only the changed catalog rows of the triggers tell that it was off.
     source
         .batch_execute(
             "ALTER TABLE users DISABLE TRIGGER ALL;
              UPDATE users SET status = 'bulk-fix', updated_at = now() WHERE name LIKE 'user-1%';
              ALTER TABLE users ENABLE ALWAYS TRIGGER rowsync_capture_insert,
                  ENABLE ALWAYS TRIGGER rowsync_capture_update, ENABLE ALWAYS TRIGGER rowsync_capture_delete,
-                 ENABLE ALWAYS TRIGGER rowsync_capture_truncate;",
+                 ENABLE ALWAYS TRIGGER rowsync_capture_truncate, ENABLE ALWAYS TRIGGER rowsync_capture_key;",
         )
         .await
         .unwrap();
@@ -288,8 +296,9 @@ async fn a_sweep_slower_than_80_percent_of_the_interval_warns_and_sweeps_never_o
         ("SYNC_WINDOW_MULTIPLIER", "1000"),
         ("SYNC_LOOKBACK", "always"),
     ]);
+    let target = pair.target().await;
     pair.wait("three sweeps", Duration::from_secs(30), || async {
-        daemon.log_text().matches("sweep finished").count() >= 3
+        crate::harness::finished_sweeps(&target).await >= 3
     })
     .await;
     source
@@ -307,7 +316,7 @@ async fn a_sweep_slower_than_80_percent_of_the_interval_warns_and_sweeps_never_o
         log.contains("sweep took more than 80% of the interval"),
         "{log}"
     );
-    assert!(crate::harness::assert_sweeps_never_overlapped(&log) >= 3);
+    assert!(crate::harness::assert_sweeps_never_overlapped(&pair).await >= 3);
 }
 
 #[test]

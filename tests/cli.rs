@@ -246,12 +246,38 @@ async fn sql_files_install_by_hand_with_psql_as_the_readme_shows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
-    let (pair, mut daemon) = Pair::running(100, &[("SHUTDOWN_TIMEOUT_SECONDS", "20")]).await;
+    // Each target update takes 20 ms, so a batch of 100 changed rows is in flight for 2 s.
+    let slow_updates = format!(
+        "{USERS}
+         CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
+         CREATE TRIGGER slow_update BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION slow_update();"
+    );
+    let pair = Pair::with_ddl(USERS, &slow_updates).await;
+    seed_users(&pair.source().await, 100).await;
+    pair.setup();
+    let mut daemon = pair.spawn(&[("SHUTDOWN_TIMEOUT_SECONDS", "20")]);
+    daemon.wait_listening(&pair).await;
     let source = pair.source().await;
+    let target = pair.target().await;
     source
         .execute("UPDATE users SET version = version + 1", &[])
         .await
         .unwrap();
+    pair.wait(
+        "the batch to be in flight",
+        Duration::from_secs(20),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM pg_stat_activity \
+              WHERE application_name = 'rowsync' AND wait_event = 'PgSleep'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
     daemon.signal(libc::SIGTERM);
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(30)),
@@ -264,17 +290,13 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         log.contains("shutting down") && log.contains("sync loop stopped"),
         "{log}"
     );
-    // Whatever was not applied before the signal is applied at the next start.
-    let _daemon = pair.spawn(&[]);
-    pair.wait_synced("users", Duration::from_secs(20)).await;
+    // The batch that was in flight at the signal finished before the process exited.
     assert_eq!(
-        count(
-            &pair.target().await,
-            "SELECT count(*) FROM users WHERE version = 2"
-        )
-        .await,
-        100
+        count(&target, "SELECT count(*) FROM users WHERE version = 2").await,
+        100,
+        "{log}"
     );
+    pair.assert_synced("users").await;
 }
 
 /// A target whose inserts take about 2 ms each, so that copying 3,000 rows takes several seconds

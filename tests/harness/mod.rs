@@ -481,19 +481,42 @@ pub(crate) async fn resilient_writes(
     committed
 }
 
-/// Asserts from a rowsync log that sweeps ran one after another: every "sweep started" is followed
-/// by its "sweep finished" before the next one starts. Returns how many sweeps finished.
-pub(crate) fn assert_sweeps_never_overlapped(log: &str) -> usize {
-    let events: Vec<bool> = log
-        .lines()
-        .filter(|l| l.contains("sweep started") || l.contains("sweep finished"))
-        .map(|l| l.contains("sweep started"))
+/// Sweeps that finished successfully, from `sync_runs`.
+pub(crate) async fn finished_sweeps(target: &Client) -> i64 {
+    count(
+        target,
+        "SELECT count(*) FROM sync_runs WHERE kind = 'sweep' AND status = 'succeeded'",
+    )
+    .await
+}
+
+/// Asserts from `sync_runs` that sweeps ran one after another: each finished before the next one
+/// started (so only the last may still be running). Returns how many finished.
+pub(crate) async fn assert_sweeps_never_overlapped(pair: &Pair) -> usize {
+    let runs: Vec<(String, Option<String>)> = pair
+        .target()
+        .await
+        .query(
+            "SELECT started_at::text, finished_at::text FROM sync_runs \
+              WHERE kind = 'sweep' ORDER BY started_at",
+            &[],
+        )
+        .await
+        .expect("read sync_runs")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
         .collect();
-    for window in events.windows(2) {
-        assert_ne!(
-            window[0], window[1],
-            "sweeps overlapped or one was lost: {events:?}"
+    for pair_of_runs in runs.windows(2) {
+        let (earlier, later) = (&pair_of_runs[0], &pair_of_runs[1]);
+        let finished_at = earlier
+            .1
+            .as_ref()
+            .unwrap_or_else(|| panic!("a sweep never finished before the next: {runs:?}"));
+        // Both are timestamptz text in the same time zone: text order is time order.
+        assert!(
+            finished_at <= &later.0,
+            "sweeps overlapped: {earlier:?} then {later:?}"
         );
     }
-    events.iter().filter(|started| !**started).count()
+    runs.iter().filter(|r| r.1.is_some()).count()
 }
