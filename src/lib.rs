@@ -46,6 +46,7 @@ pub mod commands;
 pub mod config;
 pub(crate) mod connection;
 pub mod error;
+pub mod failpoint;
 pub mod ops;
 pub(crate) mod pipeline;
 pub(crate) mod runtime;

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
 
 fn try_main(cli: Cli) -> Result<ExitCode, Error> {
     let env = Env::from_process()?;
+    rowsync::failpoint::configure(env.get("FAILPOINTS")?)?;
     let mut log = LogSettings::from_env(&env)?;
     let settings = match cli.command {
         Command::Demo { .. } => {

@@ -393,3 +393,144 @@ async fn rows_written_during_setup_are_neither_lost_nor_stale() {
     pair.wait_synced("users", Duration::from_secs(60)).await;
     drop(daemon);
 }
+
+/// A target whose every write to `users` is audited, in the same transaction.
+const AUDITED: &str = "
+    CREATE TABLE audit (seq bigserial PRIMARY KEY, id uuid NOT NULL, version integer, op text NOT NULL);
+    CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO audit (id, version, op) VALUES (NEW.id, NEW.version, TG_OP);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER audit AFTER INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION audit();";
+
+/// `users` with 100 rows, set up, and an audit of every write to the target from now on.
+async fn audited_pair() -> Pair {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 100).await;
+    pair.setup();
+    pair.target().await.batch_execute(AUDITED).await.unwrap();
+    pair
+}
+
+/// Runs the daemon with the crash point `name` set, makes a change that a batch must carry,
+/// and waits for the daemon to die there.
+async fn crash_at(pair: &Pair, name: &str) {
+    let failpoint = format!("{name}=return");
+    // No look-back at start: the first batch to run is the one carrying the change.
+    let mut daemon = pair.spawn(&[("FAILPOINTS", &failpoint), ("SYNC_LOOKBACK", "never")]);
+    daemon.wait_listening(pair).await;
+    pair.source()
+        .await
+        .execute(
+            "UPDATE users SET version = 2 WHERE name LIKE 'user-1%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    daemon.wait_exit(Duration::from_secs(30));
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!("fail point {name}: aborting")),
+        "the daemon did not crash at {name}:\n{log}"
+    );
+}
+
+/// After a restart the target converges, each changed row was written exactly once, and the
+/// journal is empty.
+async fn restart_applies_each_change_once(pair: &Pair) {
+    let _daemon = pair.spawn(&[]);
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+    let target = pair.target().await;
+    pair.wait(
+        "the journal to be emptied",
+        Duration::from_secs(20),
+        || async {
+            count(
+                &pair.source().await,
+                "SELECT count(*) FROM rowsync.public_users_journal",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
+    let changed = count(&target, "SELECT count(*) FROM users WHERE version = 2").await;
+    assert_eq!(changed, 12, "user-1 and user-10 … user-19");
+    let writes = count(&target, "SELECT count(*) FROM audit").await;
+    let distinct = count(&target, "SELECT count(DISTINCT (id, version)) FROM audit").await;
+    assert_eq!(
+        writes, changed,
+        "each change is written once (audit: {writes} writes)"
+    );
+    assert_eq!(distinct, changed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_target_commit_and_before_the_journal_delete_repeats_nothing() {
+    let pair = audited_pair().await;
+    crash_at(&pair, "batch-after-target-commit").await;
+    // The crash came after the commit: the target has the batch, the journal still has its rows.
+    let target = pair.target().await;
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM users WHERE version = 2").await,
+        12
+    );
+    assert!(
+        count(
+            &pair.source().await,
+            "SELECT count(*) FROM rowsync.public_users_journal"
+        )
+        .await
+            > 0
+    );
+    restart_applies_each_change_once(&pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_holding_the_progress_lock_loses_nothing() {
+    let pair = audited_pair().await;
+    crash_at(&pair, "batch-after-progress-lock").await;
+    // Nothing of the batch was committed.
+    let target = pair.target().await;
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM users WHERE version = 2").await,
+        0
+    );
+    assert_eq!(count(&target, "SELECT count(*) FROM audit").await, 0);
+    restart_applies_each_change_once(&pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_the_middle_of_the_initial_copy_leaves_nothing_half_done() {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 1000).await;
+    let output = pair.rowsync(&["setup"], &[("FAILPOINTS", "copy-mid-stream=return")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("fail point copy-mid-stream: aborting"),
+        "{stderr}"
+    );
+    let target = pair.target().await;
+    // The copy's transaction never committed: no rows, and the table is not marked copied.
+    assert_eq!(count(&target, "SELECT count(*) FROM users").await, 0);
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM rowsync_progress WHERE snapshot IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    // Setup again copies everything, and the daemon carries on from there.
+    pair.setup();
+    pair.assert_synced("users").await;
+    let _daemon = pair.spawn(&[]);
+    pair.source()
+        .await
+        .execute("UPDATE users SET version = 2 WHERE name = 'user-7'", &[])
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(20)).await;
+}

@@ -218,6 +218,7 @@ impl TableSync {
             }
             Applied::ProgressMoved => return Ok(BatchOutcome::ProgressMoved),
         };
+        crate::failpoint::crash_point!("batch-after-target-commit");
         let taken_at = read.taken_at;
         self.progress = Some(read.cur.clone());
         // The target has the batch; the journal rows behind it can go. If this fails they are
@@ -307,6 +308,7 @@ impl TableSync {
                     return Err(err);
                 }
             }
+            crate::failpoint::crash_point!("batch-after-progress-lock");
             match self.stream(&ttx, &read.stx, changes, mode).await? {
                 Streamed::Rejected => {
                     // The transaction is aborted; start again under savepoints. The source

@@ -287,6 +287,7 @@ async fn pipe(
     {
         if previous {
             progress.add(1);
+            crate::failpoint::crash_point!("copy-mid-stream");
         }
         previous = true;
         sink.feed(chunk)
