@@ -46,8 +46,6 @@ pub enum Error {
     #[error("{action} on the {role} database timed out")]
     Timeout { role: DatabaseRole, action: String },
 
-    #[error("progress of {table} was moved by another process; reloading it")]
-    ProgressMoved { table: String },
 
     #[error("table {table}: {problem}")]
     Schema { table: String, problem: String },
