@@ -46,7 +46,6 @@ pub enum Error {
     #[error("{action} on the {role} database timed out")]
     Timeout { role: DatabaseRole, action: String },
 
-
     #[error("table {table}: {problem}")]
     Schema { table: String, problem: String },
 
