@@ -83,6 +83,9 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
         _ => Some(Arc::new(Settings::from_env(&env)?)),
     };
     rowsync::ops::logging::init(&log);
+    for warning in settings.iter().flat_map(|s| &s.warnings) {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

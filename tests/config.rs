@@ -208,3 +208,52 @@ async fn dotenv_values_are_literal_so_passwords_with_dollar_hash_quotes_and_spac
     assert_eq!(owner, "app_plain");
     pair.assert_synced("users").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_come_from_pgpassword_or_a_password_file_as_in_libpq() {
+    let pair = Pair::with_servers(password_auth(), password_auth(), USERS, USERS).await;
+    for client in [pair.source().await, pair.target().await] {
+        client
+            .batch_execute("CREATE ROLE app LOGIN SUPERUSER PASSWORD 'file:pass'")
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = |port: u16| format!("postgres://app@127.0.0.1:{port}/app");
+    let (source, target) = (url(pair.source.port()), url(pair.target.port()));
+    let urls = [
+        ("SOURCE_DATABASE_URL", source.as_bytes()),
+        ("TARGET_DATABASE_URL", target.as_bytes()),
+    ];
+    let with = |extra: &[(&'static str, &'static [u8])]| {
+        let mut env: Vec<(&str, &[u8])> = urls.to_vec();
+        env.extend_from_slice(extra);
+        rowsync_in(dir.path(), &env, &["setup"])
+    };
+    let output = with(&[("PGPASSWORD", b"file:pass")]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The password file: a wildcard line, a colon escaped in the password.
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(&passfile, "# rowsync\n127.0.0.1:*:app:app:file\\:pass\n").unwrap();
+    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    std::fs::set_permissions(&passfile, mode(0o600)).unwrap();
+    let passfile_env = passfile.display().to_string().into_bytes().leak();
+    let output = with(&[("PGPASSFILE", passfile_env)]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // One that others may read is ignored, as libpq ignores it, and rowsync says why.
+    std::fs::set_permissions(&passfile, mode(0o644)).unwrap();
+    let output = with(&[("PGPASSFILE", passfile_env)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("chmod 0600"), "{stderr}");
+}

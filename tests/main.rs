@@ -13,3 +13,4 @@ mod faults;
 mod guarantees;
 mod http;
 mod operations;
+mod tls;

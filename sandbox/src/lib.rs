@@ -54,6 +54,9 @@ pub struct ServerOptions {
     pub settings: Vec<(String, String)>,
     /// The contents of `pg_hba.conf`, replacing initdb's (which trusts every local connection).
     pub hba: Option<String>,
+    /// Files written into the data directory before the server starts: name, contents, mode
+    /// (certificates and keys for `ssl = on`).
+    pub files: Vec<(String, String, u32)>,
 }
 
 pub struct LocalServer {
@@ -92,6 +95,12 @@ impl LocalServer {
         server.initdb()?;
         if let Some(hba) = &server.options.hba {
             server.write_data_file("pg_hba.conf", hba)?;
+        }
+        for (name, contents, mode) in &server.options.files {
+            let path = server.write_data_file(name, contents)?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode))
+                .map_err(|source| io_error("setting a data file's mode", source))?;
         }
         // A free port found by binding port 0 can be taken by someone else before postgres binds it;
         // then postgres fails to start and another port is tried.

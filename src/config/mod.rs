@@ -8,6 +8,7 @@
 //! Database URLs hold passwords, so they are never echoed: not in errors, not in `Debug` output
 //! (`tokio_postgres::Config` redacts its password), not in logs ([`DatabaseSettings::display`]).
 
+mod database;
 mod env;
 
 use std::fmt;
@@ -18,6 +19,8 @@ use std::time::Duration;
 
 use crate::catalog::ident::TableRef;
 
+use self::database::database;
+pub use self::database::{DatabaseRole, DatabaseSettings, SslMode, describe_pg_config};
 pub use self::env::{DOTENV, Env, parse_dotenv};
 
 /// A configuration problem: which variable, and what was expected.
@@ -64,6 +67,9 @@ pub struct Settings {
     pub health_token: Option<HealthToken>,
     /// How long `sync_runs` keeps history.
     pub sync_runs_retention: Duration,
+    /// Things worth saying about the configuration once logging is set up (a password file
+    /// ignored, and why).
+    pub warnings: Vec<String>,
     /// When rowsync defers its work while the source is busy (see `runtime::yielding`).
     pub yielding: YieldSettings,
 }
@@ -98,62 +104,6 @@ pub enum LookbackMode {
 
 /// Default of `HEALTH_ADDR`: loopback only, a fixed port.
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9393";
-
-/// One database: its connection settings (password inside, redacted in `Debug`) and pool size.
-#[derive(Clone)]
-pub struct DatabaseSettings {
-    pub role: DatabaseRole,
-    pub config: tokio_postgres::Config,
-    pub pool_size: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatabaseRole {
-    Source,
-    Target,
-}
-
-impl fmt::Display for DatabaseRole {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Source => "source",
-            Self::Target => "target",
-        })
-    }
-}
-
-impl DatabaseSettings {
-    /// `user@host:port/dbname`, safe for logs and reports (never the password).
-    pub fn display(&self) -> String {
-        describe_pg_config(&self.config)
-    }
-}
-
-/// `user@host:port/dbname` for a connection configuration, without its password.
-pub fn describe_pg_config(config: &tokio_postgres::Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .unwrap_or_else(|| "?".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("?");
-    let dbname = config.get_dbname().unwrap_or(user);
-    format!("{user}@{host}:{port}/{dbname}")
-}
-
-impl fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("role", &self.role)
-            .field("database", &self.display())
-            .field("pool_size", &self.pool_size)
-            .finish()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetrySettings {
@@ -231,7 +181,8 @@ mod limits {
 
 impl Settings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let (source, target) = databases(env)?;
+        let mut warnings = Vec::new();
+        let (source, target) = databases(env, &mut warnings)?;
         let (sync_interval, sweep_lookback) = sweep_timing(env)?;
         Ok(Self {
             source,
@@ -295,12 +246,16 @@ impl Settings {
                 )? * 86_400.0,
             ),
             yielding: YieldSettings::from_env(env)?,
+            warnings,
         })
     }
 }
 
 /// The two databases with their pool sizes.
-fn databases(env: &Env) -> Result<(DatabaseSettings, DatabaseSettings), ConfigError> {
+fn databases(
+    env: &Env,
+    warnings: &mut Vec<String>,
+) -> Result<(DatabaseSettings, DatabaseSettings), ConfigError> {
     let source_pool = whole(
         env,
         "SOURCE_DB_POOL_SIZE",
@@ -312,14 +267,18 @@ fn databases(env: &Env) -> Result<(DatabaseSettings, DatabaseSettings), ConfigEr
     let source = database(
         env,
         "SOURCE_DATABASE_URL",
+        "SOURCE_DATABASE_URL_FILE",
         DatabaseRole::Source,
         source_pool,
+        warnings,
     )?;
     let target = database(
         env,
         "TARGET_DATABASE_URL",
+        "TARGET_DATABASE_URL_FILE",
         DatabaseRole::Target,
         target_pool,
+        warnings,
     )?;
     Ok((source, target))
 }
@@ -447,49 +406,6 @@ impl fmt::Debug for HealthToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("HealthToken(<redacted>)")
     }
-}
-
-fn database(
-    env: &Env,
-    variable: &'static str,
-    role: DatabaseRole,
-    pool_size: usize,
-) -> Result<DatabaseSettings, ConfigError> {
-    const EXPECTED: &str = "expected a libpq URL such as postgres://user:password@host:5432/dbname";
-    let text = env.get(variable)?.ok_or_else(|| {
-        ConfigError::new(
-            variable,
-            format!(
-                "is required; {EXPECTED}, set in the environment or in .env (cp .env.example .env)"
-            ),
-        )
-    })?;
-    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
-        return Err(ConfigError::new(
-            variable,
-            format!("{EXPECTED} (it must start with postgres:// or postgresql://)"),
-        ));
-    }
-    // The parser's messages can quote parts of the URL, so only say that it failed.
-    let config = tokio_postgres::Config::from_str(text)
-        .map_err(|_| ConfigError::new(variable, format!("{EXPECTED} (it could not be parsed)")))?;
-    if config.get_hosts().is_empty() {
-        return Err(ConfigError::new(
-            variable,
-            format!("{EXPECTED} (it names no host)"),
-        ));
-    }
-    if config.get_user().is_none() {
-        return Err(ConfigError::new(
-            variable,
-            format!("{EXPECTED} (it names no user)"),
-        ));
-    }
-    Ok(DatabaseSettings {
-        role,
-        config,
-        pool_size,
-    })
 }
 
 /// `CHAT_DB_POOL_SIZE` is the seed's name; `TARGET_DB_POOL_SIZE` is accepted as an alias.

@@ -16,12 +16,12 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{SessionLimits, Within, session_config, with_server_keepalives};
+use crate::connection::{Connector, SessionLimits, Within, session_config, with_server_keepalives};
 use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
 use crate::runtime::retry::{Attempts, pause, until_ok};
@@ -85,6 +85,7 @@ pub(crate) async fn acquire(
 ) -> Result<Option<Leadership>> {
     let limits = SessionLimits::from_settings(settings);
     let config = with_server_keepalives(session_config(&settings.target, limits, APP_LEADER));
+    let connector = Connector::new(&settings.target);
     let scope = lock_scope(settings);
     let mut said_standby = false;
     loop {
@@ -92,7 +93,7 @@ pub(crate) async fn acquire(
             &settings.retry,
             Attempts::Unlimited,
             shutdown,
-            || open_lock_session(&config, limits),
+            || open_lock_session(&connector, &config, limits),
             |error, _, delay| {
                 warn!(error = %crate::error::chain(error), retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
             },
@@ -188,12 +189,13 @@ impl LockSession {
 
 /// Connects the lock session and learns which server session it is.
 async fn open_lock_session(
+    connector: &Connector,
     config: &tokio_postgres::Config,
     limits: SessionLimits,
 ) -> Result<LockSession> {
     let limit = limits.client_timeout();
-    let (client, connection) = config
-        .connect(NoTls)
+    let (client, connection) = connector
+        .connect(config)
         .within(limit, DatabaseRole::Target, || {
             "connecting for the leader lock".into()
         })

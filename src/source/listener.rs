@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{
-    APP_LISTENER, IntoError, Pools, SessionLimits, Within, session_config, with_server_keepalives,
+    APP_LISTENER, Connector, IntoError, Pools, SessionConnection, SessionLimits, Within,
+    session_config, with_server_keepalives,
 };
 use crate::error::policy::ErrorType;
 use crate::error::{Error, Result};
@@ -71,10 +71,19 @@ pub(crate) async fn run(
 ) {
     let limits = SessionLimits::from_settings(&settings);
     let config = with_server_keepalives(session_config(&settings.source, limits, APP_LISTENER));
+    let connector = Connector::new(&settings.source);
     let timing = ping_timing(&limits);
     let mut retrying = Retrying::new(&settings.retry);
     loop {
-        let outcome = listen(&config, timing, &pools, &wake, &telemetry, &shutdown).await;
+        let outcome = listen(
+            (&connector, &config),
+            timing,
+            &pools,
+            &wake,
+            &telemetry,
+            &shutdown,
+        )
+        .await;
         let Err((listened, err)) = outcome else {
             telemetry.set_listener(ListenerState::Connecting);
             return;
@@ -132,9 +141,13 @@ impl Drop for Listening {
 }
 
 /// Connects and issues LISTEN, each step bounded by `limit`.
-async fn connect_and_listen(config: &tokio_postgres::Config, limit: Duration) -> Result<Listening> {
-    let (client, connection) = config
-        .connect(NoTls)
+async fn connect_and_listen(
+    connector: &Connector,
+    config: &tokio_postgres::Config,
+    limit: Duration,
+) -> Result<Listening> {
+    let (client, connection) = connector
+        .connect(config)
         .within(limit * 2, DatabaseRole::Source, || {
             "connecting the listener".into()
         })
@@ -160,7 +173,7 @@ async fn connect_and_listen(config: &tokio_postgres::Config, limit: Duration) ->
 /// One session: connect, LISTEN, relay notifications until it fails. Returns Ok only on shutdown;
 /// on failure, whether LISTEN had taken effect (so the failure count starts afresh).
 async fn listen(
-    config: &tokio_postgres::Config,
+    (connector, config): (&Connector, &tokio_postgres::Config),
     (ping_interval, ping_timeout): (Duration, Duration),
     pools: &Pools,
     wake: &Notify,
@@ -170,7 +183,7 @@ async fn listen(
     let mut session = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Ok(()),
-        listening = connect_and_listen(config, ping_timeout) => listening.map_err(|err| (false, err))?,
+        listening = connect_and_listen(connector, config, ping_timeout) => listening.map_err(|err| (false, err))?,
     };
     info!("listening for changes");
     telemetry.set_listener(ListenerState::Listening);
@@ -225,7 +238,7 @@ async fn listen(
 
 /// Drives the session and forwards notifications. Ends when the session does.
 async fn drive(
-    mut connection: Connection<Socket, NoTlsStream>,
+    mut connection: SessionConnection,
     notifications: mpsc::UnboundedSender<()>,
 ) -> Result<(), tokio_postgres::Error> {
     loop {

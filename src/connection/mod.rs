@@ -16,10 +16,15 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+pub(crate) mod tls;
 
-use crate::config::{DatabaseRole, DatabaseSettings, Settings};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::future::BoxFuture;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::{DatabaseRole, DatabaseSettings, Settings, SslMode};
 use crate::error::{Error, Result};
 
 /// `application_name` of pooled sessions.
@@ -246,10 +251,65 @@ impl IntoError for Error {
     }
 }
 
+/// A session's connection, TLS or not, to drive.
+pub(crate) type SessionConnection =
+    Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+/// Opens sessions to one database with its TLS settings, as libpq would: with `sslmode=allow`,
+/// first without TLS and, if the server refuses that, with TLS.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    tls: MakeRustlsConnect,
+    allow: bool,
+}
+
+impl Connector {
+    pub(crate) fn new(db: &DatabaseSettings) -> Self {
+        Self {
+            tls: MakeRustlsConnect::new((*db.tls).clone()),
+            allow: db.ssl_mode == SslMode::Allow,
+        }
+    }
+
+    /// Opens a session with `config` (one of [`session_config`]'s).
+    pub(crate) async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(Client, SessionConnection), tokio_postgres::Error> {
+        match config.connect(self.tls.clone()).await {
+            // The server answered, and refused a session without TLS: try with it.
+            Err(err) if self.allow && err.as_db_error().is_some() => {
+                let mut with_tls = config.clone();
+                with_tls.ssl_mode(tokio_postgres::config::SslMode::Require);
+                with_tls.connect(self.tls.clone()).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> BoxFuture<'_, Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>> {
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, connection) = Connector::connect(self, &config).await?;
+            let driver = tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "pooled connection closed with an error");
+                }
+            });
+            Ok((client, driver))
+        })
+    }
+}
+
 fn pool(db: &DatabaseSettings, limits: SessionLimits) -> Result<Pool> {
-    let manager = Manager::from_config(
+    let manager = Manager::from_connect(
         session_config(db, limits, APP_POOL),
-        NoTls,
+        Connector::new(db),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
