@@ -103,7 +103,11 @@ BEGIN
      WHERE c.oid = tbl;
 
     SELECT array_agg(a.attname ORDER BY k.ord),
-           string_agg(format('%I %s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
+           -- The key as the table has it: type, modifier and collation.
+           string_agg(format('%I %s%s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod),
+                             CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                                  THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END),
+                      ', ' ORDER BY k.ord),
            string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
            string_agg(format('OLD.%I', a.attname), ', ' ORDER BY k.ord),
            string_agg(format('NEW.%I', a.attname), ', ' ORDER BY k.ord)
@@ -111,6 +115,9 @@ BEGIN
       FROM pg_index i
      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+      JOIN pg_type ty ON ty.oid = a.atttypid
+      LEFT JOIN pg_collation co ON co.oid = a.attcollation
+      LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
      WHERE i.indrelid = tbl AND i.indisprimary;
     IF v_keys IS NULL THEN
         RAISE EXCEPTION 'rowsync: table %.% has no primary key', v_schema, v_table

@@ -14,3 +14,4 @@ mod guarantees;
 mod http;
 mod operations;
 mod tls;
+mod types;

@@ -30,12 +30,22 @@ pub(crate) enum Transfer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Column {
     pub name: String,
-    /// The target's type without its modifier (`character varying`, not `character varying(20)`),
-    /// for casts. Casting to the full type would apply the modifier the way explicit casts do,
-    /// truncating a too-long string silently; without it, the INSERT's assignment applies the
-    /// modifier and a value that does not fit is an error (and the row is isolated and recorded).
+    /// The target's type by its catalog name, schema-qualified and without a modifier
+    /// (`pg_catalog.bpchar`, `pg_catalog._varchar`, `app.mood`), for casts. Not SQL's spelling
+    /// (`character`, `bit`): those mean `character(1)` and `bit(1)`, and a cast to them cuts
+    /// values. Without a modifier nothing is cut; the assignment to the column then applies the
+    /// column's own (`char(3)`, `bit(8)`, `numeric(10,2)`), and a value that does not fit is an
+    /// error (the row is isolated and recorded), never silently truncated.
     pub target_type: String,
     pub transfer: Transfer,
+    /// The target column is `GENERATED ALWAYS AS IDENTITY`: inserted with `OVERRIDING SYSTEM
+    /// VALUE`, and never updated (PostgreSQL allows updating it only to DEFAULT).
+    pub identity_always: bool,
+    /// The source column's collation when it is not its type's default (`pg_catalog."C"`): the
+    /// journal's copy of a key must compare the same way.
+    pub collation: Option<String>,
+    /// The target column's, likewise: the keys rowsync sends are compared under it.
+    pub target_collation: Option<String>,
 }
 
 impl Column {
@@ -106,6 +116,9 @@ struct CatalogColumn {
     is_array: bool,
     is_base: bool,
     generated: bool,
+    identity_always: bool,
+    /// Non-default collation, quoted and qualified.
+    collation: Option<String>,
 }
 
 /// Resolves `table` in both databases and builds its mapping.
@@ -181,6 +194,9 @@ fn match_columns(source: &[CatalogColumn], target: &[CatalogColumn]) -> (Vec<Col
                     name: column.name.clone(),
                     target_type: target.base_type.clone(),
                     transfer,
+                    identity_always: target.identity_always,
+                    collation: column.collation.clone(),
+                    target_collation: target.collation.clone(),
                 });
             }
             _ => source_only.push(column.name.clone()),
@@ -260,9 +276,15 @@ async fn columns(
         .query(
             "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                     t.typcategory = 'A', t.typtype = 'b', a.attgenerated <> '', \
-                    pg_catalog.format_type(a.atttypid, NULL) \
+                    pg_catalog.quote_ident(tn.nspname) || '.' || pg_catalog.quote_ident(t.typname), \
+                    a.attidentity = 'a', \
+                    CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation \
+                         THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END \
                FROM pg_catalog.pg_attribute a \
                JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+               JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace \
+               LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation \
+               LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
               WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
               ORDER BY a.attnum",
             &[&oid],
@@ -279,6 +301,8 @@ async fn columns(
             is_base: row.get(4),
             generated: row.get(5),
             base_type: row.get(6),
+            identity_always: row.get(7),
+            collation: row.get(8),
         })
         .collect())
 }

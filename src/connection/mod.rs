@@ -98,8 +98,14 @@ pub(crate) fn session_config(
     // plan_cache_mode: rowsync's prepared statements are written to run well with generic plans
     // (see crate::pipeline::changes). Left to choose, PostgreSQL re-planned the change query on every batch
     // (its generic estimate counts the sweep's look-back, which stream batches skip), ~0.3 ms each.
+    //
+    // Values that travel as text are written by one server and read by the other: both sessions
+    // use the same text forms (dates in ISO, intervals in PostgreSQL's style, floats exactly, XML
+    // as content), whatever the servers' defaults. row_security=off: a source read that
+    // row-level security would filter fails instead, so rows hidden from rowsync's role are never
+    // mistaken for deleted ones (and the target's writes are never silently filtered either).
     let ours = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c rowsync.instance={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=3 -c xmloption=content -c row_security=off -c rowsync.instance={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
         limits

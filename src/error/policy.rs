@@ -129,6 +129,16 @@ pub(crate) fn decide_sqlstate(code: &SqlState) -> Decision {
         // system error (I/O)
         "58" => (Retry, ErrorType::ConnectionError),
         "23" => (IsolateRow, ErrorType::ConstraintViolation),
+        // A value longer than the target's type allows (varchar(n), char(n), bit(n)): the target's
+        // type is narrower than the source's.
+        "22" if [
+            SqlState::STRING_DATA_RIGHT_TRUNCATION,
+            SqlState::STRING_DATA_LENGTH_MISMATCH,
+        ]
+        .contains(code) =>
+        {
+            (IsolateRow, ErrorType::SchemaMismatch)
+        }
         "22" => (IsolateRow, ErrorType::DataError),
         "42" if code == &SqlState::INSUFFICIENT_PRIVILEGE => {
             (IsolateRow, ErrorType::PermissionDenied)
@@ -190,7 +200,8 @@ mod tests {
             ("23502", ErrorType::ConstraintViolation), // not_null_violation
             ("23514", ErrorType::ConstraintViolation), // check_violation
             ("23503", ErrorType::ConstraintViolation), // foreign_key_violation
-            ("22001", ErrorType::DataError),           // string_data_right_truncation
+            ("22001", ErrorType::SchemaMismatch),      // string_data_right_truncation
+            ("22026", ErrorType::SchemaMismatch),      // string_data_length_mismatch
             ("22P02", ErrorType::DataError),           // invalid_text_representation
             ("22003", ErrorType::DataError),           // numeric_value_out_of_range
             ("42703", ErrorType::SchemaMismatch),      // undefined_column

@@ -89,8 +89,13 @@ pub(crate) fn change_query(mapping: &TableMapping, journal: &str, keyed: bool) -
 
     // The snapshots are wrapped in scalar subqueries so that they are parsed and built once per
     // execution: in a generic plan they would otherwise be evaluated for every journal row.
+    // The journal's keys compare as the source's columns do (a key `COLLATE "C"`).
+    let journal_keys = join(keys.iter().map(|k| match &k.collation {
+        Some(collation) => format!("j.{0} COLLATE {collation} AS {0}", k.quoted()),
+        None => format!("j.{}", k.quoted()),
+    }));
     let mut changed = format!(
-        "SELECT {key_list} FROM {journal} j \
+        "SELECT {journal_keys} FROM {journal} j \
           WHERE (j.txid >= (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
                  OR j.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot)))) \
             AND pg_catalog.pg_visible_in_snapshot(j.txid, (SELECT pg_catalog.pg_current_snapshot()))"
@@ -185,11 +190,17 @@ mod tests {
                     name: "id".into(),
                     target_type: "uuid".into(),
                     transfer: Transfer::Binary,
+                    identity_always: false,
+                    collation: None,
+                    target_collation: None,
                 },
                 Column {
                     name: "it's".into(),
                     target_type: "text[]".into(),
                     transfer: Transfer::Text,
+                    identity_always: false,
+                    collation: None,
+                    target_collation: None,
                 },
             ],
             key: vec![0],

@@ -45,6 +45,15 @@ fn value_expr(alias: &str, column: &Column) -> String {
     }
 }
 
+/// A key value of `alias` as compared with the target's column: under the column's collation.
+fn key_expr(alias: &str, column: &Column) -> String {
+    let value = value_expr(alias, column);
+    match &column.target_collation {
+        Some(collation) => format!("{value} COLLATE {collation}"),
+        None => value,
+    }
+}
+
 fn upsert(mapping: &TableMapping) -> String {
     let columns = &mapping.columns;
     let params = join(
@@ -54,24 +63,36 @@ fn upsert(mapping: &TableMapping) -> String {
             .map(|(i, c)| array_param(i + 1, c)),
     );
     format!(
-        "INSERT INTO {target} AS t ({column_list}) \
+        "INSERT INTO {target} AS t ({column_list}) {overriding}\
          SELECT {values} FROM unnest({params}) AS s({column_list}) \
          {conflict} \
          RETURNING (t.xmax = 0)",
         target = mapping.target.quoted(),
         column_list = mapping.column_list(),
+        overriding = overriding(mapping),
         values = join(columns.iter().map(|c| value_expr("s", c))),
         conflict = on_conflict(mapping),
     )
 }
 
+/// `OVERRIDING SYSTEM VALUE ` when the target has `GENERATED ALWAYS AS IDENTITY` columns that the
+/// source fills, else nothing.
+pub(crate) fn overriding(mapping: &TableMapping) -> &'static str {
+    if mapping.columns.iter().any(|c| c.identity_always) {
+        "OVERRIDING SYSTEM VALUE "
+    } else {
+        ""
+    }
+}
+
 /// `ON CONFLICT (key) DO UPDATE SET … WHERE <content differs>` for an `INSERT INTO … AS t`.
+/// Target identity columns that are `GENERATED ALWAYS` are inserted but never updated.
 pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
     let non_key: Vec<&Column> = mapping
         .columns
         .iter()
         .enumerate()
-        .filter(|(i, _)| !mapping.key.contains(i))
+        .filter(|(i, c)| !mapping.key.contains(i) && !c.identity_always)
         .map(|(_, c)| c)
         .collect();
     let key_list = mapping.key_list();
@@ -98,7 +119,7 @@ fn delete(mapping: &TableMapping) -> String {
     let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
     let matches = keys
         .iter()
-        .map(|k| format!("t.{} = {}", k.quoted(), value_expr("d", k)))
+        .map(|k| format!("t.{} = {}", k.quoted(), key_expr("d", k)))
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
@@ -123,7 +144,7 @@ fn locked(mapping: &TableMapping) -> String {
     let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
     let on = |left: &str, right: &str| {
         keys.iter()
-            .map(|k| format!("{left}.{} = {}", k.quoted(), value_expr(right, k)))
+            .map(|k| format!("{left}.{} = {}", k.quoted(), key_expr(right, k)))
             .collect::<Vec<_>>()
             .join(" AND ")
     };
@@ -160,6 +181,9 @@ mod tests {
                     name: name.to_string(),
                     target_type: ty.to_string(),
                     transfer: *transfer,
+                    identity_always: false,
+                    collation: None,
+                    target_collation: None,
                 })
                 .collect(),
             key,

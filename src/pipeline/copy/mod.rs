@@ -34,7 +34,7 @@ use crate::config::{DatabaseRole, Settings};
 use crate::connection::{APP_COPY, Pools, SessionLimits, Within};
 use crate::error::policy::{self, Action};
 use crate::error::{Error, Result, SqlContext};
-use crate::pipeline::apply::statements::on_conflict;
+use crate::pipeline::apply::statements::{on_conflict, overriding};
 use crate::pipeline::apply::{Applier, Counts, Mode, RowFailure};
 use crate::pipeline::changes::{full_table_query, journal_cleanup};
 use crate::source::snapshot::PgSnapshot;
@@ -338,9 +338,10 @@ async fn merge(tx: &Transaction<'_>, mapping: &TableMapping, rows: u64) -> Resul
         .query_one(
             &format!(
                 "WITH w AS ( \
-                    INSERT INTO {target} AS t ({columns}) SELECT {columns} FROM rowsync_stage {} \
+                    INSERT INTO {target} AS t ({columns}) {}SELECT {columns} FROM rowsync_stage {} \
                     RETURNING (t.xmax = 0) AS created) \
                  SELECT count(*) FILTER (WHERE created), count(*) FROM w",
+                overriding(mapping),
                 on_conflict(mapping)
             ),
             &[],
