@@ -12,6 +12,7 @@ mod config;
 mod faults;
 mod guarantees;
 mod http;
+mod isolation;
 mod operations;
 mod tls;
 mod types;

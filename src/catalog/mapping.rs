@@ -242,9 +242,13 @@ async fn resolve(
 ) -> Result<(QualifiedName, u32)> {
     let row = client
         .query_opt(
-            "SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text \
+            "SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text, \
+                    c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls \
+                      AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')), \
+                    current_user::text \
                FROM pg_catalog.pg_class c \
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_catalog.pg_roles r ON r.rolname = current_user \
               WHERE c.oid = pg_catalog.to_regclass($1)",
             &[&table.quoted()],
         )
@@ -262,6 +266,17 @@ async fn resolve(
         return Err(Error::Schema {
             table: name.to_string(),
             problem: format!("is not a table in the {role} database (relkind {kind})"),
+        });
+    }
+    // Row-level security that applies to rowsync's role would hide rows: hidden rows would look
+    // deleted (the source) or stay unwritten (the target). Its sessions run with row_security off,
+    // so such a read would fail anyway; say why, and what to grant, before anything runs.
+    if row.get::<_, bool>(4) {
+        let user: String = row.get(5);
+        return Err(Error::RowSecurity {
+            table: name.to_string(),
+            role,
+            user,
         });
     }
     Ok((name, row.get(2)))

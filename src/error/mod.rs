@@ -49,6 +49,17 @@ pub enum Error {
     #[error("table {table}: {problem}")]
     Schema { table: String, problem: String },
 
+    #[error(
+        "table {table}: row-level security applies to rowsync's role {user} on the {role} database, \
+         so rows would be hidden from it; give the role BYPASSRLS (ALTER ROLE {user} BYPASSRLS) \
+         or make it the table's owner (without FORCE ROW LEVEL SECURITY)"
+    )]
+    RowSecurity {
+        table: String,
+        role: DatabaseRole,
+        user: String,
+    },
+
     #[error("table {table} is not set up for sync; run `rowsync setup` first")]
     NotSetUp { table: String },
 

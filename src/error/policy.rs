@@ -87,6 +87,10 @@ pub(crate) fn decide(error: &Error) -> Decision {
         // The server did not answer in time: as good as a lost connection (it is given up).
         Error::Timeout { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
         Error::Pool { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
+        Error::RowSecurity { .. } => Decision::new(Action::GiveUp, ErrorType::PermissionDenied),
+        Error::Schema { .. } | Error::NotSetUp { .. } => {
+            Decision::new(Action::GiveUp, ErrorType::SchemaMismatch)
+        }
         other => match other.postgres() {
             Some(driver) => decide_driver(driver),
             None => Decision::new(Action::GiveUp, ErrorType::SyncError),

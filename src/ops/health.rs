@@ -75,6 +75,9 @@ pub(crate) struct PoolUsage {
     pub in_use: usize,
 }
 
+/// Failed attempts in a row before syncing counts as broken.
+const CONSECUTIVE_FAILURES: u32 = 5;
+
 /// One check's verdict and, should it fail, what to do about it.
 struct Evaluated {
     name: &'static str,
@@ -97,6 +100,7 @@ pub(crate) fn evaluate(
             realtime(figures),
             sweep_overdue(figures, interval, now),
             capture(figures),
+            tables(figures),
             replication_lag(figures, interval),
         ]);
     }
@@ -236,6 +240,40 @@ fn capture(figures: &Figures) -> Evaluated {
     }
 }
 
+fn tables(figures: &Figures) -> Evaluated {
+    let failing: Vec<String> = figures
+        .tables
+        .iter()
+        .filter_map(|(name, t)| {
+            // Failures retrying will not fix, at once; others once they have gone on as long as
+            // the consecutive_failures check allows.
+            let failure = t
+                .failing
+                .as_ref()
+                .filter(|f| f.permanent || f.failures > CONSECUTIVE_FAILURES)?;
+            Some(format!("{name}: {}", failure.error))
+        })
+        .collect();
+    Evaluated {
+        name: "tables",
+        check: Check {
+            ok: failing.is_empty(),
+            severity: Severity::Critical,
+            value: json!(failing),
+            threshold: json!([]),
+            message: if failing.is_empty() {
+                "every table syncs".into()
+            } else {
+                format!("these tables do not sync: {}", failing.join("; "))
+            },
+        },
+        advice: "A table keeps failing while the others sync: its sync_errors rows say why \
+                 (SELECT * FROM sync_errors WHERE NOT resolved AND table_name = '…'); fix that \
+                 (grant the privilege, run `rowsync setup`, align the schema) and it resumes."
+            .into(),
+    }
+}
+
 fn replication_lag(figures: &Figures, interval: f64) -> Evaluated {
     let lag = figures.lag_seconds;
     let critical = lag.is_none_or(|lag| lag > 3.0 * interval);
@@ -284,10 +322,10 @@ fn consecutive_failures(figures: &Figures) -> Evaluated {
     Evaluated {
         name: "consecutive_failures",
         check: Check {
-            ok: figures.consecutive_failures <= 5,
+            ok: figures.consecutive_failures <= CONSECUTIVE_FAILURES,
             severity: Severity::Critical,
             value: json!(figures.consecutive_failures),
-            threshold: json!(5),
+            threshold: json!(CONSECUTIVE_FAILURES),
             message: format!("{} attempts in a row failed", figures.consecutive_failures),
         },
         advice: "Syncing keeps failing: check that both databases accept connections from rowsync \

@@ -67,6 +67,9 @@ pub(crate) struct TableStatus {
     /// Rows the target rejected that wait for a retry.
     pub(crate) unresolved: usize,
     pub(crate) last_batch_time: Option<String>,
+    /// While the table's attempts fail: the last error.
+    pub(crate) error: Option<String>,
+    pub(crate) consecutive_failures: u32,
 }
 
 impl StatusDocument {
@@ -91,6 +94,8 @@ impl StatusDocument {
                     pending: t.pending,
                     unresolved: t.unresolved,
                     last_batch_time: t.last_batch_at.map(rfc3339),
+                    error: t.failing.as_ref().map(|f| f.error.clone()),
+                    consecutive_failures: t.failing.as_ref().map_or(0, |f| f.failures),
                 };
                 (name.clone(), status)
             })
@@ -189,6 +194,13 @@ impl StatusDocument {
                 t.pending.map_or("n/a".into(), |p| p.to_string()),
                 t.unresolved,
             );
+            if let Some(error) = &t.error {
+                let _ = writeln!(
+                    out,
+                    "    failing ({} attempts in a row): {error}",
+                    t.consecutive_failures
+                );
+            }
         }
         for (name, check) in &health.checks {
             if !check.ok {

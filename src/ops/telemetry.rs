@@ -49,6 +49,8 @@ pub(crate) struct TableFigures {
     pub unresolved: usize,
     /// All capture triggers exist and are `ENABLE ALWAYS` (as of the last sweep; None before).
     pub capture_intact: Option<bool>,
+    /// Set while the table's attempts fail (the others go on meanwhile).
+    pub failing: Option<TableFailure>,
     /// The source snapshot most recently known to be fully applied was taken at this time.
     #[serde(skip)]
     pub applied_as_of: Option<SystemTime>,
@@ -95,6 +97,17 @@ pub(crate) struct Figures {
     pub yielded: Duration,
     /// Active sessions on the source at the last look (rowsync's own not counted).
     pub source_active_sessions: Option<u32>,
+}
+
+/// A table whose attempts fail.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TableFailure {
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// The last error.
+    pub error: String,
+    /// Retrying will not fix it by itself (a schema problem, a missing privilege).
+    pub permanent: bool,
 }
 
 /// A period of deferring work to a busy source.
@@ -308,6 +321,34 @@ impl Telemetry {
         state.figures.consecutive_failures = consecutive;
         record_recent(&mut state.recent, second, 1, 1);
         self.metrics.failed_attempt();
+    }
+
+    /// An attempt of `table` failed (`failures` in a row); `permanent` when retrying will not fix
+    /// it by itself.
+    pub(crate) fn table_failing(&self, table: &str, failures: u32, error: &str, permanent: bool) {
+        let mut state = self.lock();
+        state
+            .figures
+            .tables
+            .entry(table.to_string())
+            .or_default()
+            .failing = Some(TableFailure {
+            failures,
+            error: error.to_string(),
+            permanent,
+        });
+    }
+
+    /// `table` is known by another name now.
+    pub(crate) fn forget_table(&self, table: &str) {
+        self.lock().figures.tables.remove(table);
+    }
+
+    /// `table` works again.
+    pub(crate) fn table_recovered(&self, table: &str) {
+        if let Some(figures) = self.lock().figures.tables.get_mut(table) {
+            figures.failing = None;
+        }
     }
 
     pub(crate) fn recovered(&self) {

@@ -9,17 +9,17 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::connection::Pools;
-use crate::error::Result;
+use crate::error::policy;
+use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
-use crate::pipeline::batch::TableSync;
 use crate::runtime::leader;
 use crate::runtime::requests::SweepRequests;
 use crate::runtime::retry::{Attempts, until_ok};
-use crate::runtime::sync_loop::SyncLoop;
+use crate::runtime::sync_loop::{SyncLoop, Table};
 use crate::source::listener;
 use crate::target::{migrate, runs};
 
@@ -90,14 +90,16 @@ async fn run_active(context: Context, stop: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-/// Migrates the target and loads every table, retrying while the databases are unreachable.
+/// Migrates the target (retrying while it is unreachable) and loads every table it can. A table
+/// that cannot be loaded is tried again by the sync loop (and reported meanwhile), unless no
+/// table is set up at all: then `rowsync run` before `rowsync setup` is the error.
 /// Returns None if stopped meanwhile.
-async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec<TableSync>>> {
-    until_ok(
+async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec<Table>>> {
+    let migrated = until_ok(
         &context.settings.retry,
         Attempts::Unlimited,
         stop,
-        || load_tables(context),
+        || prepare_target(context),
         |error, _, delay| {
             warn!(
                 error = %crate::error::chain(error),
@@ -107,17 +109,38 @@ async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec
             context.telemetry.beat();
         },
     )
-    .await
+    .await?;
+    if migrated.is_none() {
+        return Ok(None);
+    }
+    let mut tables = Vec::new();
+    let mut not_set_up = None;
+    for reference in &context.settings.tables {
+        let mut table = Table::new(reference.clone(), context);
+        match table.load(context).await {
+            Ok(_) => {}
+            Err(error) if policy::decide(&error).retry() => {
+                warn!(table = %table.name, error = %crate::error::chain(&error), "cannot load the table yet; retrying");
+            }
+            Err(error @ Error::NotSetUp { .. }) => {
+                warn!(table = %table.name, error = %crate::error::chain(&error), "the table is not set up; retrying it later");
+                not_set_up.get_or_insert(error);
+            }
+            Err(error) => {
+                warn!(table = %table.name, error = %crate::error::chain(&error), "cannot sync the table; retrying it later");
+            }
+        }
+        tables.push(table);
+    }
+    match not_set_up {
+        Some(error) if tables.iter().all(|t| t.sync.is_none()) => Err(error),
+        _ => Ok(Some(tables)),
+    }
 }
 
-async fn load_tables(context: &Context) -> Result<Vec<TableSync>> {
-    let Context {
-        settings,
-        pools,
-        telemetry,
-        ..
-    } = context;
-    let mut target = pools.target().await?;
+/// Migrates the target and closes runs a previous process left open.
+async fn prepare_target(context: &Context) -> Result<()> {
+    let mut target = context.pools.target().await?;
     let applied = migrate::migrate(&mut target).await?;
     if !applied.is_empty() {
         info!(migrations = ?applied, "applied target migrations");
@@ -129,22 +152,5 @@ async fn load_tables(context: &Context) -> Result<Vec<TableSync>> {
             "marked runs cut short by a previous process as failed"
         );
     }
-    drop(target);
-    let mut tables = Vec::new();
-    for table in &settings.tables {
-        let mut sync = TableSync::load(pools, table, settings, telemetry.clone()).await?;
-        let cleaned = sync.clean_journal(pools).await?;
-        if cleaned > 0 {
-            debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
-        }
-        if !sync.mapping.source_only.is_empty() {
-            info!(
-                table = %sync.name(),
-                columns = ?sync.mapping.source_only,
-                "source columns missing in the target are not synced"
-            );
-        }
-        tables.push(sync);
-    }
-    Ok(tables)
+    Ok(())
 }

@@ -18,6 +18,9 @@
 
 mod failures;
 mod sweep;
+mod tables;
+
+pub(crate) use self::tables::Table;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,10 +31,9 @@ use tracing::{debug, info};
 
 use crate::config::DatabaseRole;
 use crate::connection::{SessionLimits, Within};
-use crate::error::{Error, Result, policy};
-use crate::pipeline::batch::{BatchKind, BatchOutcome, TableSync};
+use crate::error::Result;
+use crate::pipeline::batch::{BatchKind, BatchOutcome};
 use crate::runtime::daemon::Context;
-use crate::runtime::retry::{Retrying, pause};
 use crate::runtime::yielding::{Yield, Yielder};
 use crate::source::capture;
 use crate::source::listener::ListenerState;
@@ -52,19 +54,32 @@ fn batch_spacing(last_rows: u64) -> Duration {
 
 pub(crate) struct SyncLoop {
     context: Context,
-    tables: Vec<TableSync>,
+    tables: Vec<Table>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     yielder: Yielder,
-    /// Failed passes in a row, and the backoff before the next.
-    retrying: Retrying,
     next_sweep: Instant,
 }
 
-/// A failed pass: which table, and what went wrong.
-struct PassError {
-    table: String,
-    error: Error,
+/// What one pass (or several) did.
+#[derive(Debug, Default)]
+struct PassOutcome {
+    /// Rows applied; None when nothing changed anywhere.
+    applied: Option<u64>,
+    /// Tables whose attempt went through.
+    succeeded: usize,
+    /// Tables whose attempt failed: `table: error`.
+    failed: Vec<String>,
+}
+
+impl PassOutcome {
+    fn add(&mut self, other: PassOutcome) {
+        if let Some(rows) = other.applied {
+            *self.applied.get_or_insert(0) += rows;
+        }
+        self.succeeded += other.succeeded;
+        self.failed.extend(other.failed);
+    }
 }
 
 /// What the loop does after one turn.
@@ -84,13 +99,12 @@ enum Next {
 impl SyncLoop {
     pub(crate) fn new(
         context: Context,
-        tables: Vec<TableSync>,
+        tables: Vec<Table>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             yielder: Yielder::new(&context.settings),
-            retrying: Retrying::new(&context.settings.retry),
             // The first sweep runs at once: it catches up on everything journaled while rowsync
             // was stopped, and on rows updated within the lookback window.
             next_sweep: Instant::now(),
@@ -133,44 +147,17 @@ impl SyncLoop {
         } else {
             self.pass(BatchKind::Stream).await
         };
-        match outcome {
-            Ok(applied) => {
-                self.succeeded().await;
-                if sweep_due {
-                    self.next_sweep = Instant::now() + self.context.settings.sync_interval;
-                }
-                match applied {
-                    Some(rows) => Next::Spaced { rows, pass_started },
-                    None => {
-                        self.yielder.caught_up();
-                        Next::Idle
-                    }
-                }
-            }
-            Err(failure) => {
-                let (failures, delay) = self.retrying.failed();
-                if policy::decide(&failure.error).retry() {
-                    // A session that timed out or lost its server must not be handed out again.
-                    self.context.pools.evict_idle();
-                }
-                self.fail(&failure, failures, delay).await;
-                if pause(delay, &self.shutdown).await {
-                    Next::Again
-                } else {
-                    Next::Stop
-                }
-            }
+        if sweep_due {
+            self.next_sweep = Instant::now() + self.context.settings.sync_interval;
         }
-    }
-
-    /// A pass succeeded: after failures, say so and close their records.
-    async fn succeeded(&mut self) {
-        let failures = self.retrying.failures();
-        if failures > 0 {
-            info!(failures, "sync recovered");
-            self.resolve_failure_episode().await;
-            self.retrying.succeeded();
-            self.context.telemetry.recovered();
+        match outcome.applied {
+            Some(rows) => Next::Spaced { rows, pass_started },
+            None => {
+                if outcome.failed.is_empty() {
+                    self.yielder.caught_up();
+                }
+                Next::Idle
+            }
         }
     }
 
@@ -198,10 +185,11 @@ impl SyncLoop {
         if self.context.telemetry.listener() == ListenerState::Listening {
             match self.arm_doorbell().await {
                 // Something may have been committed just before the bell was armed.
-                Ok(()) => match self.pass(BatchKind::Stream).await {
-                    Ok(None) => {}
-                    Ok(Some(_)) | Err(_) => return Next::Again,
-                },
+                Ok(()) => {
+                    if self.pass(BatchKind::Stream).await.applied.is_some() {
+                        return Next::Again;
+                    }
+                }
                 Err(err) => {
                     debug!(error = %crate::error::chain(&err), "could not arm the doorbell")
                 }
@@ -220,42 +208,70 @@ impl SyncLoop {
         Next::Again
     }
 
-    /// One batch per table. Returns how many rows were applied, or None when nothing changed.
-    async fn pass(&mut self, kind: BatchKind) -> Result<Option<u64>, PassError> {
-        let mut applied = None;
-        for table in &mut self.tables {
+    /// One batch per table whose turn it is (a table that failed waits out its backoff; the
+    /// others go on). A table not loaded yet is loaded first.
+    async fn pass(&mut self, kind: BatchKind) -> PassOutcome {
+        let mut outcome = PassOutcome::default();
+        let now = Instant::now();
+        for index in 0..self.tables.len() {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            match table.run_batch(&self.context.pools, kind).await {
-                Ok(BatchOutcome::Applied(report)) => {
-                    *applied.get_or_insert(0) += report.counts.total();
-                    debug!(
-                        table = %report.table,
-                        created = report.counts.created,
-                        updated = report.counts.updated,
-                        deleted = report.counts.deleted,
-                        unchanged = report.counts.unchanged,
-                        failed = report.counts.failed,
-                        duration_ms = report.duration.as_millis() as u64,
-                        "batch applied"
-                    );
-                }
-                Ok(BatchOutcome::Nothing) => {}
-                Ok(BatchOutcome::ProgressMoved) => {
-                    info!(table = %table.name(), "progress was moved by another process; reloaded it");
-                    // Not idle: the table's batch runs again at once.
-                    applied.get_or_insert(0);
+            if !self.tables[index].due(now) {
+                continue;
+            }
+            match self.attempt(index, kind).await {
+                Ok(applied) => {
+                    outcome.succeeded += 1;
+                    if let Some(rows) = applied {
+                        *outcome.applied.get_or_insert(0) += rows;
+                    }
+                    self.table_succeeded(index).await;
                 }
                 Err(error) => {
-                    return Err(PassError {
-                        table: table.name(),
-                        error,
-                    });
+                    let name = self.tables[index].name.clone();
+                    outcome
+                        .failed
+                        .push(format!("{name}: {}", crate::error::chain(&error)));
+                    self.table_failed(index, error).await;
                 }
             }
         }
-        Ok(applied)
+        outcome
+    }
+
+    /// The table's batch (after loading it if need be). Returns how many rows it applied, or
+    /// None when nothing changed.
+    async fn attempt(&mut self, index: usize, kind: BatchKind) -> Result<Option<u64>> {
+        let table = &mut self.tables[index];
+        if table.load(&self.context).await? {
+            // Loaded just now: its first batch runs at once.
+            return Ok(Some(0));
+        }
+        let Some(sync) = &mut table.sync else {
+            return Ok(None);
+        };
+        Ok(match sync.run_batch(&self.context.pools, kind).await? {
+            BatchOutcome::Applied(report) => {
+                debug!(
+                    table = %report.table,
+                    created = report.counts.created,
+                    updated = report.counts.updated,
+                    deleted = report.counts.deleted,
+                    unchanged = report.counts.unchanged,
+                    failed = report.counts.failed,
+                    duration_ms = report.duration.as_millis() as u64,
+                    "batch applied"
+                );
+                Some(report.counts.total())
+            }
+            BatchOutcome::Nothing => None,
+            BatchOutcome::ProgressMoved => {
+                info!(table = %sync.name(), "progress was moved by another process; reloaded it");
+                // Not idle: the table's batch runs again at once.
+                Some(0)
+            }
+        })
     }
 
     async fn arm_doorbell(&self) -> Result<()> {

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use super::{PassError, SyncLoop};
+use super::{PassOutcome, SyncLoop};
 use crate::config::DatabaseRole;
 use crate::connection::Within;
 use crate::ops::telemetry::SweepSummary;
@@ -16,8 +16,8 @@ use crate::source::capture;
 use crate::target::runs::{self, Kind};
 
 impl SyncLoop {
-    /// A sweep, recorded in `sync_runs`. Returns how many rows it applied (None: nothing).
-    pub(super) async fn sweep(&mut self) -> Result<Option<u64>, PassError> {
+    /// A sweep, recorded in `sync_runs` (failed when a table failed in it).
+    pub(super) async fn sweep(&mut self) -> PassOutcome {
         let started = Instant::now();
         let telemetry = self.context.telemetry.clone();
         let before = telemetry.figures().totals;
@@ -25,21 +25,16 @@ impl SyncLoop {
         self.context.requests.answered();
         debug!("sweep started");
         let run = self.run_started().await;
-        let result = self.drain_then_sweep().await;
+        let outcome = self.drain_then_sweep().await;
         let duration = started.elapsed();
         let counts = telemetry.figures().totals - before;
-        let error = result
-            .as_ref()
-            .err()
-            .map(|failure| crate::error::chain(&failure.error));
+        let error = (!outcome.failed.is_empty()).then(|| outcome.failed.join("; "));
         self.run_finished(run, counts, error.as_deref()).await;
-        let found = match result {
-            Ok(found) => found,
-            Err(failure) => {
-                telemetry.sweep_finished(None);
-                return Err(failure);
-            }
-        };
+        if outcome.succeeded == 0 && !outcome.failed.is_empty() {
+            // Nothing worked: not a sweep that finished.
+            telemetry.sweep_finished(None);
+            return outcome;
+        }
         self.update_backlog().await;
         telemetry.sweep_finished(Some(SweepSummary {
             finished_at: SystemTime::now(),
@@ -64,26 +59,27 @@ impl SyncLoop {
                  (consider a longer SYNC_INTERVAL_MINUTES)"
             );
         }
-        Ok(found)
+        outcome
     }
 
     /// Applies what the journal holds with plain batches first (a backlog after a restart must not
     /// wait for the look-back's re-read), for at most one interval under continuous writes, then
     /// runs the sweep's own batch: look-back (when due) and retries.
-    async fn drain_then_sweep(&mut self) -> Result<Option<u64>, PassError> {
+    async fn drain_then_sweep(&mut self) -> PassOutcome {
         let deadline = Instant::now() + self.context.settings.sync_interval;
-        let mut applied = None;
-        while let Some(rows) = self.pass(BatchKind::Stream).await? {
-            *applied.get_or_insert(0) += rows;
-            if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+        let mut total = PassOutcome::default();
+        loop {
+            let pass = self.pass(BatchKind::Stream).await;
+            let more = pass.applied.is_some();
+            total.add(pass);
+            if !more || Instant::now() >= deadline || self.shutdown.is_cancelled() {
                 break;
             }
         }
         let lookback = self.context.settings.sweep_lookback;
-        if let Some(rows) = self.pass(BatchKind::Sweep { lookback }).await? {
-            *applied.get_or_insert(0) += rows;
-        }
-        Ok(applied)
+        let sweep = self.pass(BatchKind::Sweep { lookback }).await;
+        total.add(sweep);
+        total
     }
 
     /// Records the sweep's start in `sync_runs` (best effort: history must not stop syncing).
@@ -122,7 +118,7 @@ impl SyncLoop {
     /// Journal depth and open row failures per table, for /status and /metrics.
     async fn update_backlog(&self) {
         let source = self.context.pools.source().await.ok();
-        for table in &self.tables {
+        for table in self.tables.iter().filter_map(|t| t.sync.as_ref()) {
             let pending = match (&source, &table.mapping.journal) {
                 (Some(source), Some(journal)) => capture::journal_depth(&***source, journal)
                     .within(self.limit(), DatabaseRole::Source, || {

@@ -1,0 +1,96 @@
+//! The synced tables as the loop holds them, each on its own: a table whose load or batch fails
+//! backs off alone (its failures counted, recorded and reported) while the others go on.
+
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use crate::catalog::ident::TableRef;
+use crate::error::Result;
+use crate::pipeline::batch::TableSync;
+use crate::runtime::daemon::Context;
+use crate::runtime::retry::Retrying;
+
+/// One table of the configuration.
+pub(crate) struct Table {
+    pub(crate) reference: TableRef,
+    /// Its name in figures, records and logs (the configured name until it is loaded).
+    pub(crate) name: String,
+    /// Loaded: its batches run. None until a load succeeds (setup not run, a schema problem, a
+    /// database away): the load is tried again when due.
+    pub(crate) sync: Option<TableSync>,
+    /// The name failures were recorded under before the load told the real one.
+    pub(super) earlier_name: Option<String>,
+    retrying: Retrying,
+    next_attempt: Instant,
+}
+
+impl Table {
+    pub(crate) fn new(reference: TableRef, context: &Context) -> Self {
+        Self {
+            name: reference.to_string(),
+            reference,
+            sync: None,
+            earlier_name: None,
+            retrying: Retrying::new(&context.settings.retry),
+            next_attempt: Instant::now(),
+        }
+    }
+
+    /// Whether the table's next attempt is due (it is not backing off).
+    pub(super) fn due(&self, now: Instant) -> bool {
+        now >= self.next_attempt
+    }
+
+    /// Loads the table if it is not loaded yet. True when it was loaded now.
+    pub(crate) async fn load(&mut self, context: &Context) -> Result<bool> {
+        if self.sync.is_some() {
+            return Ok(false);
+        }
+        let Context {
+            settings,
+            pools,
+            telemetry,
+            ..
+        } = context;
+        let mut sync = TableSync::load(pools, &self.reference, settings, telemetry.clone()).await?;
+        let cleaned = sync.clean_journal(pools).await?;
+        if cleaned > 0 {
+            debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
+        }
+        if !sync.mapping.source_only.is_empty() {
+            info!(
+                table = %sync.name(),
+                columns = ?sync.mapping.source_only,
+                "source columns missing in the target are not synced"
+            );
+        }
+        if self.name != sync.name() {
+            // The figures knew it by its configured name while it could not be loaded.
+            telemetry.forget_table(&self.name);
+            self.earlier_name = Some(std::mem::replace(&mut self.name, sync.name()));
+        }
+        self.sync = Some(sync);
+        Ok(true)
+    }
+
+    /// One more failure: how many in a row, and when the table is tried again.
+    pub(super) fn failed(&mut self) -> (u32, Duration) {
+        let (failures, delay) = self.retrying.failed();
+        self.next_attempt = Instant::now() + delay;
+        (failures, delay)
+    }
+
+    /// The attempt succeeded. Returns the failures in a row it ends (0: none).
+    pub(super) fn succeeded(&mut self) -> u32 {
+        let failures = self.retrying.failures();
+        if failures > 0 {
+            self.retrying.succeeded();
+        }
+        failures
+    }
+
+    pub(super) fn failures(&self) -> u32 {
+        self.retrying.failures()
+    }
+}
