@@ -77,6 +77,28 @@ BEGIN
 END
 $$;
 
+-- The longest prefix of `t` that fits in `bytes` bytes (identifiers are limited to 63 bytes, not
+-- characters: a name of 24 two-byte characters is 48 bytes).
+CREATE OR REPLACE FUNCTION rowsync.left_bytes(t text, bytes integer) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog AS $$
+BEGIN
+    WHILE octet_length(t) > bytes LOOP
+        t := left(t, -1);
+    END LOOP;
+    RETURN t;
+END
+$$;
+
+-- The base of a captured table's function names (`<base>_capture`, `<base>_capture_key`): its
+-- journal's name without `_journal` when both fit in 63 bytes, else one made of the table's oid,
+-- so that the two names can never be cut to the same one.
+CREATE OR REPLACE FUNCTION rowsync.function_base(journal name, tbl oid) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog AS $$
+    SELECT CASE WHEN octet_length(journal) - 8 + 12 <= 63
+                THEN left(journal, length(journal) - length('_journal'))
+                ELSE 'table_' || tbl END
+$$;
+
 -- Installs (or repairs) capture for one table. Returns 'installed' when capture was created,
 -- 'repaired' when something was missing or disabled and has been put back (changes made meanwhile
 -- were not journaled, so the table needs a fresh copy), 'upgraded' when triggers of an older
@@ -97,6 +119,9 @@ DECLARE
     v_function   name;
     v_status     text := 'unchanged';
     v_trigger    record;
+    v_txid       name;
+    v_current    oid;
+    v_replaced   oid[] := '{}';
 BEGIN
     SELECT n.nspname, c.relname INTO v_schema, v_table
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -139,9 +164,12 @@ BEGIN
     IF v_old.journal_name IS NOT NULL THEN
         v_journal := v_old.journal_name;
     ELSE
-        v_journal := left(v_schema || '_' || v_table, 48) || '_journal';
-        IF EXISTS (SELECT 1 FROM rowsync.captured_tables WHERE journal_name = v_journal) THEN
-            v_journal := left(v_schema || '_' || v_table, 40) || '_' || tbl::oid || '_journal';
+        -- <schema>_<table>_journal when that fits and is free (counting bytes), else a prefix of
+        -- it and the table's oid, which no other table has.
+        v_journal := v_schema || '_' || v_table || '_journal';
+        IF octet_length(v_journal) > 48
+           OR EXISTS (SELECT 1 FROM rowsync.captured_tables WHERE journal_name = v_journal) THEN
+            v_journal := rowsync.left_bytes(v_schema || '_' || v_table, 30) || '_' || tbl::oid || '_journal';
         END IF;
         INSERT INTO rowsync.captured_tables (table_schema, table_name, journal_name, key_columns)
         VALUES (v_schema, v_table, v_journal, v_keys);
@@ -149,14 +177,16 @@ BEGIN
             v_status := 'installed';
         END IF;
     END IF;
-    v_function := left(v_journal, length(v_journal) - length('_journal')) || '_capture';
+    v_function := rowsync.function_base(v_journal, tbl) || '_capture';
     v_key_function := v_function || '_key';
 
     IF to_regclass(format('rowsync.%I', v_journal)) IS NULL THEN
+        -- The first column is the writer's transaction id (rowsync finds it by position, so a
+        -- key column may be called txid).
+        v_txid := CASE WHEN 'txid' = ANY (v_keys) THEN 'rowsync_txid' ELSE 'txid' END;
         EXECUTE format(
-            'CREATE TABLE rowsync.%I (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), %s)',
-            v_journal, v_key_defs);
-        EXECUTE format('GRANT INSERT ON rowsync.%I TO PUBLIC', v_journal);
+            'CREATE TABLE rowsync.%I (%I xid8 NOT NULL DEFAULT pg_current_xact_id(), %s)',
+            v_journal, v_txid, v_key_defs);
         -- No index: the consumer empties the journal continuously, so it stays small and a scan of
         -- it is cheap, while a txid index measurably slowed every source write (~8% at 16 clients).
         -- Vacuum it eagerly so the emptied pages are reused.
@@ -167,6 +197,11 @@ BEGIN
             v_status := 'repaired';
         END IF;
     END IF;
+    -- Writers may add keys, never choose the transaction id: a row with a txid from the future
+    -- would never become visible, so never be consumed. (Journals made by earlier versions let
+    -- PUBLIC insert every column; this takes that back. rowsync also deletes such rows.)
+    EXECUTE format('REVOKE INSERT ON rowsync.%I FROM PUBLIC', v_journal);
+    EXECUTE format('GRANT INSERT (%s) ON rowsync.%I TO PUBLIC', v_key_list, v_journal);
 
     -- Static SQL per table: plpgsql caches the plans. Every name in it is schema-qualified, so the
     -- functions need no SET search_path (which would cost a configuration save and restore on
@@ -230,23 +265,38 @@ BEGIN
     -- replica too (pg_restore --disable-triggers and some tools switch it).
     FOR v_trigger IN
         SELECT * FROM (VALUES
-            ('rowsync_capture_insert', format(
+            ('rowsync_capture_insert', v_function, format(
                 'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
-            ('rowsync_capture_update', format(
+            ('rowsync_capture_update', v_function, format(
                 'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
-            ('rowsync_capture_delete', format(
+            ('rowsync_capture_delete', v_function, format(
                 'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
-            ('rowsync_capture_truncate', format(
+            ('rowsync_capture_truncate', v_function, format(
                 'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
-            ('rowsync_capture_key', format(
+            ('rowsync_capture_key', v_key_function, format(
                 'AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (ROW(%s) IS DISTINCT FROM ROW(%s)) EXECUTE FUNCTION rowsync.%I()',
                 v_key_list, tbl, v_old_keys, v_new_keys, v_key_function))
-        ) AS t(name, definition)
+        ) AS t(name, function, definition)
     LOOP
+        -- A trigger calling another function (earlier versions named the functions of long
+        -- table names so that two of them could be cut to the same 63 bytes) is re-created in
+        -- this transaction, which keeps the table locked: no write escapes capture meanwhile.
+        SELECT tg.tgfoid INTO v_current
+          FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+         WHERE tg.tgrelid = tbl AND tg.tgname = v_trigger.name
+           AND (p.proname <> v_trigger.function
+                OR p.pronamespace <> 'rowsync'::regnamespace);
+        IF FOUND THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', v_trigger.name, tbl);
+            v_replaced := v_replaced || v_current;
+            IF v_status = 'unchanged' THEN
+                v_status := 'upgraded';
+            END IF;
+        END IF;
         IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = v_trigger.name) THEN
             EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
             IF v_status = 'unchanged' THEN
@@ -258,6 +308,13 @@ BEGIN
             IF v_status = 'unchanged' THEN
                 v_status := 'repaired';
             END IF;
+        END IF;
+    END LOOP;
+    -- The functions the replaced triggers called, once no trigger calls them any more.
+    FOR v_current IN SELECT DISTINCT f FROM unnest(v_replaced) AS f LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgfoid = v_current)
+           AND (SELECT pronamespace FROM pg_proc WHERE oid = v_current) = 'rowsync'::regnamespace THEN
+            EXECUTE format('DROP FUNCTION %s', v_current::regprocedure);
         END IF;
     END LOOP;
 
@@ -283,9 +340,9 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_key ON %s', tbl);
     IF v_row.journal_name IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
-                       left(v_row.journal_name, length(v_row.journal_name) - length('_journal')) || '_capture_key');
+                       rowsync.function_base(v_row.journal_name, tbl) || '_capture_key');
         EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
-                       left(v_row.journal_name, length(v_row.journal_name) - length('_journal')) || '_capture');
+                       rowsync.function_base(v_row.journal_name, tbl) || '_capture');
         EXECUTE format('DROP TABLE IF EXISTS rowsync.%I', v_row.journal_name);
         DELETE FROM rowsync.captured_tables
          WHERE table_schema = v_row.table_schema AND table_name = v_row.table_name;

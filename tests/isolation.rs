@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::harness::{Pair, USERS, count, free_port, seed_users};
+use crate::harness::{Pair, USERS, count, free_port, health, seed_users};
 
 const ORDERS: &str = "CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL);";
 
@@ -41,18 +39,6 @@ async fn two_tables() -> Pair {
         .await
         .unwrap();
     pair
-}
-
-async fn health(port: u16) -> (u16, Value) {
-    let (code, body) = rowsync::ops::http::request(
-        ([127, 0, 0, 1], port).into(),
-        rowsync::ops::http::Method::GET,
-        "/health",
-        None,
-    )
-    .await
-    .unwrap();
-    (code, serde_json::from_str(&body).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ mod faults;
 mod guarantees;
 mod http;
 mod isolation;
+mod journal;
+mod names;
 mod operations;
 mod tls;
 mod types;

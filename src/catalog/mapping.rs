@@ -59,8 +59,8 @@ impl Column {
 pub(crate) struct TableMapping {
     pub source: QualifiedName,
     pub target: QualifiedName,
-    /// The source-side journal, `rowsync.<table>_journal` (None before capture is installed).
-    pub journal: Option<QualifiedName>,
+    /// The source-side journal (None before capture is installed).
+    pub journal: Option<Journal>,
     /// Synced columns, in the source's column order.
     pub columns: Vec<Column>,
     /// Positions in `columns` of the key, in primary-key order.
@@ -93,7 +93,7 @@ impl TableMapping {
         join(self.columns.iter().map(Column::quoted))
     }
 
-    pub(crate) fn journal(&self) -> Result<&QualifiedName> {
+    pub(crate) fn journal(&self) -> Result<&Journal> {
         self.journal
             .as_ref()
             .ok_or_else(|| Error::NotSetUp { table: self.name() })
@@ -356,11 +356,35 @@ async fn unique_indexes(client: &impl GenericClient, oid: u32) -> Result<Vec<Vec
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// A captured table's journal on the source: `rowsync.<table>_journal (txid, key columns…)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Journal {
+    pub table: QualifiedName,
+    /// The name of its first column, the writer's transaction id: `txid`, unless the table has a
+    /// key column of that name.
+    pub txid: String,
+}
+
+impl Journal {
+    /// The quoted table name, for SQL text.
+    pub(crate) fn quoted(&self) -> String {
+        self.table.quoted()
+    }
+
+    /// The quoted transaction-id column, for SQL text.
+    pub(crate) fn txid(&self) -> String {
+        quote(&self.txid)
+    }
+}
+
+impl std::fmt::Display for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.table.fmt(f)
+    }
+}
+
 /// The journal of a captured table, from `rowsync.captured_tables` (None when not installed).
-async fn journal_of(
-    client: &impl GenericClient,
-    table: &QualifiedName,
-) -> Result<Option<QualifiedName>> {
+async fn journal_of(client: &impl GenericClient, table: &QualifiedName) -> Result<Option<Journal>> {
     let installed: bool = client
         .query_one(
             "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
@@ -376,13 +400,20 @@ async fn journal_of(
     }
     let row = client
         .query_opt(
-            "SELECT journal_name::text FROM rowsync.captured_tables \
-              WHERE table_schema = $1 AND table_name = $2",
+            "SELECT ct.journal_name::text, coalesce(a.attname::text, 'txid') \
+               FROM rowsync.captured_tables ct \
+               LEFT JOIN pg_catalog.pg_attribute a \
+                 ON a.attrelid = pg_catalog.to_regclass(pg_catalog.format('rowsync.%I', ct.journal_name)) \
+                AND a.attnum = 1 \
+              WHERE ct.table_schema = $1 AND ct.table_name = $2",
             &[&table.schema, &table.name],
         )
         .await
         .context(DatabaseRole::Source, || {
             format!("looking up the journal of {table}")
         })?;
-    Ok(row.map(|row| QualifiedName::new("rowsync", row.get::<_, String>(0))))
+    Ok(row.map(|row| Journal {
+        table: QualifiedName::new("rowsync", row.get::<_, String>(0)),
+        txid: row.get(1),
+    }))
 }

@@ -64,6 +64,7 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
         let (mapping, copied_before) = transient(retry, "reading the table's state", || async {
             let target = pools.target().await?;
             let mapping = load_mapping(&**pools.source().await?, &**target, table).await?;
+            progress::adopt_legacy(&**target, &mapping.source).await?;
             let copied_before = progress::load(&**target, &mapping.name()).await?.is_some();
             Ok((mapping, copied_before))
         })

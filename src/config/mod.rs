@@ -430,7 +430,7 @@ fn target_pool_size(env: &Env) -> Result<usize, ConfigError> {
 fn tables(env: &Env) -> Result<Vec<TableRef>, ConfigError> {
     let text = env.get("SYNC_TABLES")?.unwrap_or("users");
     let mut tables: Vec<TableRef> = Vec::new();
-    for entry in text.split(',') {
+    for entry in TableRef::split_list(text) {
         let table = TableRef::parse(entry).map_err(|problem| {
             ConfigError::new(
                 "SYNC_TABLES",
@@ -793,7 +793,7 @@ mod tests {
         let settings =
             Settings::from_env(&env(&[("SYNC_TABLES", "users, app.Orders,\"Mixed\"")])).unwrap();
         let names: Vec<String> = settings.tables.iter().map(ToString::to_string).collect();
-        assert_eq!(names, ["users", "app.orders", "Mixed"]);
+        assert_eq!(names, ["users", "app.orders", "\"Mixed\""]);
         let err = error_for(&[("SYNC_TABLES", "users,USERS")]);
         assert_eq!(err.variable, "SYNC_TABLES");
     }

@@ -10,6 +10,8 @@
 //! | `sweep_overdue` | no sweep finished for 3 intervals (plus the last sweep's duration) | critical |
 //! | `replication_lag` | the target may be more than 1 interval behind (critical past 3) | warning / critical |
 //! | `capture` | a capture trigger on the source is disabled or missing | critical |
+//! | `tables` | a table fails for good, or more than 5 times in a row | critical |
+//! | `journal` | a journal holds rows no batch will consume | warning |
 //!
 //! Any failed critical check makes the status UNHEALTHY (HTTP 503); any failed warning DEGRADED;
 //! otherwise HEALTHY (both HTTP 200). A standby is HEALTHY while it stands by: only the active
@@ -101,6 +103,7 @@ pub(crate) fn evaluate(
             sweep_overdue(figures, interval, now),
             capture(figures),
             tables(figures),
+            journal(figures),
             replication_lag(figures, interval),
         ]);
     }
@@ -270,6 +273,33 @@ fn tables(figures: &Figures) -> Evaluated {
         advice: "A table keeps failing while the others sync: its sync_errors rows say why \
                  (SELECT * FROM sync_errors WHERE NOT resolved AND table_name = '…'); fix that \
                  (grant the privilege, run `rowsync setup`, align the schema) and it resumes."
+            .into(),
+    }
+}
+
+fn journal(figures: &Figures) -> Evaluated {
+    let stuck: BTreeMap<&String, i64> = figures
+        .tables
+        .iter()
+        .filter_map(|(name, t)| Some((name, t.stuck.filter(|&n| n > 0)?)))
+        .collect();
+    Evaluated {
+        name: "journal",
+        check: Check {
+            ok: stuck.is_empty(),
+            severity: Severity::Warning,
+            value: json!(stuck),
+            threshold: json!({}),
+            message: if stuck.is_empty() {
+                "every journal row is on its way".into()
+            } else {
+                format!("journal rows that no batch will consume, per table: {stuck:?}")
+            },
+        },
+        advice: "A journal holds rows of changes already applied (deleting them failed: see the \
+                 log) or rows whose txid no transaction has had (written by hand, not by the \
+                 capture triggers). Batches delete both; if they stay, check that rowsync's role \
+                 may DELETE from the journals in schema rowsync, and who writes to them."
             .into(),
     }
 }

@@ -23,6 +23,7 @@ pub const SYNC_ERRORS: &str = "rowsync_sync_errors_total";
 pub const LAG_SECONDS: &str = "rowsync_lag_seconds";
 pub const SWEEP_DURATION: &str = "rowsync_sweep_duration_seconds";
 pub const JOURNAL_PENDING: &str = "rowsync_journal_pending";
+pub const JOURNAL_STUCK: &str = "rowsync_journal_stuck_rows";
 pub const UNRESOLVED_ROWS: &str = "rowsync_unresolved_rows";
 pub const POOL_SIZE: &str = "rowsync_pool_size";
 pub const POOL_IN_USE: &str = "rowsync_pool_in_use";
@@ -55,6 +56,7 @@ pub(crate) struct Metrics {
     yielded_seconds: Counter,
     lag: Gauge,
     journal_pending: IntGaugeVec,
+    journal_stuck: IntGaugeVec,
     unresolved: IntGaugeVec,
     pool_size: IntGaugeVec,
     pool_in_use: IntGaugeVec,
@@ -150,6 +152,12 @@ impl Metrics {
                 "Journaled source changes not yet applied, by table (as of the last sweep).",
                 &["table"],
             ),
+            journal_stuck: gauge_vec(
+                &r,
+                JOURNAL_STUCK,
+                "Journal rows that no batch will consume, by table (as of the last sweep; the journal health check).",
+                &["table"],
+            ),
             unresolved: gauge_vec(
                 &r,
                 UNRESOLVED_ROWS,
@@ -230,6 +238,9 @@ impl Metrics {
                 self.journal_pending
                     .with_label_values(&[table])
                     .set(pending);
+            }
+            if let Some(stuck) = t.stuck {
+                self.journal_stuck.with_label_values(&[table]).set(stuck);
             }
             self.unresolved
                 .with_label_values(&[table])

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::metrics::Metrics;
 use crate::pipeline::apply::Counts;
+use crate::source::capture::JournalRows;
 use crate::source::listener::ListenerState;
 
 /// Whether this process applies changes or waits as a hot standby.
@@ -45,6 +46,8 @@ pub(crate) struct TableFigures {
     pub counts: Counts,
     /// Journaled changes not yet applied (as of the last sweep).
     pub pending: Option<i64>,
+    /// Journal rows that no batch will consume (as of the last sweep; see `JournalRows`).
+    pub stuck: Option<i64>,
     /// Rows the target rejected that wait for a retry.
     pub unresolved: usize,
     /// All capture triggers exist and are `ENABLE ALWAYS` (as of the last sweep; None before).
@@ -294,11 +297,17 @@ impl Telemetry {
         figures.applied_as_of = Some(snapshot_at);
     }
 
-    pub(crate) fn set_table_backlog(&self, table: &str, pending: Option<i64>, unresolved: usize) {
+    pub(crate) fn set_table_backlog(
+        &self,
+        table: &str,
+        journal: Option<JournalRows>,
+        unresolved: usize,
+    ) {
         let mut state = self.lock();
         let figures = state.figures.tables.entry(table.to_string()).or_default();
-        if pending.is_some() {
-            figures.pending = pending;
+        if let Some(journal) = journal {
+            figures.pending = Some(journal.rows);
+            figures.stuck = Some(journal.stuck);
         }
         figures.unresolved = unresolved;
     }

@@ -13,7 +13,7 @@
 //! several changes of one key collapse into one write.
 
 use crate::catalog::ident::quote;
-use crate::catalog::mapping::{Column, TableMapping, Transfer, join};
+use crate::catalog::mapping::{Column, Journal, TableMapping, Transfer, join};
 
 /// Where things are in a row of the change query.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +54,7 @@ pub(crate) struct ChangeQueries {
 }
 
 impl ChangeQueries {
-    pub(crate) fn new(mapping: &TableMapping, journal: &str) -> Self {
+    pub(crate) fn new(mapping: &TableMapping, journal: &Journal) -> Self {
         Self {
             plain: change_query(mapping, journal, false),
             keyed: change_query(mapping, journal, true),
@@ -82,8 +82,9 @@ fn select_expr(alias: &str, column: &Column) -> String {
 /// `$1` text: the previous snapshot (`pg_snapshot` as text);
 /// `$2` float8, nullable: the sweep's lookback in seconds (NULL outside sweeps);
 /// `$3` jsonb[]: keys to retry (objects as in [`Layout::KEY_JSON`]).
-pub(crate) fn change_query(mapping: &TableMapping, journal: &str, keyed: bool) -> String {
+pub(crate) fn change_query(mapping: &TableMapping, journal: &Journal, keyed: bool) -> String {
     let keys: Vec<&Column> = mapping.key_columns().collect();
+    let (txid, journal) = (journal.txid(), journal.quoted());
     let key_list = mapping.key_list();
     let source = mapping.source.quoted();
 
@@ -96,9 +97,9 @@ pub(crate) fn change_query(mapping: &TableMapping, journal: &str, keyed: bool) -
     }));
     let mut changed = format!(
         "SELECT {journal_keys} FROM {journal} j \
-          WHERE (j.txid >= (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
-                 OR j.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot)))) \
-            AND pg_catalog.pg_visible_in_snapshot(j.txid, (SELECT pg_catalog.pg_current_snapshot()))"
+          WHERE (j.{txid} >= (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
+                 OR j.{txid} = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot)))) \
+            AND pg_catalog.pg_visible_in_snapshot(j.{txid}, (SELECT pg_catalog.pg_current_snapshot()))"
     );
     if let Some(updated_at) = &mapping.updated_at {
         changed.push_str(&format!(
@@ -162,11 +163,19 @@ pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
 
 /// Deletes journal rows of every transaction visible in snapshot `$1`: all of them are applied.
 /// Runs in the batch's own transaction, whose snapshot is `$1`.
-pub(crate) fn journal_cleanup(journal: &str) -> String {
+///
+/// Also deletes rows whose txid is past every transaction this statement can see: the triggers
+/// cannot have written them (a row the statement sees was committed before it started, by a
+/// transaction below its snapshot's xmax), so they were written by hand and would never become
+/// visible, never be consumed, and keep the journal from ever being emptied.
+pub(crate) fn journal_cleanup(journal: &Journal) -> String {
     format!(
         "DELETE FROM {journal} \
-          WHERE txid < (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
-            AND pg_catalog.pg_visible_in_snapshot(txid, (SELECT $1::text::pg_snapshot))"
+          WHERE ({txid} < (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
+                 AND pg_catalog.pg_visible_in_snapshot({txid}, (SELECT $1::text::pg_snapshot))) \
+             OR {txid} >= (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()))",
+        journal = journal.quoted(),
+        txid = journal.txid(),
     )
 }
 
@@ -180,11 +189,18 @@ mod tests {
     use super::*;
     use crate::catalog::ident::QualifiedName;
 
+    fn journal() -> Journal {
+        Journal {
+            table: QualifiedName::new("rowsync", "public_users_journal"),
+            txid: "txid".into(),
+        }
+    }
+
     fn mapping() -> TableMapping {
         TableMapping {
             source: QualifiedName::new("public", "users"),
             target: QualifiedName::new("public", "users"),
-            journal: Some(QualifiedName::new("rowsync", "public_users_journal")),
+            journal: Some(journal()),
             columns: vec![
                 Column {
                     name: "id".into(),
@@ -212,11 +228,11 @@ mod tests {
 
     #[test]
     fn change_query_quotes_names_and_casts_text_columns() {
-        let sql = change_query(&mapping(), r#""rowsync"."public_users_journal""#, true);
+        let sql = change_query(&mapping(), &journal(), true);
         assert!(sql.contains(r#"t."it's"::text"#), "{sql}");
         assert!(sql.contains(r#"'id', c."id""#), "{sql}");
         assert!(!sql.contains("$2"), "no lookback without updated_at: {sql}");
-        let plain = change_query(&mapping(), r#""rowsync"."public_users_journal""#, false);
+        let plain = change_query(&mapping(), &journal(), false);
         assert!(
             plain.contains("NULL::jsonb") && !plain.contains("jsonb_build_object"),
             "{plain}"

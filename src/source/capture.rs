@@ -6,8 +6,10 @@
 use tokio_postgres::GenericClient;
 
 use crate::catalog::ident::QualifiedName;
+use crate::catalog::mapping::Journal;
 use crate::config::DatabaseRole;
 use crate::error::{Result, SqlContext};
+use crate::source::snapshot::PgSnapshot;
 
 /// sql/capture.sql, as shipped.
 pub(crate) const CAPTURE_SQL: &str = include_str!("../../sql/capture.sql");
@@ -149,13 +151,44 @@ pub(crate) async fn capture_state(
 }
 
 /// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).
-pub(crate) async fn journal_depth(
+pub(crate) async fn journal_depth(client: &impl GenericClient, journal: &Journal) -> Result<i64> {
+    Ok(journal_rows(client, journal, None).await?.rows)
+}
+
+/// What a journal holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct JournalRows {
+    /// All its rows.
+    pub rows: i64,
+    /// Rows no batch will consume: of transactions already applied (`applied`: their cleanup
+    /// failed), or with a transaction id no transaction has had yet (written by hand: such a
+    /// row would never become visible). Batches delete both, so they should not stay.
+    pub stuck: i64,
+}
+
+/// Counts the rows of `journal`; with `applied`, the snapshot applied so far, the stuck ones too.
+pub(crate) async fn journal_rows(
     client: &impl GenericClient,
-    journal: &QualifiedName,
-) -> Result<i64> {
-    Ok(client
-        .query_one(&format!("SELECT count(*) FROM {}", journal.quoted()), &[])
+    journal: &Journal,
+    applied: Option<&PgSnapshot>,
+) -> Result<JournalRows> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), \
+                        count(*) FILTER (WHERE {txid} >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) \
+                            OR ({txid} < pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot) \
+                                AND pg_catalog.pg_visible_in_snapshot({txid}, $1::text::pg_snapshot))) \
+                   FROM {journal}",
+                txid = journal.txid(),
+                journal = journal.quoted(),
+            ),
+            &[&applied],
+        )
         .await
-        .context(DatabaseRole::Source, || format!("counting {journal}"))?
-        .get(0))
+        .context(DatabaseRole::Source, || format!("counting {journal}"))?;
+    Ok(JournalRows {
+        rows: row.get(0),
+        stuck: row.get(1),
+    })
 }

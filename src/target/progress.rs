@@ -8,6 +8,7 @@
 use tokio_postgres::GenericClient;
 use tokio_postgres::ToStatement;
 
+use crate::catalog::ident::QualifiedName;
 use crate::config::DatabaseRole;
 use crate::error::{Result, SqlContext};
 use crate::source::snapshot::PgSnapshot;
@@ -24,6 +25,41 @@ pub(crate) async fn ensure_row(client: &impl GenericClient, table: &str) -> Resu
             format!("creating the progress row of {table}")
         })?;
     Ok(())
+}
+
+/// Moves the progress and unresolved `sync_errors` rows that an earlier version kept under the
+/// table's legacy name (see [`QualifiedName::legacy_name`]) to its name, unless it already has a
+/// progress row. Returns whether anything moved.
+pub(crate) async fn adopt_legacy(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+) -> Result<bool> {
+    let Some(legacy) = table.legacy_name() else {
+        return Ok(false);
+    };
+    let name = table.to_string();
+    let moved = client
+        .query_one(
+            "WITH moved AS ( \
+                 UPDATE rowsync_progress SET table_name = $2 \
+                  WHERE table_name = $1 \
+                    AND NOT EXISTS (SELECT 1 FROM rowsync_progress WHERE table_name = $2) \
+                 RETURNING 1), \
+             errors AS ( \
+                 UPDATE sync_errors SET table_name = $2 \
+                  WHERE table_name = $1 AND NOT resolved AND EXISTS (SELECT 1 FROM moved)) \
+             SELECT count(*) FROM moved",
+            &[&legacy, &name],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("moving the progress of {legacy} to {name}")
+        })?;
+    let moved = moved.get::<_, i64>(0) > 0;
+    if moved {
+        tracing::info!(table = %name, earlier = %legacy, "moved the table's progress from the name an earlier version gave it");
+    }
+    Ok(moved)
 }
 
 /// The applied snapshot, or None when the table was never copied (no row, or NULL).

@@ -520,3 +520,21 @@ pub(crate) async fn assert_sweeps_never_overlapped(pair: &Pair) -> usize {
     }
     runs.iter().filter(|r| r.1.is_some()).count()
 }
+
+/// GET `path` from a daemon's HTTP listener on `port`: the status code and the body.
+pub(crate) async fn http_get(port: u16, path: &str) -> (u16, String) {
+    rowsync::ops::http::request(
+        ([127, 0, 0, 1], port).into(),
+        rowsync::ops::http::Method::GET,
+        path,
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+/// `/health` of a daemon listening on `port`: the status code and the parsed body.
+pub(crate) async fn health(port: u16) -> (u16, serde_json::Value) {
+    let (code, body) = http_get(port, "/health").await;
+    (code, serde_json::from_str(&body).unwrap())
+}

@@ -156,9 +156,14 @@ impl TableSync {
         let mapping = load_mapping(&**source, &**target, table)
             .within(limit, SOURCE, || "reading the table definitions".into())
             .await?;
-        let journal = mapping.journal()?.quoted();
+        let journal = mapping.journal()?.clone();
         let name = mapping.name();
-        let upkeep = JournalUpkeep::new(&source, &name, &journal, limit).await?;
+        let upkeep = JournalUpkeep::new(&source, &name, &journal.quoted(), limit).await?;
+        progress::adopt_legacy(&**target, &mapping.source)
+            .within(limit, TARGET, || {
+                "moving progress to the table's name".into()
+            })
+            .await?;
         let progress = progress::load(&**target, &name)
             .within(limit, TARGET, || "reading progress".into())
             .await?;
@@ -189,6 +194,11 @@ impl TableSync {
 
     pub(crate) fn name(&self) -> String {
         self.mapping.name()
+    }
+
+    /// The snapshot applied so far, as last seen (None while a batch runs or before the first).
+    pub(crate) fn applied(&self) -> Option<&PgSnapshot> {
+        self.progress.as_ref()
     }
 
     /// Rows of this table whose apply failed and that are waiting for a retry.

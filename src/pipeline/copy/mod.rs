@@ -29,7 +29,7 @@ use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 
 use self::progress_line::{CopyProgress, estimate_rows};
-use crate::catalog::mapping::TableMapping;
+use crate::catalog::mapping::{Journal, TableMapping};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{APP_COPY, Pools, SessionLimits, Within};
 use crate::error::policy::{self, Action};
@@ -175,7 +175,7 @@ impl CopySessions {
 impl CopyTransactions<'_> {
     /// Records the copy's snapshot as the table's progress and commits the copied rows with it;
     /// then deletes the journal rows of transactions visible in the snapshot (they are in the copy).
-    async fn finish(self, journal: &str) -> Result<()> {
+    async fn finish(self, journal: &Journal) -> Result<()> {
         let Self {
             target,
             source,
@@ -209,7 +209,7 @@ async fn copy_streaming(
     mapping: &TableMapping,
     progress: &mut CopyProgress,
 ) -> Result<Copied> {
-    let journal = mapping.journal()?.quoted();
+    let journal = mapping.journal()?;
     let limit = SessionLimits::from_settings(settings).client_timeout();
     let mut sessions = CopySessions::open(pools).await?;
     let tx = sessions.begin(mapping, limit).await?;
@@ -243,7 +243,7 @@ async fn copy_streaming(
         let counts = merge(&tx.target, mapping, rows).await?;
         Copied { rows, counts }
     };
-    tx.finish(&journal).await?;
+    tx.finish(journal).await?;
     Ok(copied)
 }
 
@@ -367,7 +367,7 @@ async fn copy_careful(
     mapping: &TableMapping,
     progress: &mut CopyProgress,
 ) -> Result<Copied> {
-    let journal = mapping.journal()?.quoted();
+    let journal = mapping.journal()?;
     let limit = SessionLimits::from_settings(settings).client_timeout();
     let mut sessions = CopySessions::open(pools).await?;
     let tx = sessions.begin(mapping, limit).await?;
@@ -385,7 +385,7 @@ async fn copy_careful(
     for failure in &failures {
         sync_errors::record_rejected(&*tx.target, &tx.table, failure, 0, &settings.retry).await?;
     }
-    tx.finish(&journal).await?;
+    tx.finish(journal).await?;
     Ok(Copied { rows, counts })
 }
 

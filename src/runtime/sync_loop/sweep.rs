@@ -2,17 +2,18 @@
 //! per table adds the look-back (when capture may have been bypassed) and the rows whose retry is
 //! due. Each sweep is a row in `sync_runs`, and refreshes the figures of the journals' backlog.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
 use super::{PassOutcome, SyncLoop};
 use crate::config::DatabaseRole;
-use crate::connection::Within;
+use crate::connection::{Pools, Within};
 use crate::ops::telemetry::SweepSummary;
 use crate::pipeline::apply::Counts;
-use crate::pipeline::batch::BatchKind;
-use crate::source::capture;
+use crate::pipeline::batch::{BatchKind, TableSync};
+use crate::runtime::daemon::Context;
+use crate::source::capture::{self, JournalRows};
 use crate::target::runs::{self, Kind};
 
 impl SyncLoop {
@@ -115,24 +116,40 @@ impl SyncLoop {
         }
     }
 
-    /// Journal depth and open row failures per table, for /status and /metrics.
-    async fn update_backlog(&self) {
-        let source = self.context.pools.source().await.ok();
-        for table in self.tables.iter().filter_map(|t| t.sync.as_ref()) {
-            let pending = match (&source, &table.mapping.journal) {
-                (Some(source), Some(journal)) => capture::journal_depth(&***source, journal)
-                    .within(self.limit(), DatabaseRole::Source, || {
-                        "counting the journal".into()
-                    })
-                    .await
-                    .ok(),
-                _ => None,
-            };
-            self.context.telemetry.set_table_backlog(
-                &table.name(),
-                pending,
-                table.unresolved_count(),
-            );
+    /// Journal depth and open row failures per table, for /status and /metrics. A journal that
+    /// holds rows no batch will consume is cleaned now (rather than at its next batch, which
+    /// may be long in coming), and what stays is what the `journal` health check reports.
+    async fn update_backlog(&mut self) {
+        let limit = self.limit();
+        let Context {
+            pools, telemetry, ..
+        } = &self.context;
+        for sync in self.tables.iter_mut().filter_map(|t| t.sync.as_mut()) {
+            let mut journal = count_journal(pools, sync, limit).await;
+            if let Some(stuck) = journal.map(|j| j.stuck).filter(|&n| n > 0) {
+                match sync.clean_journal(pools).await {
+                    Ok(deleted) => {
+                        warn!(table = %sync.name(), stuck, deleted, "deleted journal rows that no batch would consume (rows of applied changes left behind, or written by hand with a txid from the future)");
+                        journal = count_journal(pools, sync, limit).await;
+                    }
+                    Err(err) => {
+                        warn!(table = %sync.name(), stuck, error = %crate::error::chain(&err), "cannot delete journal rows that no batch will consume");
+                    }
+                }
+            }
+            telemetry.set_table_backlog(&sync.name(), journal, sync.unresolved_count());
         }
     }
+}
+
+/// What the table's journal holds, or None when the source cannot tell now.
+async fn count_journal(pools: &Pools, sync: &TableSync, limit: Duration) -> Option<JournalRows> {
+    let journal = sync.mapping.journal.as_ref()?;
+    let source = pools.source().await.ok()?;
+    capture::journal_rows(&**source, journal, sync.applied())
+        .within(limit, DatabaseRole::Source, || {
+            "counting the journal".into()
+        })
+        .await
+        .ok()
 }

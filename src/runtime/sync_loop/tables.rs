@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::catalog::ident::TableRef;
 use crate::error::Result;
@@ -54,9 +54,17 @@ impl Table {
             ..
         } = context;
         let mut sync = TableSync::load(pools, &self.reference, settings, telemetry.clone()).await?;
-        let cleaned = sync.clean_journal(pools).await?;
-        if cleaned > 0 {
-            debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
+        // Rows left over are skipped by every batch anyway: failing to delete them (a role without
+        // DELETE on the journal) must not keep the table from syncing. The `journal` health check
+        // shows what stays.
+        match sync.clean_journal(pools).await {
+            Ok(0) => {}
+            Ok(cleaned) => {
+                debug!(table = %sync.name(), rows = cleaned, "deleted journal rows applied before a restart");
+            }
+            Err(err) => {
+                warn!(table = %sync.name(), error = %crate::error::chain(&err), "could not delete journal rows applied before a restart");
+            }
         }
         if !sync.mapping.source_only.is_empty() {
             info!(
