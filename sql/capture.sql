@@ -17,10 +17,15 @@
 --   * <table>_capture the per-table trigger function of the statement-level triggers (INSERT,
 --                     UPDATE, DELETE, TRUNCATE), with static SQL so its plans are cached, and
 --                     <table>_capture_key that of a row trigger catching primary-key changes.
+--                     A partitioned table's partitions get the same statement triggers
+--                     (captured_partitions lists them), and its UPDATE trigger also reads the
+--                     OLD rows, for rows moved between partitions.
+--   * rowsync_follow_partitions, an event trigger (created only where the role may) that
+--                     captures partitions as they are created, attached or detached.
 --
 -- Journal rows are hints ("re-read this key"), never data: the consumer always re-reads the current
--- row. That is why writers may insert into journals (PUBLIC has INSERT): a forged row only causes an
--- extra re-read. Writers need no other privilege; nothing here can make a source write fail except
+-- row. That is why writers may insert keys into journals (PUBLIC has INSERT on the key columns,
+-- never on txid): a forged row only causes an extra re-read. Writers need no other privilege; nothing here can make a source write fail except
 -- a full disk.
 
 CREATE SCHEMA IF NOT EXISTS rowsync;
@@ -43,6 +48,14 @@ CREATE TABLE IF NOT EXISTS rowsync.captured_tables (
 );
 -- Which definition of the capture triggers a table has (see install_capture).
 ALTER TABLE rowsync.captured_tables ADD COLUMN IF NOT EXISTS capture_version integer;
+
+-- The partitions (at every level) of captured partitioned tables that carry capture triggers of
+-- their own, so that a partition which left its table is noticed (see capture_partitions).
+CREATE TABLE IF NOT EXISTS rowsync.captured_partitions (
+    partition    oid  PRIMARY KEY,
+    table_schema name NOT NULL,
+    table_name   name NOT NULL
+);
 
 -- Rings the doorbell if it is armed. SKIP LOCKED: a writer never waits for another writer that is
 -- ringing; that one's NOTIFY goes out when it commits. Runs as the owner, so writers need no UPDATE
@@ -99,6 +112,130 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog AS $$
                 ELSE 'table_' || tbl END
 $$;
 
+-- Drops rowsync's statement-level capture triggers from one table or partition.
+CREATE OR REPLACE FUNCTION rowsync.drop_statement_triggers(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_name text;
+BEGIN
+    FOREACH v_name IN ARRAY ARRAY['rowsync_capture_insert', 'rowsync_capture_update',
+                                  'rowsync_capture_delete', 'rowsync_capture_truncate'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_name, rel);
+    END LOOP;
+END
+$$;
+
+-- Gives every partition of a captured partitioned table (at every level) statement triggers of its
+-- own, calling the table's capture function: writes made straight into a partition fire only the
+-- partition's statement triggers, not the table's. Row triggers (the key trigger) are cloned to
+-- partitions by PostgreSQL itself. A partition that gets them now (created or attached after
+-- setup) has its rows journaled too when `journal_rows`, so rows written into it before are read
+-- again. A partition that left the table (DETACH) has its rows journaled, so they leave the target,
+-- and loses its triggers. Returns what it did, one line per partition. Runs as its owner (setup's
+-- role), so the daemon and the event trigger may call it; it acts only on captured tables.
+CREATE OR REPLACE FUNCTION rowsync.capture_partitions(tbl regclass, journal_rows boolean DEFAULT true)
+RETURNS text[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_ct       rowsync.captured_tables%ROWTYPE;
+    v_function name;
+    v_keys     text;
+    v_part     record;
+    v_trigger  record;
+    v_new      boolean;
+    v_done     text[] := '{}';
+BEGIN
+    SELECT ct.* INTO v_ct
+      FROM rowsync.captured_tables ct
+      JOIN pg_namespace n ON n.nspname = ct.table_schema
+      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
+     WHERE c.oid = tbl;
+    IF NOT FOUND THEN
+        RETURN v_done;
+    END IF;
+    v_function := rowsync.function_base(v_ct.journal_name, tbl) || '_capture';
+    SELECT string_agg(format('%I', k), ', ' ORDER BY o) INTO v_keys
+      FROM unnest(v_ct.key_columns) WITH ORDINALITY AS u(k, o);
+
+    -- Partitions that left the table since.
+    FOR v_part IN
+        SELECT cp.partition, c.oid IS NOT NULL AS present
+          FROM rowsync.captured_partitions cp
+          LEFT JOIN pg_class c ON c.oid = cp.partition
+         WHERE cp.table_schema = v_ct.table_schema AND cp.table_name = v_ct.table_name
+           AND cp.partition NOT IN (SELECT relid FROM pg_partition_tree(tbl))
+    LOOP
+        IF v_part.present THEN
+            IF (SELECT relkind FROM pg_class WHERE oid = v_part.partition) = 'r' THEN
+                EXECUTE format('INSERT INTO rowsync.%I (%s) SELECT %s FROM %s',
+                               v_ct.journal_name, v_keys, v_keys, v_part.partition::regclass);
+            END IF;
+            PERFORM rowsync.drop_statement_triggers(v_part.partition);
+            v_done := v_done || format('detached %s: its rows leave the target', v_part.partition::regclass);
+        ELSE
+            v_done := v_done || format('dropped partition %s: its rows stay in the target until a re-copy', v_part.partition);
+        END IF;
+        DELETE FROM rowsync.captured_partitions WHERE partition = v_part.partition;
+    END LOOP;
+
+    FOR v_part IN
+        SELECT c.oid, c.oid::regclass AS rel, c.relkind
+          FROM pg_partition_tree(tbl) t JOIN pg_class c ON c.oid = t.relid
+         WHERE t.level > 0 AND c.relkind IN ('r', 'p')
+         ORDER BY t.level, c.oid
+    LOOP
+        v_new := false;
+        FOR v_trigger IN
+            SELECT * FROM (VALUES
+                ('rowsync_capture_insert', format(
+                    'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                    v_part.rel, v_function)),
+                ('rowsync_capture_update', CASE WHEN v_part.relkind = 'p' THEN format(
+                    'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
+                    v_part.rel, v_function) ELSE format(
+                    'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                    v_part.rel, v_function) END),
+                ('rowsync_capture_delete', format(
+                    'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                    v_part.rel, v_function)),
+                ('rowsync_capture_truncate', format(
+                    'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+                    v_part.rel, v_function))
+            ) AS t(name, definition)
+            WHERE NOT (v_part.relkind = 'p' AND name = 'rowsync_capture_truncate')
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_part.oid AND tgname = v_trigger.name) THEN
+                EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
+                v_new := true;
+            END IF;
+            IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = v_part.oid AND tgname = v_trigger.name) <> 'A' THEN
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', v_part.rel, v_trigger.name);
+                v_new := true;
+            END IF;
+        END LOOP;
+        -- (Written only when new: the daemon calls this at every sweep, which should cost no
+        -- transaction id and leave no dead row when nothing changed.)
+        IF NOT EXISTS (SELECT 1 FROM rowsync.captured_partitions
+                        WHERE partition = v_part.oid AND table_schema = v_ct.table_schema
+                          AND table_name = v_ct.table_name) THEN
+            INSERT INTO rowsync.captured_partitions (partition, table_schema, table_name)
+            VALUES (v_part.oid, v_ct.table_schema, v_ct.table_name)
+            ON CONFLICT (partition) DO UPDATE
+               SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name;
+        END IF;
+        IF v_new THEN
+            IF journal_rows AND v_part.relkind = 'r' THEN
+                EXECUTE format('INSERT INTO rowsync.%I (%s) SELECT %s FROM %s',
+                               v_ct.journal_name, v_keys, v_keys, v_part.rel);
+            END IF;
+            v_done := v_done || format('captured partition %s', v_part.rel);
+        END IF;
+    END LOOP;
+    RETURN v_done;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rowsync.capture_partitions(regclass, boolean) FROM PUBLIC;
+
 -- Installs (or repairs) capture for one table. Returns 'installed' when capture was created,
 -- 'repaired' when something was missing or disabled and has been put back (changes made meanwhile
 -- were not journaled, so the table needs a fresh copy), 'upgraded' when triggers of an older
@@ -122,8 +259,10 @@ DECLARE
     v_txid       name;
     v_current    oid;
     v_replaced   oid[] := '{}';
+    v_partitioned boolean;
+    v_update     text;
 BEGIN
-    SELECT n.nspname, c.relname INTO v_schema, v_table
+    SELECT n.nspname, c.relname, c.relkind = 'p' INTO v_schema, v_table, v_partitioned
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = tbl;
 
@@ -223,7 +362,14 @@ BEGIN
                 WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_old)
                 SELECT armed INTO v_armed FROM rowsync.doorbell;
             ELSIF TG_OP = 'TRUNCATE' THEN
-                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM %4$s)
+                -- The table itself or one of its partitions (rare: the plan is not worth caching).
+                EXECUTE 'INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM ' || TG_RELID::regclass;
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            ELSIF TG_NARGS > 0 THEN
+                -- UPDATE of a partitioned table: a row moved to another partition changed its
+                -- key (the partition key is part of it) without firing any row UPDATE trigger.
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s)
+                           SELECT %3$s FROM rowsync_old UNION SELECT %3$s FROM rowsync_new)
                 SELECT armed INTO v_armed FROM rowsync.doorbell;
             ELSE
                 WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_new)
@@ -235,7 +381,7 @@ BEGIN
             RETURN NULL;
         END
         $body$
-    $fn$, v_function, v_journal, v_key_list, tbl);
+    $fn$, v_function, v_journal, v_key_list);
     EXECUTE format($fn$
         CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
         LANGUAGE plpgsql AS $body$
@@ -258,6 +404,26 @@ BEGIN
             v_status := 'upgraded';
         END IF;
     END IF;
+    -- A partitioned table's UPDATE trigger reads the OLD rows too (rows moved between
+    -- partitions), and its partitions journal TRUNCATE (truncating the table fires theirs).
+    -- Earlier versions gave partitioned tables the plain definition.
+    IF v_partitioned THEN
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl
+                      AND tgname = 'rowsync_capture_update' AND tgoldtable IS NULL) THEN
+            EXECUTE format('DROP TRIGGER rowsync_capture_update ON %s', tbl);
+            IF v_status = 'unchanged' THEN
+                v_status := 'upgraded';
+            END IF;
+        END IF;
+        EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_truncate ON %s', tbl);
+        v_update := format(
+            'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
+            tbl, v_function);
+    ELSE
+        v_update := format(
+            'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            tbl, v_function);
+    END IF;
     UPDATE rowsync.captured_tables SET capture_version = 2
      WHERE table_schema = v_schema AND table_name = v_table;
 
@@ -268,9 +434,7 @@ BEGIN
             ('rowsync_capture_insert', v_function, format(
                 'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
-            ('rowsync_capture_update', v_function, format(
-                'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                tbl, v_function)),
+            ('rowsync_capture_update', v_function, v_update),
             ('rowsync_capture_delete', v_function, format(
                 'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
                 tbl, v_function)),
@@ -281,6 +445,7 @@ BEGIN
                 'AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (ROW(%s) IS DISTINCT FROM ROW(%s)) EXECUTE FUNCTION rowsync.%I()',
                 v_key_list, tbl, v_old_keys, v_new_keys, v_key_function))
         ) AS t(name, function, definition)
+        WHERE NOT (v_partitioned AND name = 'rowsync_capture_truncate')
     LOOP
         -- A trigger calling another function (earlier versions named the functions of long
         -- table names so that two of them could be cut to the same 63 bytes) is re-created in
@@ -318,6 +483,10 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- Writes made straight into a partition fire only the partition's statement triggers. When
+    -- capture is new (a copy follows), the partitions' rows need no journaling.
+    PERFORM rowsync.capture_partitions(tbl, v_status NOT IN ('installed', 'repaired'));
+
     RETURN v_status;
 END
 $install$;
@@ -326,18 +495,26 @@ $install$;
 CREATE OR REPLACE FUNCTION rowsync.uninstall_capture(tbl regclass) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_row rowsync.captured_tables%ROWTYPE;
+    v_row  rowsync.captured_tables%ROWTYPE;
+    v_part record;
 BEGIN
     SELECT ct.* INTO v_row
       FROM rowsync.captured_tables ct
       JOIN pg_class c ON c.relname = ct.table_name
       JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = ct.table_schema
      WHERE c.oid = tbl;
-    EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_delete ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_truncate ON %s', tbl);
+    PERFORM rowsync.drop_statement_triggers(tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_key ON %s', tbl);
+    -- The partitions' own triggers call the same function.
+    FOR v_part IN
+        SELECT cp.partition::regclass AS rel FROM rowsync.captured_partitions cp
+          JOIN pg_class c ON c.oid = cp.partition
+         WHERE cp.table_schema = v_row.table_schema AND cp.table_name = v_row.table_name
+    LOOP
+        PERFORM rowsync.drop_statement_triggers(v_part.rel);
+    END LOOP;
+    DELETE FROM rowsync.captured_partitions
+     WHERE table_schema = v_row.table_schema AND table_name = v_row.table_name;
     IF v_row.journal_name IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
                        rowsync.function_base(v_row.journal_name, tbl) || '_capture_key');
@@ -347,5 +524,50 @@ BEGIN
         DELETE FROM rowsync.captured_tables
          WHERE table_schema = v_row.table_schema AND table_name = v_row.table_name;
     END IF;
+END
+$$;
+
+-- Follows partitions as they come and go, in the transaction of the DDL itself, so that no write
+-- into a new partition escapes capture: after CREATE TABLE … PARTITION OF, ATTACH PARTITION and
+-- DETACH PARTITION on a captured table, calls capture_partitions. It never makes the DDL fail (a
+-- problem is a WARNING; the daemon checks partitions at every sweep and catches up).
+CREATE OR REPLACE FUNCTION rowsync.follow_partitions() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_table regclass;
+BEGIN
+    FOR v_table IN
+        SELECT DISTINCT c.oid::regclass
+          FROM pg_event_trigger_ddl_commands() cmd,
+               rowsync.captured_tables ct
+          JOIN pg_namespace n ON n.nspname = ct.table_schema
+          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
+         WHERE cmd.classid = 'pg_class'::regclass AND c.relkind = 'p'
+           AND (cmd.objid = c.oid OR cmd.objid IN (SELECT relid FROM pg_partition_tree(c.oid)))
+    LOOP
+        BEGIN
+            PERFORM rowsync.capture_partitions(v_table);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'rowsync: could not capture the partitions of %: %', v_table, SQLERRM
+                USING HINT = 'rowsync captures them at its next sweep if its role may; run rowsync setup otherwise.';
+        END;
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'rowsync: could not follow partitions: %', SQLERRM;
+END
+$$;
+
+-- Creating an event trigger needs a superuser (or, on some managed services, their admin role).
+-- Without one, the daemon captures new partitions at its next sweep instead (and journals their
+-- rows then, so nothing written meanwhile is missed; it only arrives later).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'rowsync_follow_partitions') THEN
+        CREATE EVENT TRIGGER rowsync_follow_partitions ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+            EXECUTE FUNCTION rowsync.follow_partitions();
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'rowsync: no event trigger (it needs a superuser): new partitions are captured at the next sweep';
 END
 $$;

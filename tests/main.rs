@@ -6,6 +6,7 @@
 
 mod harness;
 
+mod batches;
 mod behaviour;
 mod cli;
 mod config;
@@ -16,5 +17,6 @@ mod isolation;
 mod journal;
 mod names;
 mod operations;
+mod partitions;
 mod tls;
 mod types;

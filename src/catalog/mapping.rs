@@ -71,6 +71,8 @@ pub(crate) struct TableMapping {
     pub copy_binary: bool,
     /// Source columns that the target lacks (reported once, not synced).
     pub source_only: Vec<String>,
+    /// The target table is partitioned (its RETURNING cannot read system columns).
+    pub target_partitioned: bool,
 }
 
 impl TableMapping {
@@ -127,8 +129,9 @@ pub(crate) async fn load_mapping(
     target: &impl GenericClient,
     table: &TableRef,
 ) -> Result<TableMapping> {
-    let (source_name, source_oid) = resolve(source, DatabaseRole::Source, table).await?;
-    let (target_name, target_oid) = resolve(target, DatabaseRole::Target, table).await?;
+    let (source_name, source_oid, _) = resolve(source, DatabaseRole::Source, table).await?;
+    let (target_name, target_oid, target_partitioned) =
+        resolve(target, DatabaseRole::Target, table).await?;
     let schema_error = |problem: String| Error::Schema {
         table: source_name.to_string(),
         problem,
@@ -172,6 +175,7 @@ pub(crate) async fn load_mapping(
         updated_at: updated_at(&source_columns),
         copy_binary,
         source_only,
+        target_partitioned,
     })
 }
 
@@ -239,7 +243,7 @@ async fn resolve(
     client: &impl GenericClient,
     role: DatabaseRole,
     table: &TableRef,
-) -> Result<(QualifiedName, u32)> {
+) -> Result<(QualifiedName, u32, bool)> {
     let row = client
         .query_opt(
             "SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text, \
@@ -279,7 +283,7 @@ async fn resolve(
             user,
         });
     }
-    Ok((name, row.get(2)))
+    Ok((name, row.get(2), kind == "p"))
 }
 
 async fn columns(

@@ -57,6 +57,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Rows per apply statement (and per read from the source).
     pub batch_size: usize,
+    /// Bytes of row data per apply statement (and per read from the source), at most.
+    pub batch_bytes: usize,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
     /// When sweeps re-read rows updated within the lookback window.
@@ -170,6 +172,8 @@ mod limits {
     pub(super) const SHUTDOWN_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
     pub(super) const POLL_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
     pub(super) const BATCH_SIZE: RangeInclusive<usize> = 1..=100_000;
+    /// MiB; PostgreSQL refuses a message of 1 GiB or more.
+    pub(super) const BATCH_MAX_MB: RangeInclusive<usize> = 1..=256;
     pub(super) const STATEMENT_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.1..=86_400.0;
     pub(super) const LOCK_TIMEOUT_SECONDS: RangeInclusive<f64> = 0.001..=86_400.0;
     pub(super) const SYNC_RUNS_RETENTION_DAYS: RangeInclusive<f64> = 0.001..=36_500.0;
@@ -212,6 +216,7 @@ impl Settings {
                 "milliseconds",
             )?),
             batch_size: whole(env, "BATCH_SIZE", 5000, limits::BATCH_SIZE, "rows")?,
+            batch_bytes: whole(env, "BATCH_MAX_MB", 16, limits::BATCH_MAX_MB, "MiB")? << 20,
             statement_timeout: seconds(
                 env,
                 "STATEMENT_TIMEOUT_SECONDS",

@@ -124,6 +124,9 @@ pub(crate) fn decide_sqlstate(code: &SqlState) -> Decision {
     }
     let code_str = code.code();
     let (action, error_type) = match &code_str[..2.min(code_str.len())] {
+        // protocol_violation: the server refused what was sent (a message over its 1 GiB limit),
+        // and would refuse the same batch again on every retry.
+        "08" if code == &SqlState::PROTOCOL_VIOLATION => (GiveUp, ErrorType::SyncError),
         // connection_exception; admin/crash shutdown, cannot_connect_now (57P01..57P03)
         "08" | "57" => (Retry, ErrorType::ConnectionError),
         // insufficient_resources: too_many_connections, out of memory, disk full
@@ -151,6 +154,9 @@ pub(crate) fn decide_sqlstate(code: &SqlState) -> Decision {
         "42" => (IsolateRow, ErrorType::SchemaMismatch),
         // a trigger or rule in the target raised an exception for this row
         "P0" | "44" | "27" => (IsolateRow, ErrorType::ConstraintViolation),
+        // program_limit_exceeded: a value too large for an index entry or a row (the other 54xxx
+        // are about the statement, and give up)
+        "54" if code == &SqlState::PROGRAM_LIMIT_EXCEEDED => (IsolateRow, ErrorType::DataError),
         _ => (GiveUp, ErrorType::SyncError),
     };
     Decision::new(action, error_type)
@@ -212,6 +218,7 @@ mod tests {
             ("42804", ErrorType::SchemaMismatch),      // datatype_mismatch
             ("42501", ErrorType::PermissionDenied),    // insufficient_privilege
             ("P0001", ErrorType::ConstraintViolation), // raise_exception in a target trigger
+            ("54000", ErrorType::DataError),           // index row size exceeds maximum
         ] {
             assert_eq!(
                 classify_code(code),
@@ -225,5 +232,8 @@ mod tests {
     fn unknown_failures_are_fatal() {
         assert_eq!(classify_code("XX000").action, Action::GiveUp); // internal_error
         assert_eq!(classify_code("0A000").action, Action::GiveUp); // feature_not_supported
+        // The same batch would be refused again (a message over the server's 1 GiB limit).
+        assert_eq!(classify_code("08P01").action, Action::GiveUp); // protocol_violation
+        assert_eq!(classify_code("54001").action, Action::GiveUp); // statement_too_complex
     }
 }

@@ -222,6 +222,7 @@ mod tests {
             key: vec![0],
             updated_at: None,
             copy_binary: false,
+            target_partitioned: false,
             source_only: vec![],
         }
     }

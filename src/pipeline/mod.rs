@@ -5,4 +5,5 @@
 pub(crate) mod apply;
 pub(crate) mod batch;
 pub(crate) mod changes;
+pub(crate) mod chunks;
 pub(crate) mod copy;

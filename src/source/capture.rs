@@ -81,18 +81,36 @@ const CAPTURE_TRIGGERS: [&str; 5] = [
     "rowsync_capture_key",
 ];
 
-/// Capture triggers of a table that are missing or not `ENABLE ALWAYS` (a restore or an ALTER TABLE
-/// … DISABLE TRIGGER can silently switch them off).
+/// The capture triggers a table needs (`$1`, given [`CAPTURE_TRIGGERS`] as `$2`): `rels` are the
+/// table and its partitions at every level (a write straight into a partition fires only the
+/// partition's statement triggers), `wanted` each of them with each trigger name, except TRUNCATE
+/// on partitioned ones (truncating them fires their partitions' triggers).
+const WANTED_TRIGGERS: &str = "\
+    WITH rels AS ( \
+        SELECT c.oid, c.relkind FROM pg_catalog.pg_class c \
+         WHERE c.oid = $1::text::regclass \
+            OR (c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::text::regclass)) \
+                AND c.relkind IN ('r', 'p'))), \
+    wanted AS ( \
+        SELECT rels.oid, t.name FROM rels, unnest($2::text[]) AS t(name) \
+         WHERE NOT (rels.relkind = 'p' AND t.name = 'rowsync_capture_truncate')) ";
+
+/// Capture triggers of a table (and its partitions) that are missing or not `ENABLE ALWAYS` (a
+/// restore or an ALTER TABLE … DISABLE TRIGGER can silently switch them off).
 pub(crate) async fn trigger_problems(
     client: &impl GenericClient,
     table: &QualifiedName,
 ) -> Result<Vec<String>> {
     let rows = client
         .query(
-            "SELECT t.name, tg.tgenabled::text \
-               FROM unnest($2::text[]) AS t(name) \
-               LEFT JOIN pg_catalog.pg_trigger tg \
-                 ON tg.tgrelid = $1::text::regclass AND tg.tgname = t.name",
+            &format!(
+                "{WANTED_TRIGGERS} \
+                 SELECT w.name, tg.tgenabled::text, \
+                        CASE WHEN w.oid <> $1::text::regclass THEN w.oid::regclass::text END \
+                   FROM wanted w \
+                   LEFT JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = w.oid AND tg.tgname = w.name \
+                  ORDER BY w.oid, w.name"
+            ),
             &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
         )
         .await
@@ -103,11 +121,15 @@ pub(crate) async fn trigger_problems(
         .iter()
         .filter_map(|row| {
             let name: String = row.get(0);
-            match row.get::<_, Option<String>>(1).as_deref() {
-                Some("A") => None,
-                Some(_) => Some(format!("{name} is not ENABLE ALWAYS")),
-                None => Some(format!("{name} is missing")),
-            }
+            let problem = match row.get::<_, Option<String>>(1).as_deref() {
+                Some("A") => return None,
+                Some(_) => format!("{name} is not ENABLE ALWAYS"),
+                None => format!("{name} is missing"),
+            };
+            Some(match row.get::<_, Option<String>>(2) {
+                Some(partition) => format!("partition {partition}: {problem}"),
+                None => problem,
+            })
         })
         .collect())
 }
@@ -124,6 +146,8 @@ pub(crate) struct CaptureState {
     /// The table is a logical-replication subscriber: its apply worker fires no statement
     /// triggers, so only a look-back can see what it writes.
     pub subscriber: bool,
+    /// The table is partitioned: its partitions need triggers of their own.
+    pub partitioned: bool,
 }
 
 pub(crate) async fn capture_state(
@@ -132,13 +156,21 @@ pub(crate) async fn capture_state(
 ) -> Result<CaptureState> {
     let row = client
         .query_one(
-            "SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
-                                        ORDER BY tgname), ''), \
-                    count(*) FILTER (WHERE tgname = ANY ($2::text[]) AND tgenabled = 'A') \
-                      = cardinality($2::text[]), \
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = $1::text::regclass) \
-               FROM pg_catalog.pg_trigger \
-              WHERE tgrelid = $1::text::regclass AND tgname LIKE 'rowsync\\_capture\\_%'",
+            &format!(
+                "{WANTED_TRIGGERS} \
+                 SELECT (SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
+                                                    ORDER BY tgrelid, tgname), '') \
+                           FROM pg_catalog.pg_trigger \
+                          WHERE tgrelid IN (SELECT oid FROM rels) \
+                            AND tgname LIKE 'rowsync\\_capture\\_%'), \
+                        NOT EXISTS (SELECT 1 FROM wanted w \
+                                     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger tg \
+                                                        WHERE tg.tgrelid = w.oid AND tg.tgname = w.name \
+                                                          AND tg.tgenabled = 'A')), \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel \
+                                 WHERE srrelid = $1::text::regclass), \
+                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1::text::regclass)"
+            ),
             &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
         )
         .await
@@ -147,6 +179,7 @@ pub(crate) async fn capture_state(
         fingerprint: row.get(0),
         intact: row.get(1),
         subscriber: row.get(2),
+        partitioned: row.get(3),
     })
 }
 

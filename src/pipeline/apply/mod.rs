@@ -32,6 +32,7 @@ use crate::connection::Within;
 use crate::error::policy::{self, ErrorType};
 use crate::error::{Error, Result};
 use crate::pipeline::changes::Layout;
+use crate::pipeline::chunks;
 
 /// What a batch did to the target.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -149,6 +150,8 @@ pub(crate) struct Applier {
     keys: usize,
     /// Client-side bound of each call.
     limit: Duration,
+    /// Bytes of row data per statement, at most (`BATCH_MAX_MB`).
+    max_bytes: usize,
 }
 
 /// What [`Applier::apply`] did to one chunk.
@@ -161,13 +164,14 @@ pub(crate) struct ChunkOutcome {
 const ROLE: DatabaseRole = DatabaseRole::Target;
 
 impl Applier {
-    pub(crate) fn new(mapping: &TableMapping, limit: Duration) -> Self {
+    pub(crate) fn new(mapping: &TableMapping, limit: Duration, max_bytes: usize) -> Self {
         Self {
             statements: ApplyStatements::new(mapping),
             layout: Layout::new(mapping),
             columns: mapping.columns.len(),
             keys: mapping.key.len(),
             limit,
+            max_bytes,
         }
     }
 
@@ -307,7 +311,21 @@ impl Applier {
         Ok(())
     }
 
+    /// Applies `rows` in as many statements as their bytes need.
     async fn execute(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        operation: Operation,
+        rows: &[&Row],
+    ) -> Result<Counts> {
+        let mut counts = Counts::default();
+        for run in chunks::by_bytes(rows, self.max_bytes) {
+            counts += self.statement(tx, operation, run).await?;
+        }
+        Ok(counts)
+    }
+
+    async fn statement(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         operation: Operation,

@@ -62,16 +62,34 @@ fn upsert(mapping: &TableMapping) -> String {
             .enumerate()
             .map(|(i, c)| array_param(i + 1, c)),
     );
-    format!(
+    let insert = format!(
         "INSERT INTO {target} AS t ({column_list}) {overriding}\
          SELECT {values} FROM unnest({params}) AS s({column_list}) \
-         {conflict} \
-         RETURNING (t.xmax = 0)",
+         {conflict}",
         target = mapping.target.quoted(),
         column_list = mapping.column_list(),
         overriding = overriding(mapping),
         values = join(columns.iter().map(|c| value_expr("s", c))),
         conflict = on_conflict(mapping),
+    );
+    if !mapping.target_partitioned {
+        // A row the statement inserted has no xmax yet; one it updated has its own.
+        return format!("{insert} RETURNING (t.xmax = 0)");
+    }
+    // A partitioned table's RETURNING cannot read system columns. The outer query sees the table
+    // as it was before the statement (one snapshot for all), so a written key it does not find
+    // there was created.
+    let keys: Vec<&Column> = mapping.key_columns().collect();
+    let matches = keys
+        .iter()
+        .map(|c| format!("b.{0} = w.{0}", c.quoted()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "WITH w AS ({insert} RETURNING {returned}) \
+         SELECT NOT EXISTS (SELECT 1 FROM {target} AS b WHERE {matches}) FROM w",
+        returned = join(keys.iter().map(|c| format!("t.{}", c.quoted()))),
+        target = mapping.target.quoted(),
     )
 }
 
@@ -189,6 +207,7 @@ mod tests {
             key,
             updated_at: None,
             copy_binary: true,
+            target_partitioned: false,
             source_only: vec![],
         }
     }

@@ -33,7 +33,7 @@ use deadpool_postgres::{Object, Transaction};
 use postgres_types::{ToSql, Type};
 use serde_json::Value;
 use tokio_postgres::{IsolationLevel, Portal, Row};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use self::capture_watch::CaptureWatch;
 use self::retry_queue::RetryQueue;
@@ -41,10 +41,11 @@ use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::{TableMapping, load_mapping};
 use crate::config::{DatabaseRole, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, end_abandoned_sessions};
-use crate::error::{Error, Result, policy};
+use crate::error::{Error, Result, SqlContext as _, policy};
 use crate::ops::telemetry::Telemetry;
 use crate::pipeline::apply::{Applier, ChunkOutcome, Counts, Mode, connection_lost};
 use crate::pipeline::changes::ChangeQueries;
+use crate::pipeline::chunks::ChunkSizer;
 use crate::source::capture;
 use crate::source::journal::JournalUpkeep;
 use crate::source::snapshot::PgSnapshot;
@@ -90,7 +91,13 @@ pub(crate) struct TableSync {
     /// Rows the target rejected, waiting for their retry.
     retries: RetryQueue,
     capture: CaptureWatch,
-    batch_size: usize,
+    /// The table is partitioned and a sweep runs: after the batch, capture partitions created or
+    /// attached since and let go of detached ones.
+    partitions_due: bool,
+    /// The last attempt to do so failed (said once, until it works).
+    partitions_failing: bool,
+    /// How many change rows each read asks for (`BATCH_SIZE`, fewer for wide rows).
+    chunks: ChunkSizer,
     /// Client-side bound of each call.
     limit: Duration,
     retry: RetrySettings,
@@ -121,7 +128,13 @@ struct SourceRead<'a> {
 /// The change rows of a batch, being read in chunks through a portal.
 struct Changes {
     portal: Portal,
-    first: Vec<Row>,
+    first: Chunk,
+}
+
+/// Rows read from the change query's portal, and whether it may hold more.
+struct Chunk {
+    rows: Vec<Row>,
+    more: bool,
 }
 
 /// How applying the change rows ended.
@@ -175,13 +188,15 @@ impl TableSync {
             .await?;
         let sync = Self {
             queries: ChangeQueries::new(&mapping, &journal),
-            applier: Applier::new(&mapping, limit),
+            applier: Applier::new(&mapping, limit, settings.batch_bytes),
             journal: upkeep,
             mapping,
             progress,
             retries: RetryQueue::from_records(open),
             capture: CaptureWatch::new(settings.lookback),
-            batch_size: settings.batch_size,
+            partitions_due: false,
+            partitions_failing: false,
+            chunks: ChunkSizer::new(settings.batch_size, settings.batch_bytes),
             limit,
             retry: settings.retry,
             telemetry,
@@ -206,12 +221,72 @@ impl TableSync {
         self.retries.len()
     }
 
-    /// Runs one batch: the steps in the module's documentation.
+    /// Runs one batch: the steps in the module's documentation. Then, when the batch's sweep found
+    /// partitions (created or attached since) without capture, captures them.
     pub(crate) async fn run_batch(
         &mut self,
         pools: &Pools,
         kind: BatchKind,
     ) -> Result<BatchOutcome> {
+        let outcome = self.batch(pools, kind).await;
+        if std::mem::take(&mut self.partitions_due) {
+            self.capture_partitions(pools).await;
+        }
+        outcome
+    }
+
+    /// Gives the table's partitions their capture triggers, journaling the rows of those that had
+    /// none (so rows written into them meanwhile are read), and lets go of detached ones
+    /// (`rowsync.capture_partitions`). It waits for no writer: with the partition locked, it gives
+    /// up and the next sweep tries again.
+    async fn capture_partitions(&mut self, pools: &Pools) {
+        let name = self.name();
+        let captured = async {
+            let mut source = pools.source().await?;
+            let tx = source
+                .transaction()
+                .await
+                .context(SOURCE, || format!("capturing the partitions of {name}"))?;
+            tx.batch_execute("SET LOCAL lock_timeout = '200ms'")
+                .await
+                .context(SOURCE, || "limiting the lock wait".into())?;
+            let done: Vec<String> = tx
+                .query_one(
+                    "SELECT rowsync.capture_partitions($1::text::regclass)",
+                    &[&self.mapping.source.quoted()],
+                )
+                .await
+                .context(SOURCE, || format!("capturing the partitions of {name}"))?
+                .get(0);
+            tx.commit()
+                .await
+                .context(SOURCE, || format!("capturing the partitions of {name}"))?;
+            Ok::<_, Error>(done)
+        }
+        .within(self.limit, SOURCE, || {
+            format!("capturing the partitions of {name}")
+        })
+        .await;
+        match captured {
+            Ok(done) => {
+                self.partitions_failing = false;
+                for line in done {
+                    if line.starts_with("dropped") {
+                        warn!(table = %name, "{line} (run rowsync setup to copy the table again)");
+                    } else {
+                        info!(table = %name, "{line}");
+                    }
+                }
+            }
+            Err(_) if self.partitions_failing => {}
+            Err(err) => {
+                self.partitions_failing = true;
+                warn!(table = %name, error = %crate::error::chain(&err), "partitions without capture: writes into them wait until they are captured (rowsync's source role needs EXECUTE on rowsync.capture_partitions, or run rowsync setup)");
+            }
+        }
+    }
+
+    async fn batch(&mut self, pools: &Pools, kind: BatchKind) -> Result<BatchOutcome> {
         let started = Instant::now();
         let name = self.name();
         let prev = self.applied_snapshot(pools).await?;
@@ -277,6 +352,8 @@ impl TableSync {
             .within(self.limit, SOURCE, || "checking capture".into())
             .await?;
         self.telemetry.set_capture(&name, state.intact);
+        // Every sweep: a detached partition leaves the triggers of the others intact.
+        self.partitions_due = state.partitioned;
         let wanted = self.capture.look_back(&name, state);
         Ok(ChangeRequest {
             lookback: (wanted && self.mapping.updated_at.is_some())
@@ -297,7 +374,7 @@ impl TableSync {
         let mut mode = Mode::Fast;
         loop {
             let changes = self.read_changes(&read.stx, prev, request, mode).await?;
-            if changes.first.is_empty() {
+            if changes.first.rows.is_empty() {
                 return Ok(Applied::Nothing);
             }
             let mut target = pools.target().await?;
@@ -361,12 +438,19 @@ impl TableSync {
         Ok(Changes { portal, first })
     }
 
-    async fn next_chunk(&self, stx: &Transaction<'_>, portal: &Portal) -> Result<Vec<Row>> {
-        stx.query_portal(portal, self.batch_size as i32)
+    async fn next_chunk(&self, stx: &Transaction<'_>, portal: &Portal) -> Result<Chunk> {
+        let asked = self.chunks.rows();
+        let rows = stx
+            .query_portal(portal, asked as i32)
             .within(self.limit, SOURCE, || {
                 format!("reading changes of {}", self.name())
             })
-            .await
+            .await?;
+        self.chunks.observe(&rows);
+        Ok(Chunk {
+            more: rows.len() >= asked,
+            rows,
+        })
     }
 
     /// Step 3: locks the table's progress row. False when it no longer says `prev` (another
@@ -409,22 +493,25 @@ impl TableSync {
     ) -> Result<Streamed> {
         let mut outcome = ChunkOutcome::default();
         let mut resolved = Vec::new();
-        let mut rows = changes.first;
+        let mut chunk = changes.first;
         loop {
-            let more = rows.len() >= self.batch_size;
+            let (rows, more) = (std::mem::take(&mut chunk.rows), chunk.more);
             let next = async {
                 if more {
                     self.next_chunk(stx, &changes.portal).await
                 } else {
-                    Ok(Vec::new())
+                    Ok(Chunk {
+                        rows: Vec::new(),
+                        more: false,
+                    })
                 }
             };
             let (applied, next) = tokio::join!(self.applier.apply(ttx, &rows, mode), next);
             match applied {
-                Ok(chunk) => {
-                    self.retries.went_through(&rows, &chunk, &mut resolved);
-                    outcome.counts += chunk.counts;
-                    outcome.failures.extend(chunk.failures);
+                Ok(applied) => {
+                    self.retries.went_through(&rows, &applied, &mut resolved);
+                    outcome.counts += applied.counts;
+                    outcome.failures.extend(applied.failures);
                 }
                 Err(Error::Sql { source, .. })
                     if mode == Mode::Fast && !connection_lost(&source) =>
@@ -439,8 +526,10 @@ impl TableSync {
                 Err(other) => return Err(other),
             }
             self.telemetry.beat();
-            rows = next?;
-            if rows.is_empty() {
+            // The applied rows go before the next chunk is taken on: two chunks at most in memory.
+            drop(rows);
+            chunk = next?;
+            if chunk.rows.is_empty() {
                 return Ok(Streamed::Done { outcome, resolved });
             }
         }

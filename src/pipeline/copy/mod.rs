@@ -37,6 +37,7 @@ use crate::error::{Error, Result, SqlContext};
 use crate::pipeline::apply::statements::{on_conflict, overriding};
 use crate::pipeline::apply::{Applier, Counts, Mode, RowFailure};
 use crate::pipeline::changes::{full_table_query, journal_cleanup};
+use crate::pipeline::chunks::ChunkSizer;
 use crate::source::snapshot::PgSnapshot;
 use crate::target::{progress, sync_errors};
 
@@ -389,7 +390,7 @@ async fn copy_careful(
     Ok(Copied { rows, counts })
 }
 
-/// Reads every source row in chunks of `BATCH_SIZE` and applies each chunk carefully, recording
+/// Reads every source row in chunks of `BATCH_SIZE` (fewer for wide rows) and applies each chunk carefully, recording
 /// its keys in `rowsync_stage_keys`. Returns the rows read, the counts and the rejected rows.
 async fn apply_every_row(
     tx: &CopyTransactions<'_>,
@@ -398,7 +399,7 @@ async fn apply_every_row(
     progress: &mut CopyProgress,
 ) -> Result<(u64, Counts, Vec<RowFailure>)> {
     let limit = tx.limit;
-    let applier = Applier::new(mapping, limit);
+    let applier = Applier::new(mapping, limit, settings.batch_bytes);
     let reading = || format!("reading {}", mapping.source);
     let statement = tx
         .source
@@ -410,24 +411,26 @@ async fn apply_every_row(
         .bind(&statement, &[])
         .within(limit, SOURCE, reading)
         .await?;
-    let chunk = settings.batch_size;
+    let chunks = ChunkSizer::new(settings.batch_size, settings.batch_bytes);
     let (mut rows_read, mut counts, mut failures) = (0u64, Counts::default(), Vec::new());
     loop {
+        let asked = chunks.rows();
         let rows = tx
             .source
-            .query_portal(&portal, chunk as i32)
+            .query_portal(&portal, asked as i32)
             .within(limit, SOURCE, reading)
             .await?;
         if rows.is_empty() {
             break;
         }
+        chunks.observe(&rows);
         rows_read += rows.len() as u64;
         progress.add(rows.len() as u64);
         let outcome = applier.apply(&tx.target, &rows, Mode::Careful).await?;
         applier.stage_keys(&tx.target, &rows).await?;
         counts += outcome.counts;
         failures.extend(outcome.failures);
-        if rows.len() < chunk {
+        if rows.len() < asked {
             break;
         }
     }
