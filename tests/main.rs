@@ -18,5 +18,6 @@ mod journal;
 mod names;
 mod operations;
 mod partitions;
+mod schema;
 mod tls;
 mod types;

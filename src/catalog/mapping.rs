@@ -73,6 +73,55 @@ pub(crate) struct TableMapping {
     pub source_only: Vec<String>,
     /// The target table is partitioned (its RETURNING cannot read system columns).
     pub target_partitioned: bool,
+    /// The tables' columns as this mapping was read from them ([`shape`]): when either changes,
+    /// the mapping is read again.
+    pub shapes: Shapes,
+}
+
+/// [`shape`] of the source and the target table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Shapes {
+    pub source: Option<String>,
+    pub target: Option<String>,
+}
+
+/// What a table's mapping depends on, as text: the table's oid (a table dropped and re-created is
+/// another) and each column's position, name, type, modifier, collation, nullability, default and
+/// generation; None when no table has the name.
+pub(crate) async fn shape(
+    client: &impl GenericClient,
+    role: DatabaseRole,
+    table: &QualifiedName,
+) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid::text || '|' || coalesce(string_agg( \
+                        concat_ws(':', a.attnum, a.attname, a.atttypid, a.atttypmod, a.attcollation, \
+                                  a.attnotnull, a.atthasdef, a.attgenerated, a.attidentity), \
+                        ',' ORDER BY a.attnum), '') \
+               FROM pg_catalog.pg_class c \
+               LEFT JOIN pg_catalog.pg_attribute a \
+                 ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+              WHERE c.oid = pg_catalog.to_regclass($1) \
+              GROUP BY c.oid",
+            &[&table.quoted()],
+        )
+        .await
+        .context(role, || format!("reading the columns of {table}"))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+impl Shapes {
+    pub(crate) async fn read(
+        source: &impl GenericClient,
+        target: &impl GenericClient,
+        mapping: &TableMapping,
+    ) -> Result<Self> {
+        Ok(Self {
+            source: shape(source, DatabaseRole::Source, &mapping.source).await?,
+            target: shape(target, DatabaseRole::Target, &mapping.target).await?,
+        })
+    }
 }
 
 impl TableMapping {
@@ -166,7 +215,7 @@ pub(crate) async fn load_mapping(
     }
     let copy_binary = copy_binary(&source_columns, &target_columns, &columns);
     let journal = journal_of(source, &source_name).await?;
-    Ok(TableMapping {
+    let mut mapping = TableMapping {
         source: source_name,
         target: target_name,
         journal,
@@ -176,7 +225,10 @@ pub(crate) async fn load_mapping(
         copy_binary,
         source_only,
         target_partitioned,
-    })
+        shapes: Shapes::default(),
+    };
+    mapping.shapes = Shapes::read(source, target, &mapping).await?;
+    Ok(mapping)
 }
 
 /// The synced columns (same name on both sides, not generated in the target), and the source

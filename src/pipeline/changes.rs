@@ -223,6 +223,7 @@ mod tests {
             updated_at: None,
             copy_binary: false,
             target_partitioned: false,
+            shapes: Default::default(),
             source_only: vec![],
         }
     }

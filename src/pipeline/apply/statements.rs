@@ -208,6 +208,7 @@ mod tests {
             updated_at: None,
             copy_binary: true,
             target_partitioned: false,
+            shapes: Default::default(),
             source_only: vec![],
         }
     }

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use self::capture_watch::CaptureWatch;
 use self::retry_queue::RetryQueue;
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::{TableMapping, load_mapping};
+use crate::catalog::mapping::{Column, TableMapping, load_mapping};
 use crate::config::{DatabaseRole, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, end_abandoned_sessions};
 use crate::error::{Error, Result, SqlContext as _, policy};
@@ -284,6 +284,60 @@ impl TableSync {
                 warn!(table = %name, error = %crate::error::chain(&err), "partitions without capture: writes into them wait until they are captured (rowsync's source role needs EXECUTE on rowsync.capture_partitions, or run rowsync setup)");
             }
         }
+    }
+
+    /// The mapping was read again because the tables' columns changed (it was `before`). Rows
+    /// written since a column came to be synced may have been applied without it: the rows whose
+    /// value there is not NULL (what the target column holds) are journaled, so they are read
+    /// again.
+    pub(crate) async fn columns_changed(&self, pools: &Pools, before: &TableMapping) -> Result<()> {
+        let name = self.name();
+        let added: Vec<&Column> = self
+            .mapping
+            .columns
+            .iter()
+            .filter(|c| !before.columns.iter().any(|b| b.name == c.name))
+            .collect();
+        let dropped: Vec<&str> = before
+            .columns
+            .iter()
+            .filter(|b| !self.mapping.columns.iter().any(|c| c.name == b.name))
+            .map(|b| b.name.as_str())
+            .collect();
+        if !dropped.is_empty() {
+            info!(table = %name, columns = ?dropped, "columns no longer on both sides are not written any more");
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        let journal = self.mapping.journal()?;
+        let keys = self.mapping.key_list();
+        let condition = added
+            .iter()
+            .map(|c| format!("{} IS NOT NULL", c.quoted()))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let source = pools.source().await?;
+        let journaled = source
+            .execute(
+                &format!(
+                    "INSERT INTO {journal} ({keys}) SELECT {keys} FROM {table} WHERE {condition}",
+                    journal = journal.quoted(),
+                    table = self.mapping.source.quoted(),
+                ),
+                &[],
+            )
+            .within(self.limit, SOURCE, || {
+                format!("journaling the rows of {name} with values in new columns")
+            })
+            .await?;
+        info!(
+            table = %name,
+            columns = ?added.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            rows = journaled,
+            "columns now synced; rows with values in them are read again"
+        );
+        Ok(())
     }
 
     async fn batch(&mut self, pools: &Pools, kind: BatchKind) -> Result<BatchOutcome> {

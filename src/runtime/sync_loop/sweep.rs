@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 use super::{PassOutcome, SyncLoop};
+use crate::catalog::mapping::Shapes;
 use crate::config::DatabaseRole;
 use crate::connection::{Pools, Within};
 use crate::ops::telemetry::SweepSummary;
@@ -26,6 +27,7 @@ impl SyncLoop {
         self.context.requests.answered();
         debug!("sweep started");
         let run = self.run_started().await;
+        self.follow_schemas().await;
         let outcome = self.drain_then_sweep().await;
         let duration = started.elapsed();
         let counts = telemetry.figures().totals - before;
@@ -113,6 +115,44 @@ impl SyncLoop {
         .await;
         if let Err(err) = recorded {
             warn!(error = %crate::error::chain(&err), "could not complete the sweep's sync_runs row");
+        }
+    }
+
+    /// Tables whose columns changed on either side since their mapping was read are unloaded, so
+    /// that this sweep reads it again (see [`TableSync::columns_changed`]).
+    async fn follow_schemas(&mut self) {
+        let limit = self.limit();
+        let pools = &self.context.pools;
+        let mut changed = false;
+        for table in &mut self.tables {
+            let Some(sync) = table.sync.as_ref() else {
+                continue;
+            };
+            let shapes = async {
+                let source = pools.source().await?;
+                let target = pools.target().await?;
+                Shapes::read(&**source, &**target, &sync.mapping).await
+            }
+            .within(limit, DatabaseRole::Source, || {
+                "reading the tables' columns".into()
+            })
+            .await;
+            match shapes {
+                Ok(shapes) if shapes == sync.mapping.shapes => {}
+                Ok(_) => {
+                    info!(table = %table.name, "the table's columns changed; reading its column mapping again");
+                    table.changed_from = table.sync.take().map(|sync| sync.mapping);
+                    changed = true;
+                }
+                // The table's batch meets the same trouble and reports it.
+                Err(err) => {
+                    debug!(table = %table.name, error = %crate::error::chain(&err), "could not read the table's columns")
+                }
+            }
+        }
+        if changed {
+            // Pooled sessions cache statements prepared for the old columns.
+            pools.evict_idle();
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::catalog::ident::TableRef;
+use crate::catalog::mapping::TableMapping;
 use crate::error::Result;
 use crate::pipeline::batch::TableSync;
 use crate::runtime::daemon::Context;
@@ -21,6 +22,8 @@ pub(crate) struct Table {
     pub(crate) sync: Option<TableSync>,
     /// The name failures were recorded under before the load told the real one.
     pub(super) earlier_name: Option<String>,
+    /// The mapping before the table's columns changed, until it is read again.
+    pub(super) changed_from: Option<TableMapping>,
     retrying: Retrying,
     next_attempt: Instant,
 }
@@ -32,6 +35,7 @@ impl Table {
             reference,
             sync: None,
             earlier_name: None,
+            changed_from: None,
             retrying: Retrying::new(&context.settings.retry),
             next_attempt: Instant::now(),
         }
@@ -65,6 +69,10 @@ impl Table {
             Err(err) => {
                 warn!(table = %sync.name(), error = %crate::error::chain(&err), "could not delete journal rows applied before a restart");
             }
+        }
+        if let Some(before) = &self.changed_from {
+            sync.columns_changed(pools, before).await?;
+            self.changed_from = None;
         }
         if !sync.mapping.source_only.is_empty() {
             info!(
