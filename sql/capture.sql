@@ -125,6 +125,43 @@ BEGIN
 END
 $$;
 
+-- The captured_tables row of a table (all NULL when it is not captured).
+CREATE OR REPLACE FUNCTION rowsync.captured(tbl regclass) RETURNS rowsync.captured_tables
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT ct.*
+      FROM rowsync.captured_tables ct
+      JOIN pg_namespace n ON n.nspname = ct.table_schema
+      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
+     WHERE c.oid = tbl
+$$;
+
+-- The statement-level capture triggers of a table or partition `rel` (name, definition), calling
+-- `fn`: a partitioned one's UPDATE trigger also reads the OLD rows (a row moved to another
+-- partition changes its key without firing any row UPDATE trigger), and it has no TRUNCATE trigger
+-- (truncating it fires its partitions').
+CREATE OR REPLACE FUNCTION rowsync.statement_triggers(rel regclass, fn name)
+RETURNS TABLE (name text, definition text)
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    WITH r AS (SELECT relkind = 'p' AS partitioned FROM pg_class WHERE oid = rel)
+    SELECT t.name, t.definition FROM r, LATERAL (VALUES
+        ('rowsync_capture_insert', format(
+            'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            rel, fn)),
+        ('rowsync_capture_update', CASE WHEN r.partitioned THEN format(
+            'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
+            rel, fn) ELSE format(
+            'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            rel, fn) END),
+        ('rowsync_capture_delete', format(
+            'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            rel, fn)),
+        ('rowsync_capture_truncate', format(
+            'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            rel, fn))
+    ) AS t(name, definition)
+    WHERE NOT (r.partitioned AND t.name = 'rowsync_capture_truncate')
+$$;
+
 -- Gives every partition of a captured partitioned table (at every level) statement triggers of its
 -- own, calling the table's capture function: writes made straight into a partition fire only the
 -- partition's statement triggers, not the table's. Row triggers (the key trigger) are cloned to
@@ -145,12 +182,8 @@ DECLARE
     v_new      boolean;
     v_done     text[] := '{}';
 BEGIN
-    SELECT ct.* INTO v_ct
-      FROM rowsync.captured_tables ct
-      JOIN pg_namespace n ON n.nspname = ct.table_schema
-      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
-     WHERE c.oid = tbl;
-    IF NOT FOUND THEN
+    v_ct := rowsync.captured(tbl);
+    IF v_ct.journal_name IS NULL THEN
         RETURN v_done;
     END IF;
     v_function := rowsync.function_base(v_ct.journal_name, tbl) || '_capture';
@@ -185,25 +218,7 @@ BEGIN
          ORDER BY t.level, c.oid
     LOOP
         v_new := false;
-        FOR v_trigger IN
-            SELECT * FROM (VALUES
-                ('rowsync_capture_insert', format(
-                    'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                    v_part.rel, v_function)),
-                ('rowsync_capture_update', CASE WHEN v_part.relkind = 'p' THEN format(
-                    'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
-                    v_part.rel, v_function) ELSE format(
-                    'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                    v_part.rel, v_function) END),
-                ('rowsync_capture_delete', format(
-                    'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                    v_part.rel, v_function)),
-                ('rowsync_capture_truncate', format(
-                    'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                    v_part.rel, v_function))
-            ) AS t(name, definition)
-            WHERE NOT (v_part.relkind = 'p' AND name = 'rowsync_capture_truncate')
-        LOOP
+        FOR v_trigger IN SELECT * FROM rowsync.statement_triggers(v_part.rel, v_function) LOOP
             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_part.oid AND tgname = v_trigger.name) THEN
                 EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
                 v_new := true;
@@ -260,7 +275,6 @@ DECLARE
     v_current    oid;
     v_replaced   oid[] := '{}';
     v_partitioned boolean;
-    v_update     text;
 BEGIN
     SELECT n.nspname, c.relname, c.relkind = 'p' INTO v_schema, v_table, v_partitioned
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -416,13 +430,6 @@ BEGIN
             END IF;
         END IF;
         EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_truncate ON %s', tbl);
-        v_update := format(
-            'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
-            tbl, v_function);
-    ELSE
-        v_update := format(
-            'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-            tbl, v_function);
     END IF;
     UPDATE rowsync.captured_tables SET capture_version = 2
      WHERE table_schema = v_schema AND table_name = v_table;
@@ -430,22 +437,12 @@ BEGIN
     -- Create the missing triggers; ENABLE ALWAYS so they fire under session_replication_role =
     -- replica too (pg_restore --disable-triggers and some tools switch it).
     FOR v_trigger IN
-        SELECT * FROM (VALUES
-            ('rowsync_capture_insert', v_function, format(
-                'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                tbl, v_function)),
-            ('rowsync_capture_update', v_function, v_update),
-            ('rowsync_capture_delete', v_function, format(
-                'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                tbl, v_function)),
-            ('rowsync_capture_truncate', v_function, format(
-                'BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-                tbl, v_function)),
-            ('rowsync_capture_key', v_key_function, format(
+        SELECT st.name, v_function AS function, st.definition
+          FROM rowsync.statement_triggers(tbl, v_function) st
+        UNION ALL
+        SELECT 'rowsync_capture_key', v_key_function, format(
                 'AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (ROW(%s) IS DISTINCT FROM ROW(%s)) EXECUTE FUNCTION rowsync.%I()',
-                v_key_list, tbl, v_old_keys, v_new_keys, v_key_function))
-        ) AS t(name, function, definition)
-        WHERE NOT (v_partitioned AND name = 'rowsync_capture_truncate')
+                v_key_list, tbl, v_old_keys, v_new_keys, v_key_function)
     LOOP
         -- A trigger calling another function (earlier versions named the functions of long
         -- table names so that two of them could be cut to the same 63 bytes) is re-created in
@@ -498,11 +495,7 @@ DECLARE
     v_row  rowsync.captured_tables%ROWTYPE;
     v_part record;
 BEGIN
-    SELECT ct.* INTO v_row
-      FROM rowsync.captured_tables ct
-      JOIN pg_class c ON c.relname = ct.table_name
-      JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = ct.table_schema
-     WHERE c.oid = tbl;
+    v_row := rowsync.captured(tbl);
     PERFORM rowsync.drop_statement_triggers(tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_key ON %s', tbl);
     -- The partitions' own triggers call the same function.
