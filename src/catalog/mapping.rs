@@ -85,42 +85,53 @@ pub(crate) struct Shapes {
     pub target: Option<String>,
 }
 
-/// What a table's mapping depends on, as text: the table's oid (a table dropped and re-created is
-/// another) and each column's position, name, type, modifier, collation, nullability, default and
-/// generation; None when no table has the name.
-pub(crate) async fn shape(
+/// What each table's mapping depends on, as text: the table's oid (a table dropped and re-created
+/// is another) and each column's position, name, type, modifier, collation, nullability, default
+/// and generation; None for a name no table has. One query for any number of tables (a sweep
+/// checks them all).
+pub(crate) async fn shapes(
     client: &impl GenericClient,
     role: DatabaseRole,
-    table: &QualifiedName,
-) -> Result<Option<String>> {
-    let row = client
-        .query_opt(
-            "SELECT c.oid::text || '|' || coalesce(string_agg( \
-                        concat_ws(':', a.attnum, a.attname, a.atttypid, a.atttypmod, a.attcollation, \
-                                  a.attnotnull, a.atthasdef, a.attgenerated, a.attidentity), \
-                        ',' ORDER BY a.attnum), '') \
-               FROM pg_catalog.pg_class c \
-               LEFT JOIN pg_catalog.pg_attribute a \
-                 ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-              WHERE c.oid = pg_catalog.to_regclass($1) \
-              GROUP BY c.oid",
-            &[&table.quoted()],
+    tables: &[&QualifiedName],
+) -> Result<Vec<Option<String>>> {
+    let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let rows = client
+        .query(
+            "SELECT (SELECT c.oid::text || '|' || coalesce(string_agg( \
+                            concat_ws(':', a.attnum, a.attname, a.atttypid, a.atttypmod, \
+                                      a.attcollation, a.attnotnull, a.atthasdef, a.attgenerated, \
+                                      a.attidentity), \
+                            ',' ORDER BY a.attnum), '') \
+                       FROM pg_catalog.pg_class c \
+                       LEFT JOIN pg_catalog.pg_attribute a \
+                         ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                      WHERE c.oid = pg_catalog.to_regclass(t.name) \
+                      GROUP BY c.oid) \
+               FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position) \
+              ORDER BY t.position",
+            &[&names],
         )
         .await
-        .context(role, || format!("reading the columns of {table}"))?;
-    Ok(row.map(|row| row.get(0)))
+        .context(role, || "reading the columns of the synced tables".into())?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
 impl Shapes {
-    pub(crate) async fn read(
+    /// The shapes of every mapping's tables, in order.
+    pub(crate) async fn read_all(
         source: &impl GenericClient,
         target: &impl GenericClient,
-        mapping: &TableMapping,
-    ) -> Result<Self> {
-        Ok(Self {
-            source: shape(source, DatabaseRole::Source, &mapping.source).await?,
-            target: shape(target, DatabaseRole::Target, &mapping.target).await?,
-        })
+        mappings: &[&TableMapping],
+    ) -> Result<Vec<Self>> {
+        let sources: Vec<&QualifiedName> = mappings.iter().map(|m| &m.source).collect();
+        let targets: Vec<&QualifiedName> = mappings.iter().map(|m| &m.target).collect();
+        let sources = shapes(source, DatabaseRole::Source, &sources).await?;
+        let targets = shapes(target, DatabaseRole::Target, &targets).await?;
+        Ok(sources
+            .into_iter()
+            .zip(targets)
+            .map(|(source, target)| Self { source, target })
+            .collect())
     }
 }
 
@@ -227,7 +238,10 @@ pub(crate) async fn load_mapping(
         target_partitioned,
         shapes: Shapes::default(),
     };
-    mapping.shapes = Shapes::read(source, target, &mapping).await?;
+    mapping.shapes = Shapes::read_all(source, target, &[&mapping])
+        .await?
+        .pop()
+        .unwrap_or_default();
     Ok(mapping)
 }
 

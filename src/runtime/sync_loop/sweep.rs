@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 use super::{PassOutcome, SyncLoop};
-use crate::catalog::mapping::Shapes;
+use crate::catalog::mapping::{Shapes, TableMapping};
 use crate::config::DatabaseRole;
 use crate::connection::{Pools, Within};
 use crate::ops::telemetry::SweepSummary;
@@ -121,38 +121,46 @@ impl SyncLoop {
     /// Tables whose columns changed on either side since their mapping was read are unloaded, so
     /// that this sweep reads it again (see [`TableSync::columns_changed`]).
     async fn follow_schemas(&mut self) {
-        let limit = self.limit();
+        let loaded: Vec<&TableMapping> = self
+            .tables
+            .iter()
+            .filter_map(|t| t.sync.as_ref().map(|sync| &sync.mapping))
+            .collect();
+        if loaded.is_empty() {
+            return;
+        }
         let pools = &self.context.pools;
+        let shapes = async {
+            let source = pools.source().await?;
+            let target = pools.target().await?;
+            Shapes::read_all(&**source, &**target, &loaded).await
+        }
+        .within(self.limit(), DatabaseRole::Source, || {
+            "reading the columns of the synced tables".into()
+        })
+        .await;
+        let shapes = match shapes {
+            Ok(shapes) => shapes,
+            Err(err) => {
+                // The tables' batches meet the same trouble and report it.
+                debug!(error = %crate::error::chain(&err), "could not read the tables' columns");
+                return;
+            }
+        };
         let mut changed = false;
-        for table in &mut self.tables {
-            let Some(sync) = table.sync.as_ref() else {
+        let mut shapes = shapes.into_iter();
+        for table in self.tables.iter_mut().filter(|t| t.sync.is_some()) {
+            let now = shapes.next();
+            if now.as_ref() == table.sync.as_ref().map(|sync| &sync.mapping.shapes) {
                 continue;
-            };
-            let shapes = async {
-                let source = pools.source().await?;
-                let target = pools.target().await?;
-                Shapes::read(&**source, &**target, &sync.mapping).await
             }
-            .within(limit, DatabaseRole::Source, || {
-                "reading the tables' columns".into()
-            })
-            .await;
-            match shapes {
-                Ok(shapes) if shapes == sync.mapping.shapes => {}
-                Ok(_) => {
-                    info!(table = %table.name, "the table's columns changed; reading its column mapping again");
-                    table.changed_from = table.sync.take().map(|sync| sync.mapping);
-                    changed = true;
-                }
-                // The table's batch meets the same trouble and reports it.
-                Err(err) => {
-                    debug!(table = %table.name, error = %crate::error::chain(&err), "could not read the table's columns")
-                }
-            }
+            info!(table = %table.name, "the table's columns changed; reading its column mapping again");
+            table.changed_from = table.sync.take().map(|sync| sync.mapping);
+            changed = true;
         }
         if changed {
             // Pooled sessions cache statements prepared for the old columns.
-            pools.evict_idle();
+            self.context.pools.evict_idle();
         }
     }
 
