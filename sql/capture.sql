@@ -15,13 +15,17 @@
 --                     journal rows by transaction visibility between two snapshots (PgQ's rule), so a
 --                     transaction is consumed exactly once however long it ran before committing.
 --   * <table>_capture the per-table trigger function of the statement-level triggers (INSERT,
---                     UPDATE, DELETE, TRUNCATE), with static SQL so its plans are cached, and
---                     <table>_capture_key that of a row trigger catching primary-key changes.
+--                     UPDATE, DELETE, TRUNCATE), with static SQL so its plans are cached. The
+--                     UPDATE trigger reads the OLD rows too, so a changed key (or a row moved
+--                     between partitions) has its old value journaled. No trigger names a column,
+--                     and the function checks that the primary key is still the one its SQL names
+--                     (else it journals by dynamic SQL): migrations never make a write fail.
 --                     A partitioned table's partitions get the same statement triggers
---                     (captured_partitions lists them), and its UPDATE trigger also reads the
---                     OLD rows, for rows moved between partitions.
---   * rowsync_follow_partitions, an event trigger (created only where the role may) that
---                     captures partitions as they are created, attached or detached.
+--                     (captured_partitions lists them).
+--   * rowsync_follow_ddl, an event trigger (created only where the role may) that adapts capture
+--                     to migrations (renamed or retyped keys, renamed tables) and captures
+--                     partitions as they are created, attached or detached, in the migration's
+--                     own transaction. Without it the daemon does the same at its next sweep.
 --
 -- Journal rows are hints ("re-read this key"), never data: the consumer always re-reads the current
 -- row. That is why writers may insert keys into journals (PUBLIC has INSERT on the key columns,
@@ -48,6 +52,26 @@ CREATE TABLE IF NOT EXISTS rowsync.captured_tables (
 );
 -- Which definition of the capture triggers a table has (see install_capture).
 ALTER TABLE rowsync.captured_tables ADD COLUMN IF NOT EXISTS capture_version integer;
+-- The table itself (its oid follows renames), its key by attribute number (numbers follow column
+-- renames and type changes), the primary-key index the capture function was written for, and,
+-- when a migration left capture unable to journal the key, since when and why.
+ALTER TABLE rowsync.captured_tables
+    ADD COLUMN IF NOT EXISTS relid        oid,
+    ADD COLUMN IF NOT EXISTS key_attnums  int2[],
+    ADD COLUMN IF NOT EXISTS key_index    oid,
+    ADD COLUMN IF NOT EXISTS lost_at      timestamptz,
+    ADD COLUMN IF NOT EXISTS lost_reason  text,
+    ADD COLUMN IF NOT EXISTS former_names text[];
+-- Rows written by earlier versions name their table only.
+UPDATE rowsync.captured_tables ct
+   SET relid = c.oid
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE ct.relid IS NULL AND n.nspname = ct.table_schema AND c.relname = ct.table_name;
+UPDATE rowsync.captured_tables ct
+   SET key_attnums = (SELECT array_agg(a.attnum ORDER BY k.ord)
+                        FROM unnest(ct.key_columns) WITH ORDINALITY AS k(name, ord)
+                        JOIN pg_attribute a ON a.attrelid = ct.relid AND a.attname = k.name)
+ WHERE ct.key_attnums IS NULL AND ct.relid IS NOT NULL;
 
 -- The partitions (at every level) of captured partitioned tables that carry capture triggers of
 -- their own, so that a partition which left its table is noticed (see capture_partitions).
@@ -125,20 +149,27 @@ BEGIN
 END
 $$;
 
--- The captured_tables row of a table (all NULL when it is not captured).
+-- The captured_tables row of a table (all NULL when it is not captured): by oid, which follows
+-- renames, or by name for a row an earlier version wrote.
 CREATE OR REPLACE FUNCTION rowsync.captured(tbl regclass) RETURNS rowsync.captured_tables
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     SELECT ct.*
       FROM rowsync.captured_tables ct
-      JOIN pg_namespace n ON n.nspname = ct.table_schema
-      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
-     WHERE c.oid = tbl
+     WHERE ct.relid = tbl
+        OR (ct.relid IS NULL
+            AND (ct.table_schema, ct.table_name) = (SELECT n.nspname, c.relname
+                                                      FROM pg_class c
+                                                      JOIN pg_namespace n ON n.oid = c.relnamespace
+                                                     WHERE c.oid = tbl))
+     ORDER BY ct.relid IS NULL
+     LIMIT 1
 $$;
 
 -- The statement-level capture triggers of a table or partition `rel` (name, definition), calling
--- `fn`: a partitioned one's UPDATE trigger also reads the OLD rows (a row moved to another
--- partition changes its key without firing any row UPDATE trigger), and it has no TRUNCATE trigger
--- (truncating it fires its partitions').
+-- `fn`. The UPDATE trigger reads the OLD rows as well as the NEW ones, so that a changed key has
+-- its old value journaled too (a row moved to another partition changes its key without firing
+-- any row trigger); no trigger names a column, so no migration is refused because of one. A
+-- partitioned table has no TRUNCATE trigger (truncating it fires its partitions').
 CREATE OR REPLACE FUNCTION rowsync.statement_triggers(rel regclass, fn name)
 RETURNS TABLE (name text, definition text)
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
@@ -147,11 +178,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
         ('rowsync_capture_insert', format(
             'AFTER INSERT ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
             rel, fn)),
-        ('rowsync_capture_update', CASE WHEN r.partitioned THEN format(
-            'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I(''moves'')',
-            rel, fn) ELSE format(
-            'AFTER UPDATE ON %s REFERENCING NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
-            rel, fn) END),
+        ('rowsync_capture_update', format(
+            'AFTER UPDATE ON %s REFERENCING OLD TABLE AS rowsync_old NEW TABLE AS rowsync_new FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
+            rel, fn)),
         ('rowsync_capture_delete', format(
             'AFTER DELETE ON %s REFERENCING OLD TABLE AS rowsync_old FOR EACH STATEMENT EXECUTE FUNCTION rowsync.%I()',
             rel, fn)),
@@ -161,6 +190,258 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     ) AS t(name, definition)
     WHERE NOT (r.partitioned AND t.name = 'rowsync_capture_truncate')
 $$;
+
+-- The statement journaling the keys of a write by dynamic SQL, for a capture function whose static
+-- SQL no longer fits the table (a migration renamed or retyped a key column, and capture has not
+-- been adapted yet: see adapt_capture) and for TRUNCATE. `rel` is the captured table or one of its
+-- partitions, `op` the trigger's TG_OP. The key is found by attribute number in the captured
+-- table, by its name now, and cast to the journal's types. Raises an error when the key can no
+-- longer be found (a key column dropped, another primary key): the capture function catches it.
+CREATE OR REPLACE FUNCTION rowsync.journal_sql(rel regclass, op text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_ct     rowsync.captured_tables%ROWTYPE;
+    v_into   text;
+    v_keys   text;
+    v_pk     int2[];
+BEGIN
+    SELECT ct.* INTO v_ct FROM rowsync.captured_tables ct
+     WHERE ct.relid = rel OR ct.relid IN (SELECT relid FROM pg_partition_ancestors(rel))
+     LIMIT 1;
+    IF v_ct.journal_name IS NULL THEN
+        RAISE EXCEPTION 'rowsync: % is not captured', rel;
+    END IF;
+    SELECT ARRAY(SELECT unnest(i.indkey::int2[])) INTO v_pk FROM pg_index i WHERE i.indrelid = v_ct.relid AND i.indisprimary;
+    IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
+        RAISE EXCEPTION 'the primary key of % is no longer the one captured', v_ct.relid::regclass;
+    END IF;
+    SELECT string_agg(format('%I', j.attname), ', ' ORDER BY k.ord),
+           string_agg(format('%I::%s', a.attname, format_type(j.atttypid, j.atttypmod)), ', ' ORDER BY k.ord)
+      INTO v_into, v_keys
+      FROM unnest(v_ct.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = v_ct.relid AND a.attnum = k.attnum AND NOT a.attisdropped
+      JOIN pg_attribute j ON j.attrelid = format('rowsync.%I', v_ct.journal_name)::regclass
+                         AND j.attnum = k.ord + 1;
+    RETURN format('INSERT INTO rowsync.%I (%s) ', v_ct.journal_name, v_into) || CASE op
+        WHEN 'DELETE' THEN format('SELECT %s FROM rowsync_old', v_keys)
+        WHEN 'UPDATE' THEN format('SELECT %s FROM rowsync_old UNION SELECT %1$s FROM rowsync_new', v_keys)
+        WHEN 'TRUNCATE' THEN format('SELECT %s FROM %s', v_keys, rel)
+        ELSE format('SELECT %s FROM rowsync_new', v_keys)
+    END;
+END
+$$;
+
+-- Records that writes to `rel` (a captured table or partition) could not be journaled, once (the
+-- first writer to see it; the others skip the row lock rather than wait for it). rowsync reports
+-- the table critical until `rowsync resync` copies it again.
+CREATE OR REPLACE FUNCTION rowsync.capture_lost(rel regclass, reason text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_table oid;
+BEGIN
+    SELECT ct.relid INTO v_table FROM rowsync.captured_tables ct
+     WHERE (ct.relid = rel OR ct.relid IN (SELECT relid FROM pg_partition_ancestors(rel)))
+       AND ct.lost_at IS NULL
+       FOR UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        UPDATE rowsync.captured_tables SET lost_at = now(), lost_reason = reason WHERE relid = v_table;
+        RAISE WARNING 'rowsync: changes to % are not captured: %', rel, reason
+            USING HINT = 'Your write went through; run rowsync resync for this table.';
+    END IF;
+END
+$$;
+
+-- (Re)writes the capture function of a captured table for its key as it is now. Static SQL: plpgsql
+-- caches the plans. Every name in it is schema-qualified, so the function needs no SET
+-- search_path (which would cost a configuration save and restore on every write statement).
+--
+-- What a write costs: one INSERT of the changed keys from the statement's transition tables,
+-- which also reads the doorbell in the same statement (a data-modifying CTE: one executor run, not
+-- two), and a check that the primary key is still the one the static SQL names (one catalog
+-- lookup per key column, no query). When it is not (a migration renamed or retyped a key column
+-- and nothing has adapted capture yet), the keys are journaled by dynamic SQL, and a key that
+-- cannot be journaled is recorded (capture_lost), never an error: a migration can slow writes
+-- down until capture is adapted, never make them fail. TRUNCATE fires no row triggers and has no
+-- transition tables, so a BEFORE TRUNCATE trigger journals every key that is about to go.
+CREATE OR REPLACE FUNCTION rowsync.write_capture_function(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $write$
+DECLARE
+    v_ct       rowsync.captured_tables%ROWTYPE;
+    v_keys     text;
+    v_guard    text;
+BEGIN
+    v_ct := rowsync.captured(tbl);
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('pg_catalog.pg_get_indexdef(%s::pg_catalog.oid, %s, false) IS DISTINCT FROM %L',
+                             v_ct.key_index, k.ord, pg_get_indexdef(v_ct.key_index, k.ord::int, false)),
+                      ' OR ' ORDER BY k.ord)
+      INTO v_keys, v_guard
+      FROM unnest(v_ct.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum;
+    EXECUTE format($fn$
+        CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        DECLARE
+            v_armed boolean;
+        BEGIN
+            IF TG_OP = 'TRUNCATE' OR %4$s THEN
+                BEGIN
+                    EXECUTE rowsync.journal_sql(TG_RELID, TG_OP);
+                EXCEPTION WHEN OTHERS THEN
+                    -- Capture may have been adapted meanwhile: once more, as the catalog is now.
+                    BEGIN
+                        EXECUTE rowsync.journal_sql(TG_RELID, TG_OP);
+                    EXCEPTION WHEN OTHERS THEN
+                        PERFORM rowsync.capture_lost(TG_RELID, SQLERRM);
+                    END;
+                END;
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            ELSIF TG_OP = 'DELETE' THEN
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_old)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            ELSIF TG_OP = 'UPDATE' THEN
+                -- Old and new keys: they differ when the statement changed a key.
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s)
+                           SELECT %3$s FROM rowsync_old UNION SELECT %3$s FROM rowsync_new)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            ELSE
+                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_new)
+                SELECT armed INTO v_armed FROM rowsync.doorbell;
+            END IF;
+            IF v_armed THEN
+                PERFORM rowsync.ring_doorbell();
+            END IF;
+            RETURN NULL;
+        END
+        $body$
+    $fn$, rowsync.function_base(v_ct.journal_name, tbl) || '_capture', v_ct.journal_name, v_keys, v_guard);
+END
+$write$;
+
+-- Adapts a table's capture to what migrations did to it: a new table name is recorded (its
+-- triggers and journal stay), renamed key columns are renamed in the journal, retyped ones retyped
+-- there, and the capture function is written again for the key as it is now. A primary key on
+-- other columns, or a key column gone, cannot be adapted: that is recorded (lost_at) and rowsync
+-- reports the table until it is copied again. Called by the event trigger in the migration's own
+-- transaction where there is one, else by the daemon when it sees the columns change (writes are
+-- journaled by dynamic SQL meanwhile). Returns what it did. Runs as its owner (setup's role), so
+-- the daemon and the event trigger may call it; it acts only on captured tables.
+CREATE OR REPLACE FUNCTION rowsync.adapt_capture(tbl regclass) RETURNS text[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_ct      rowsync.captured_tables%ROWTYPE;
+    v_schema  name;
+    v_table   name;
+    v_journal regclass;
+    v_pk      int2[];
+    v_index   oid;
+    v_col     record;
+    v_done    text[] := '{}';
+    v_changed boolean := false;
+BEGIN
+    v_ct := rowsync.captured(tbl);
+    IF v_ct.journal_name IS NULL THEN
+        RETURN v_done;
+    END IF;
+    v_journal := format('rowsync.%I', v_ct.journal_name)::regclass;
+    IF v_ct.relid IS NULL THEN
+        UPDATE rowsync.captured_tables SET relid = tbl WHERE journal_name = v_ct.journal_name;
+        v_ct.relid := tbl;
+    END IF;
+
+    SELECT n.nspname, c.relname INTO v_schema, v_table
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF (v_schema, v_table) IS DISTINCT FROM (v_ct.table_schema, v_ct.table_name) THEN
+        UPDATE rowsync.captured_tables
+           SET table_schema = v_schema, table_name = v_table,
+               former_names = array_append(former_names, format('%I.%I', v_ct.table_schema, v_ct.table_name))
+         WHERE journal_name = v_ct.journal_name;
+        UPDATE rowsync.captured_partitions SET table_schema = v_schema, table_name = v_table
+         WHERE table_schema = v_ct.table_schema AND table_name = v_ct.table_name;
+        v_done := v_done || format('%I.%I was renamed to %I.%I', v_ct.table_schema, v_ct.table_name, v_schema, v_table);
+    END IF;
+
+    -- (indkey counts from 0: unnest it to compare with arrays counted from 1)
+    SELECT ARRAY(SELECT unnest(i.indkey::int2[])), i.indexrelid INTO v_pk, v_index
+      FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary;
+    IF v_ct.key_attnums IS NULL AND v_pk IS NOT NULL
+       AND v_ct.key_columns = ARRAY(SELECT a.attname FROM unnest(v_pk) WITH ORDINALITY AS k(attnum, ord)
+                                      JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
+                                     ORDER BY k.ord) THEN
+        v_ct.key_attnums := v_pk;
+        UPDATE rowsync.captured_tables SET key_attnums = v_pk WHERE journal_name = v_ct.journal_name;
+    END IF;
+    IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
+        IF v_ct.lost_at IS NULL THEN
+            UPDATE rowsync.captured_tables
+               SET lost_at = now(), lost_reason = 'the primary key changed: its journal no longer fits'
+             WHERE journal_name = v_ct.journal_name;
+            v_done := v_done || format('the primary key of %s changed: changes are not captured until rowsync resync', tbl);
+        END IF;
+        RETURN v_done;
+    END IF;
+
+    -- Key columns renamed or retyped (matched by attribute number).
+    FOR v_col IN
+        SELECT a.attname AS name, j.attname AS journal_name,
+               format_type(a.atttypid, a.atttypmod)
+               || CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                       THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END AS type,
+               (a.atttypid, a.atttypmod, a.attcollation) IS DISTINCT FROM (j.atttypid, j.atttypmod, j.attcollation) AS retyped
+          FROM unnest(v_ct.key_attnums) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
+          JOIN pg_type ty ON ty.oid = a.atttypid
+          LEFT JOIN pg_collation co ON co.oid = a.attcollation
+          LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
+          JOIN pg_attribute j ON j.attrelid = v_journal AND j.attnum = k.ord + 1
+         ORDER BY k.ord
+    LOOP
+        IF v_col.name <> v_col.journal_name THEN
+            -- The journal's first column is the transaction id, found by position: it gives way.
+            IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = v_journal AND attnum = 1 AND attname = v_col.name) THEN
+                EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', v_journal, v_col.name,
+                               CASE WHEN v_col.name = 'rowsync_txid' THEN 'txid' ELSE 'rowsync_txid' END);
+            END IF;
+            EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', v_journal, v_col.journal_name, v_col.name);
+            v_done := v_done || format('key column %I of %s renamed to %I', v_col.journal_name, tbl, v_col.name);
+            v_changed := true;
+        END IF;
+        IF v_col.retyped THEN
+            BEGIN
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s USING %I::%s',
+                               v_journal, v_col.name, v_col.type, v_col.name, v_col.type);
+            EXCEPTION WHEN OTHERS THEN
+                -- Journaled keys that the new type cannot hold: they are lost as hints, so the
+                -- table needs copying again.
+                EXECUTE format('DELETE FROM %s', v_journal);
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s USING NULL',
+                               v_journal, v_col.name, v_col.type);
+                UPDATE rowsync.captured_tables
+                   SET lost_at = coalesce(lost_at, now()),
+                       lost_reason = coalesce(lost_reason, format('journaled keys could not be converted to %s', v_col.type))
+                 WHERE journal_name = v_ct.journal_name;
+            END;
+            v_done := v_done || format('key column %I of %s is now %s', v_col.name, tbl, v_col.type);
+            v_changed := true;
+        END IF;
+    END LOOP;
+
+    IF v_changed OR v_index IS DISTINCT FROM v_ct.key_index THEN
+        UPDATE rowsync.captured_tables
+           SET key_index = v_index,
+               key_columns = ARRAY(SELECT a.attname FROM unnest(v_pk) WITH ORDINALITY AS k(attnum, ord)
+                                     JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
+                                    ORDER BY k.ord)
+         WHERE journal_name = v_ct.journal_name;
+        PERFORM rowsync.write_capture_function(tbl);
+        IF NOT v_changed THEN
+            v_done := v_done || format('capture of %s written again for its rebuilt primary key', tbl);
+        END IF;
+    END IF;
+    RETURN v_done;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION rowsync.adapt_capture(regclass) FROM PUBLIC;
 
 -- Gives every partition of a captured partitioned table (at every level) statement triggers of its
 -- own, calling the table's capture function: writes made straight into a partition fire only the
@@ -261,42 +542,40 @@ DECLARE
     v_schema     name;
     v_table      name;
     v_keys       name[];
+    v_attnums    int2[];
+    v_index      oid;
     v_key_defs   text;
     v_key_list   text;
-    v_old_keys   text;
-    v_new_keys   text;
     v_old        rowsync.captured_tables%ROWTYPE;
-    v_key_function name;
     v_journal    name;
     v_function   name;
     v_status     text := 'unchanged';
     v_trigger    record;
-    v_txid       name;
     v_current    oid;
     v_replaced   oid[] := '{}';
+    v_txid       name;
     v_partitioned boolean;
 BEGIN
     SELECT n.nspname, c.relname, c.relkind = 'p' INTO v_schema, v_table, v_partitioned
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = tbl;
 
-    SELECT array_agg(a.attname ORDER BY k.ord),
+    SELECT array_agg(a.attname ORDER BY k.ord), array_agg(a.attnum ORDER BY k.ord), i.indexrelid,
            -- The key as the table has it: type, modifier and collation.
            string_agg(format('%I %s%s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod),
                              CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
                                   THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END),
                       ', ' ORDER BY k.ord),
-           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
-           string_agg(format('OLD.%I', a.attname), ', ' ORDER BY k.ord),
-           string_agg(format('NEW.%I', a.attname), ', ' ORDER BY k.ord)
-      INTO v_keys, v_key_defs, v_key_list, v_old_keys, v_new_keys
+           string_agg(format('%I', a.attname), ', ' ORDER BY k.ord)
+      INTO v_keys, v_attnums, v_index, v_key_defs, v_key_list
       FROM pg_index i
      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
       JOIN pg_type ty ON ty.oid = a.atttypid
       LEFT JOIN pg_collation co ON co.oid = a.attcollation
       LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
-     WHERE i.indrelid = tbl AND i.indisprimary;
+     WHERE i.indrelid = tbl AND i.indisprimary
+     GROUP BY i.indexrelid;
     IF v_keys IS NULL THEN
         RAISE EXCEPTION 'rowsync: table %.% has no primary key', v_schema, v_table
             USING HINT = 'rowsync identifies rows by the primary key; add one to the source table.';
@@ -305,13 +584,31 @@ BEGIN
     -- Serialise concurrent installs of the same table.
     PERFORM pg_advisory_xact_lock(hashtext('rowsync.install_capture'), tbl::oid::int);
 
-    SELECT * INTO v_old FROM rowsync.captured_tables
-     WHERE table_schema = v_schema AND table_name = v_table;
-    IF FOUND AND v_old.key_columns IS DISTINCT FROM v_keys THEN
-        -- The primary key changed: the journal's layout no longer fits. Start capture afresh.
-        PERFORM rowsync.uninstall_capture(tbl);
-        v_old := NULL;
-        v_status := 'repaired';
+    v_old := rowsync.captured(tbl);
+    IF v_old.journal_name IS NULL THEN
+        -- Capture recorded under this name belongs to another table: one renamed away since
+        -- (its capture follows it), or one dropped (its triggers went with it).
+        SELECT * INTO v_old FROM rowsync.captured_tables
+         WHERE table_schema = v_schema AND table_name = v_table;
+        IF FOUND THEN
+            IF EXISTS (SELECT 1 FROM pg_class WHERE oid = v_old.relid) THEN
+                PERFORM rowsync.adapt_capture(v_old.relid);
+            ELSE
+                PERFORM rowsync.forget_capture(v_old.journal_name, v_old.relid);
+            END IF;
+            v_old := NULL;
+        END IF;
+    ELSE
+        -- Follow what migrations did since (renames, retyped key columns).
+        PERFORM rowsync.adapt_capture(tbl);
+        v_old := rowsync.captured(tbl);
+        IF v_old.lost_at IS NOT NULL OR v_old.key_attnums IS DISTINCT FROM v_attnums THEN
+            -- Capture could not follow (another primary key, keys it could not journal): start
+            -- afresh; the copy that follows reads every row.
+            PERFORM rowsync.uninstall_capture(tbl);
+            v_old := NULL;
+            v_status := 'repaired';
+        END IF;
     END IF;
 
     IF v_old.journal_name IS NOT NULL THEN
@@ -324,14 +621,13 @@ BEGIN
            OR EXISTS (SELECT 1 FROM rowsync.captured_tables WHERE journal_name = v_journal) THEN
             v_journal := rowsync.left_bytes(v_schema || '_' || v_table, 30) || '_' || tbl::oid || '_journal';
         END IF;
-        INSERT INTO rowsync.captured_tables (table_schema, table_name, journal_name, key_columns)
-        VALUES (v_schema, v_table, v_journal, v_keys);
+        INSERT INTO rowsync.captured_tables (table_schema, table_name, journal_name, key_columns, relid, key_attnums)
+        VALUES (v_schema, v_table, v_journal, v_keys, tbl, v_attnums);
         IF v_status = 'unchanged' THEN
             v_status := 'installed';
         END IF;
     END IF;
     v_function := rowsync.function_base(v_journal, tbl) || '_capture';
-    v_key_function := v_function || '_key';
 
     IF to_regclass(format('rowsync.%I', v_journal)) IS NULL THEN
         -- The first column is the writer's transaction id (rowsync finds it by position, so a
@@ -356,102 +652,47 @@ BEGIN
     EXECUTE format('REVOKE INSERT ON rowsync.%I FROM PUBLIC', v_journal);
     EXECUTE format('GRANT INSERT (%s) ON rowsync.%I TO PUBLIC', v_key_list, v_journal);
 
-    -- Static SQL per table: plpgsql caches the plans. Every name in it is schema-qualified, so the
-    -- functions need no SET search_path (which would cost a configuration save and restore on
-    -- every write statement).
-    --
-    -- What a write costs: one INSERT of the changed keys from the statement's transition table,
-    -- which also reads the doorbell in the same statement (a data-modifying CTE: one executor run,
-    -- not two). UPDATE reads only the NEW transition table; the rare key change, whose old key must
-    -- be journaled too, is caught by a row trigger that fires only when the key columns are
-    -- assigned and actually change. TRUNCATE fires no row triggers and has no transition tables,
-    -- so a BEFORE TRUNCATE trigger journals every key that is about to go.
-    EXECUTE format($fn$
-        CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
-        DECLARE
-            v_armed boolean;
-        BEGIN
-            IF TG_OP = 'DELETE' THEN
-                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_old)
-                SELECT armed INTO v_armed FROM rowsync.doorbell;
-            ELSIF TG_OP = 'TRUNCATE' THEN
-                -- The table itself or one of its partitions (rare: the plan is not worth caching).
-                EXECUTE 'INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM ' || TG_RELID::regclass;
-                SELECT armed INTO v_armed FROM rowsync.doorbell;
-            ELSIF TG_NARGS > 0 THEN
-                -- UPDATE of a partitioned table: a row moved to another partition changed its
-                -- key (the partition key is part of it) without firing any row UPDATE trigger.
-                WITH j AS (INSERT INTO rowsync.%2$I (%3$s)
-                           SELECT %3$s FROM rowsync_old UNION SELECT %3$s FROM rowsync_new)
-                SELECT armed INTO v_armed FROM rowsync.doorbell;
-            ELSE
-                WITH j AS (INSERT INTO rowsync.%2$I (%3$s) SELECT %3$s FROM rowsync_new)
-                SELECT armed INTO v_armed FROM rowsync.doorbell;
-            END IF;
-            IF v_armed THEN
-                PERFORM rowsync.ring_doorbell();
-            END IF;
-            RETURN NULL;
-        END
-        $body$
-    $fn$, v_function, v_journal, v_key_list);
-    EXECUTE format($fn$
-        CREATE OR REPLACE FUNCTION rowsync.%1$I() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
-        BEGIN
-            INSERT INTO rowsync.%2$I (%3$s) VALUES (%4$s);
-            IF (SELECT armed FROM rowsync.doorbell) THEN
-                PERFORM rowsync.ring_doorbell();
-            END IF;
-            RETURN NULL;
-        END
-        $body$
-    $fn$, v_key_function, v_journal, v_key_list, v_old_keys);
+    UPDATE rowsync.captured_tables SET key_index = v_index, key_attnums = v_attnums
+     WHERE journal_name = v_journal;
+    PERFORM rowsync.write_capture_function(tbl);
 
-    -- Triggers of an older definition (version 1 read an OLD transition table on every UPDATE)
-    -- are re-created inside this transaction: the table stays locked throughout, so no write
-    -- escapes capture and nothing needs copying again.
-    IF v_old.journal_name IS NOT NULL AND coalesce(v_old.capture_version, 1) < 2 THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_update ON %s', tbl);
+    -- Triggers of an older definition are re-created inside this transaction: the table stays
+    -- locked throughout, so no write escapes capture and nothing needs copying again. Version 1
+    -- read an OLD transition table on every UPDATE; version 2 read only the NEW one and caught key
+    -- changes with a row trigger on the key columns, which made PostgreSQL refuse to change their
+    -- type; version 3 reads both again, and its triggers name no column.
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl
+                  AND tgname = 'rowsync_capture_update' AND tgoldtable IS NULL) THEN
+        EXECUTE format('DROP TRIGGER rowsync_capture_update ON %s', tbl);
         IF v_status = 'unchanged' THEN
             v_status := 'upgraded';
         END IF;
     END IF;
-    -- A partitioned table's UPDATE trigger reads the OLD rows too (rows moved between
-    -- partitions), and its partitions journal TRUNCATE (truncating the table fires theirs).
-    -- Earlier versions gave partitioned tables the plain definition.
-    IF v_partitioned THEN
-        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl
-                      AND tgname = 'rowsync_capture_update' AND tgoldtable IS NULL) THEN
-            EXECUTE format('DROP TRIGGER rowsync_capture_update ON %s', tbl);
-            IF v_status = 'unchanged' THEN
-                v_status := 'upgraded';
-            END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'rowsync_capture_key') THEN
+        EXECUTE format('DROP TRIGGER rowsync_capture_key ON %s', tbl);
+        IF v_status = 'unchanged' THEN
+            v_status := 'upgraded';
         END IF;
+    END IF;
+    IF to_regprocedure(format('rowsync.%I()', v_function || '_key')) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION rowsync.%I()', v_function || '_key');
+    END IF;
+    -- Truncating a partitioned table fires its partitions' TRUNCATE triggers.
+    IF v_partitioned THEN
         EXECUTE format('DROP TRIGGER IF EXISTS rowsync_capture_truncate ON %s', tbl);
     END IF;
-    UPDATE rowsync.captured_tables SET capture_version = 2
-     WHERE table_schema = v_schema AND table_name = v_table;
+    UPDATE rowsync.captured_tables SET capture_version = 3 WHERE journal_name = v_journal;
 
     -- Create the missing triggers; ENABLE ALWAYS so they fire under session_replication_role =
     -- replica too (pg_restore --disable-triggers and some tools switch it).
-    FOR v_trigger IN
-        SELECT st.name, v_function AS function, st.definition
-          FROM rowsync.statement_triggers(tbl, v_function) st
-        UNION ALL
-        SELECT 'rowsync_capture_key', v_key_function, format(
-                'AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (ROW(%s) IS DISTINCT FROM ROW(%s)) EXECUTE FUNCTION rowsync.%I()',
-                v_key_list, tbl, v_old_keys, v_new_keys, v_key_function)
-    LOOP
+    FOR v_trigger IN SELECT * FROM rowsync.statement_triggers(tbl, v_function) LOOP
         -- A trigger calling another function (earlier versions named the functions of long
         -- table names so that two of them could be cut to the same 63 bytes) is re-created in
         -- this transaction, which keeps the table locked: no write escapes capture meanwhile.
         SELECT tg.tgfoid INTO v_current
           FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
          WHERE tg.tgrelid = tbl AND tg.tgname = v_trigger.name
-           AND (p.proname <> v_trigger.function
-                OR p.pronamespace <> 'rowsync'::regnamespace);
+           AND (p.proname <> v_function OR p.pronamespace <> 'rowsync'::regnamespace);
         IF FOUND THEN
             EXECUTE format('DROP TRIGGER %I ON %s', v_trigger.name, tbl);
             v_replaced := v_replaced || v_current;
@@ -488,6 +729,21 @@ BEGIN
 END
 $install$;
 
+-- Drops what was left of the capture of a table that no longer exists (dropped: its triggers went
+-- with it): its functions, journal and rows.
+CREATE OR REPLACE FUNCTION rowsync.forget_capture(journal name, tbl oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()', rowsync.function_base(journal, tbl) || '_capture_key');
+    EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()', rowsync.function_base(journal, tbl) || '_capture');
+    EXECUTE format('DROP TABLE IF EXISTS rowsync.%I', journal);
+    DELETE FROM rowsync.captured_partitions cp USING rowsync.captured_tables ct
+     WHERE ct.journal_name = journal
+       AND (cp.table_schema, cp.table_name) = (ct.table_schema, ct.table_name);
+    DELETE FROM rowsync.captured_tables WHERE journal_name = journal;
+END
+$$;
+
 -- Removes capture for one table: its triggers, trigger function and journal.
 CREATE OR REPLACE FUNCTION rowsync.uninstall_capture(tbl regclass) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -509,58 +765,69 @@ BEGIN
     DELETE FROM rowsync.captured_partitions
      WHERE table_schema = v_row.table_schema AND table_name = v_row.table_name;
     IF v_row.journal_name IS NOT NULL THEN
-        EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
-                       rowsync.function_base(v_row.journal_name, tbl) || '_capture_key');
-        EXECUTE format('DROP FUNCTION IF EXISTS rowsync.%I()',
-                       rowsync.function_base(v_row.journal_name, tbl) || '_capture');
-        EXECUTE format('DROP TABLE IF EXISTS rowsync.%I', v_row.journal_name);
-        DELETE FROM rowsync.captured_tables
-         WHERE table_schema = v_row.table_schema AND table_name = v_row.table_name;
+        PERFORM rowsync.forget_capture(v_row.journal_name, tbl);
     END IF;
 END
 $$;
 
--- Follows partitions as they come and go, in the transaction of the DDL itself, so that no write
--- into a new partition escapes capture: after CREATE TABLE … PARTITION OF, ATTACH PARTITION and
--- DETACH PARTITION on a captured table, calls capture_partitions. It never makes the DDL fail (a
--- problem is a WARNING; the daemon checks partitions at every sweep and catches up).
-CREATE OR REPLACE FUNCTION rowsync.follow_partitions() RETURNS event_trigger
+-- Follows migrations on captured tables in the transaction of the DDL itself, so that no write
+-- sees capture out of date: after ALTER TABLE (columns renamed or retyped, the table renamed,
+-- partitions attached or detached) and CREATE TABLE … PARTITION OF, adapts the table's capture
+-- (adapt_capture) and captures its partitions (capture_partitions). It never makes the DDL fail
+-- (a problem is a WARNING: writes are still journaled, by dynamic SQL, and the daemon adapts
+-- capture when it sees the columns change).
+CREATE OR REPLACE FUNCTION rowsync.follow_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_table regclass;
+    v_table record;
 BEGIN
     FOR v_table IN
-        SELECT DISTINCT c.oid::regclass
+        SELECT DISTINCT ct.relid::regclass AS rel, c.relkind = 'p' AS partitioned
           FROM pg_event_trigger_ddl_commands() cmd,
                rowsync.captured_tables ct
-          JOIN pg_namespace n ON n.nspname = ct.table_schema
-          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ct.table_name
-         WHERE cmd.classid = 'pg_class'::regclass AND c.relkind = 'p'
-           AND (cmd.objid = c.oid OR cmd.objid IN (SELECT relid FROM pg_partition_tree(c.oid)))
+          JOIN pg_class c ON c.oid = ct.relid
+         WHERE cmd.classid = 'pg_class'::regclass
+           AND (cmd.objid = ct.relid
+                OR (c.relkind = 'p' AND cmd.objid IN (SELECT relid FROM pg_partition_tree(ct.relid))))
     LOOP
         BEGIN
-            PERFORM rowsync.capture_partitions(v_table);
+            PERFORM rowsync.adapt_capture(v_table.rel);
+            IF v_table.partitioned THEN
+                PERFORM rowsync.capture_partitions(v_table.rel);
+            END IF;
         EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'rowsync: could not capture the partitions of %: %', v_table, SQLERRM
-                USING HINT = 'rowsync captures them at its next sweep if its role may; run rowsync setup otherwise.';
+            RAISE WARNING 'rowsync: could not adapt the capture of %: %', v_table.rel, SQLERRM
+                USING HINT = 'Writes are still captured; rowsync adapts capture at its next sweep if its role may, run rowsync setup otherwise.';
         END;
     END LOOP;
 EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'rowsync: could not follow partitions: %', SQLERRM;
+    RAISE WARNING 'rowsync: could not follow a migration: %', SQLERRM;
+END
+$$;
+-- Earlier versions' event trigger, which followed partitions only.
+DO $$
+BEGIN
+    DROP EVENT TRIGGER IF EXISTS rowsync_follow_partitions;
+    DROP FUNCTION IF EXISTS rowsync.follow_partitions();
+EXCEPTION WHEN insufficient_privilege OR dependent_objects_still_exist THEN
+    RAISE NOTICE 'rowsync: the event trigger rowsync_follow_partitions stays (only its owner may drop it)';
 END
 $$;
 
 -- Creating an event trigger needs a superuser (or, on some managed services, their admin role).
--- Without one, the daemon captures new partitions at its next sweep instead (and journals their
--- rows then, so nothing written meanwhile is missed; it only arrives later).
+-- Without one, writes after a migration are journaled by dynamic SQL until the daemon adapts
+-- capture (at its next sweep), and new partitions are captured then (their rows journaled, so
+-- nothing written meanwhile is missed; it only arrives later). ENABLE ALWAYS: it fires under
+-- session_replication_role = replica too.
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'rowsync_follow_partitions') THEN
-        CREATE EVENT TRIGGER rowsync_follow_partitions ON ddl_command_end
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'rowsync_follow_ddl') THEN
+        CREATE EVENT TRIGGER rowsync_follow_ddl ON ddl_command_end
             WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
-            EXECUTE FUNCTION rowsync.follow_partitions();
+            EXECUTE FUNCTION rowsync.follow_ddl();
+        ALTER EVENT TRIGGER rowsync_follow_ddl ENABLE ALWAYS;
     END IF;
 EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'rowsync: no event trigger (it needs a superuser): new partitions are captured at the next sweep';
+    RAISE NOTICE 'rowsync: no event trigger (it needs a superuser): capture follows migrations and new partitions at the daemon''s next sweep';
 END
 $$;

@@ -95,7 +95,7 @@ async fn partitions_attached_and_detached_without_an_event_trigger_reach_a_plain
     let source = pair.source().await;
     // As on a managed server where rowsync's role may not create one: the sweeps catch up.
     source
-        .batch_execute("DROP EVENT TRIGGER rowsync_follow_partitions")
+        .batch_execute("DROP EVENT TRIGGER rowsync_follow_ddl")
         .await
         .unwrap();
 

@@ -325,9 +325,16 @@ async fn resolve(
         .await
         .context(role, || format!("looking up table {table}"))?;
     let Some(row) = row else {
+        let problem = match renamed_to(client, role, table).await {
+            Some(now) => format!(
+                "was renamed to {now} in the {role} database: name it in SYNC_TABLES and reload \
+                 rowsync (its capture followed it: its changes are journaled meanwhile)"
+            ),
+            None => format!("no such table in the {role} database"),
+        };
         return Err(Error::Schema {
             table: table.to_string(),
-            problem: format!("no such table in the {role} database"),
+            problem,
         });
     };
     let kind: String = row.get(3);
@@ -451,6 +458,41 @@ impl std::fmt::Display for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.table.fmt(f)
     }
+}
+
+/// The name a captured source table has now, if it was renamed from `table` (capture records the
+/// names it had). None when it was not, or when that cannot be told.
+async fn renamed_to(
+    client: &impl GenericClient,
+    role: DatabaseRole,
+    table: &TableRef,
+) -> Option<String> {
+    if role != DatabaseRole::Source {
+        return None;
+    }
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .ok()?;
+    if !row.is_some_and(|row| row.get::<_, bool>(0)) {
+        return None;
+    }
+    // (Through jsonb: captured_tables of an older rowsync has no former_names.)
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.format('%I.%I', ct.table_schema, ct.table_name) \
+               FROM rowsync.captured_tables ct, pg_catalog.to_jsonb(ct) AS j \
+              WHERE j -> 'former_names' ? \
+                    pg_catalog.format('%I.%I', coalesce($1, pg_catalog.current_schema()), $2::text) \
+              LIMIT 1",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .ok()??;
+    Some(row.get(0))
 }
 
 /// The journal of a captured table, from `rowsync.captured_tables` (None when not installed).

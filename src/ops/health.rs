@@ -217,28 +217,52 @@ fn sweep_overdue(figures: &Figures, interval: f64, now: SystemTime) -> Evaluated
 }
 
 fn capture(figures: &Figures) -> Evaluated {
-    let broken: Vec<&String> = figures
+    let broken: Vec<&str> = figures
+        .tables
+        .iter()
+        .filter(|(_, t)| t.capture_intact == Some(false) || t.capture_lost.is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let mut problems = Vec::new();
+    let off: Vec<&String> = figures
         .tables
         .iter()
         .filter(|(_, t)| t.capture_intact == Some(false))
         .map(|(name, _)| name)
         .collect();
+    if !off.is_empty() {
+        problems.push(format!(
+            "capture triggers are disabled or missing on {off:?}"
+        ));
+    }
+    let lost: Vec<String> = figures
+        .tables
+        .iter()
+        .filter_map(|(name, t)| Some(format!("{name} ({})", t.capture_lost.as_ref()?)))
+        .collect();
+    if !lost.is_empty() {
+        problems.push(format!(
+            "writes could not be journaled after a migration on {}",
+            lost.join(", ")
+        ));
+    }
     Evaluated {
         name: "capture",
         check: Check {
-            ok: broken.is_empty(),
+            ok: problems.is_empty(),
             severity: Severity::Critical,
             value: json!(broken),
             threshold: json!([]),
-            message: if broken.is_empty() {
+            message: if problems.is_empty() {
                 "every capture trigger is in place".into()
             } else {
-                format!("capture triggers are disabled or missing on {broken:?}")
+                problems.join("; ")
             },
         },
         advice: "Changes to these tables are not being captured (a restore or ALTER TABLE … \
-                 DISABLE TRIGGER can do that): run `rowsync setup` to repair capture and re-copy \
-                 what was missed."
+                 DISABLE TRIGGER can do that, or a migration capture could not follow, such as a \
+                 new primary key): run `rowsync resync TABLE` (or `rowsync setup`) to repair \
+                 capture and re-copy what was missed."
             .into(),
     }
 }

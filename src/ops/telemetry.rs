@@ -52,6 +52,9 @@ pub(crate) struct TableFigures {
     pub unresolved: usize,
     /// All capture triggers exist and are `ENABLE ALWAYS` (as of the last sweep; None before).
     pub capture_intact: Option<bool>,
+    /// Since when and why writes could not be journaled (a migration capture could not follow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture_lost: Option<String>,
     /// Set while the table's attempts fail (the others go on meanwhile).
     pub failing: Option<TableFailure>,
     /// The source snapshot most recently known to be fully applied was taken at this time.
@@ -312,14 +315,11 @@ impl Telemetry {
         figures.unresolved = unresolved;
     }
 
-    pub(crate) fn set_capture(&self, table: &str, intact: bool) {
+    pub(crate) fn set_capture(&self, table: &str, intact: bool, lost: Option<String>) {
         let mut state = self.lock();
-        state
-            .figures
-            .tables
-            .entry(table.to_string())
-            .or_default()
-            .capture_intact = Some(intact);
+        let figures = state.figures.tables.entry(table.to_string()).or_default();
+        figures.capture_intact = Some(intact);
+        figures.capture_lost = lost;
     }
 
     /// An attempt failed (`consecutive` in a row so far).

@@ -3,9 +3,10 @@
 //! The objects themselves are defined in `sql/capture.sql` (embedded here, installable by hand with
 //! psql), so there is one definition whichever way they are installed.
 
+use deadpool_postgres::Object;
 use tokio_postgres::GenericClient;
 
-use crate::catalog::ident::QualifiedName;
+use crate::catalog::ident::{QualifiedName, TableRef};
 use crate::catalog::mapping::Journal;
 use crate::config::DatabaseRole;
 use crate::error::{Result, SqlContext};
@@ -62,6 +63,51 @@ pub(crate) async fn install_table(
     })
 }
 
+/// Adapts a table's capture to what migrations did to it (`rowsync.adapt_capture`: renamed or
+/// retyped key columns, a renamed table). Returns what it did, one line per change. It waits for
+/// no writer: with the journal locked it gives up, and is tried again.
+pub(crate) async fn adapt(client: &mut Object, table: &TableRef) -> Result<Vec<String>> {
+    let tx = client
+        .transaction()
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("adapting the capture of {table}")
+        })?;
+    tx.batch_execute("SET LOCAL lock_timeout = '200ms'")
+        .await
+        .context(DatabaseRole::Source, || "limiting the lock wait".into())?;
+    // (A table that is not there, renamed away for one, has nothing to adapt.)
+    let done: Option<Vec<String>> = tx
+        .query_opt(
+            "SELECT rowsync.adapt_capture(c) FROM pg_catalog.to_regclass($1) AS c WHERE c IS NOT NULL",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || format!("adapting the capture of {table}"))?
+        .map(|row| row.get(0));
+    tx.commit().await.context(DatabaseRole::Source, || {
+        format!("adapting the capture of {table}")
+    })?;
+    Ok(done.unwrap_or_default())
+}
+
+/// Removes capture from one table (`rowsync.uninstall_capture`). False when it had none (or is
+/// not there).
+pub(crate) async fn uninstall_table(client: &impl GenericClient, table: &TableRef) -> Result<bool> {
+    let row = client
+        .query_opt(
+            "SELECT rowsync.uninstall_capture(c) FROM pg_catalog.to_regclass($1) AS c \
+              WHERE c IS NOT NULL AND pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL \
+                AND (rowsync.captured(c)).journal_name IS NOT NULL",
+            &[&table.quoted()],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            format!("removing capture from {table}")
+        })?;
+    Ok(row.is_some())
+}
+
 /// Arms the doorbell: the next source write will NOTIFY. Returns false when a writer is ringing it
 /// at this moment (a notification is on its way).
 pub(crate) async fn arm_doorbell(client: &impl GenericClient) -> Result<bool> {
@@ -73,12 +119,11 @@ pub(crate) async fn arm_doorbell(client: &impl GenericClient) -> Result<bool> {
 }
 
 /// The capture triggers `rowsync.install_capture` creates on every captured table.
-const CAPTURE_TRIGGERS: [&str; 5] = [
+const CAPTURE_TRIGGERS: [&str; 4] = [
     "rowsync_capture_insert",
     "rowsync_capture_update",
     "rowsync_capture_delete",
     "rowsync_capture_truncate",
-    "rowsync_capture_key",
 ];
 
 /// The capture triggers a table needs (`$1`, given [`CAPTURE_TRIGGERS`] as `$2`): `rels` are the
@@ -148,6 +193,9 @@ pub(crate) struct CaptureState {
     pub subscriber: bool,
     /// The table is partitioned: its partitions need triggers of their own.
     pub partitioned: bool,
+    /// Since when, and why, writes to the table could not be journaled (a migration capture could
+    /// not follow, see `rowsync.capture_lost`); None while capture holds.
+    pub lost: Option<String>,
 }
 
 pub(crate) async fn capture_state(
@@ -169,9 +217,12 @@ pub(crate) async fn capture_state(
                                                           AND tg.tgenabled = 'A')), \
                         EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel \
                                  WHERE srrelid = $1::text::regclass), \
-                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1::text::regclass)"
+                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1::text::regclass), \
+                        (SELECT pg_catalog.format('since %s: %s', j ->> 'lost_at', j ->> 'lost_reason') \
+                           FROM rowsync.captured_tables ct, pg_catalog.to_jsonb(ct) AS j \
+                          WHERE ct.table_schema = $3 AND ct.table_name = $4 AND j ->> 'lost_at' IS NOT NULL)"
             ),
-            &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
+            &[&table.quoted(), &&CAPTURE_TRIGGERS[..], &table.schema, &table.name],
         )
         .await
         .context(DatabaseRole::Source, || format!("checking the capture of {table}"))?;
@@ -180,6 +231,7 @@ pub(crate) async fn capture_state(
         intact: row.get(1),
         subscriber: row.get(2),
         partitioned: row.get(3),
+        lost: row.get(4),
     })
 }
 

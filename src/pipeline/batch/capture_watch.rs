@@ -32,6 +32,13 @@ impl CaptureWatch {
                 "capture triggers are disabled or missing: changes are not captured; run `rowsync setup` to repair"
             );
         }
+        if let Some(lost) = &state.lost {
+            tracing::warn!(
+                table = %table,
+                lost = %lost,
+                "writes to the table could not be journaled after a migration; run `rowsync resync {table}` to copy it again"
+            );
+        }
         let changed = self
             .seen
             .as_ref()
@@ -44,7 +51,9 @@ impl CaptureWatch {
         match self.mode {
             LookbackMode::Always => true,
             LookbackMode::Never => false,
-            LookbackMode::Auto => first || changed || state.subscriber || !state.intact,
+            LookbackMode::Auto => {
+                first || changed || state.subscriber || !state.intact || state.lost.is_some()
+            }
         }
     }
 }

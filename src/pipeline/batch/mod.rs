@@ -405,7 +405,8 @@ impl TableSync {
         let state = capture::capture_state(&**stx, &self.mapping.source)
             .within(self.limit, SOURCE, || "checking capture".into())
             .await?;
-        self.telemetry.set_capture(&name, state.intact);
+        self.telemetry
+            .set_capture(&name, state.intact, state.lost.clone());
         // Every sweep: a detached partition leaves the triggers of the others intact.
         self.partitions_due = state.partitioned;
         let wanted = self.capture.look_back(&name, state);

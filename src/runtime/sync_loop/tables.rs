@@ -7,10 +7,13 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::TableMapping;
+use crate::config::DatabaseRole;
+use crate::connection::{SessionLimits, Within};
 use crate::error::Result;
 use crate::pipeline::batch::TableSync;
 use crate::runtime::daemon::Context;
 use crate::runtime::retry::Retrying;
+use crate::source::capture;
 
 /// One table of the configuration.
 pub(crate) struct Table {
@@ -57,6 +60,8 @@ impl Table {
             telemetry,
             ..
         } = context;
+        // Before the mapping is read: a journal not yet adapted to the key would fail every batch.
+        adapt_capture(context, &self.reference).await;
         let mut sync = TableSync::load(pools, &self.reference, settings, telemetry.clone()).await?;
         // Rows left over are skipped by every batch anyway: failing to delete them (a role without
         // DELETE on the journal) must not keep the table from syncing. The `journal` health check
@@ -108,5 +113,31 @@ impl Table {
 
     pub(super) fn failures(&self) -> u32 {
         self.retrying.failures()
+    }
+}
+
+/// Adapts the table's capture to what migrations did to it (renamed or retyped key columns, a
+/// renamed table) where the event trigger has not already, so that writes are journaled by the
+/// capture function's static SQL again rather than its dynamic fallback. Best effort: without
+/// EXECUTE on `rowsync.adapt_capture` writes stay on the fallback, slower but captured.
+async fn adapt_capture(context: &Context, table: &TableRef) {
+    let limit = SessionLimits::from_settings(&context.settings).client_timeout();
+    let adapted = async {
+        let mut source = context.pools.source().await?;
+        capture::adapt(&mut source, table).await
+    }
+    .within(limit, DatabaseRole::Source, || {
+        format!("adapting the capture of {table}")
+    })
+    .await;
+    match adapted {
+        Ok(done) => {
+            for line in done {
+                info!(table = %table, "capture adapted: {line}");
+            }
+        }
+        Err(err) => {
+            warn!(table = %table, error = %crate::error::chain(&err), "could not adapt capture to the table's new columns: writes are journaled by the slower fallback until it is (rowsync's source role needs EXECUTE on rowsync.adapt_capture, or run rowsync setup)");
+        }
     }
 }
