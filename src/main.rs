@@ -27,8 +27,21 @@ enum Command {
     /// Install capture on the source and migrations on the target, then copy existing rows.
     /// Idempotent.
     Setup,
-    /// Run the sync daemon until SIGTERM or SIGINT.
+    /// Run the sync daemon until SIGTERM or SIGINT (SIGHUP re-reads the configuration).
     Run,
+    /// Copy the named tables again (merging into the target, as setup does) while the daemon, if
+    /// running, keeps streaming; changes made during the copy are not lost.
+    Resync {
+        /// Tables of SYNC_TABLES, as `table` or `schema.table`.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
+    /// Remove capture (triggers, function, journal) from the named source tables.
+    Teardown {
+        /// Source tables, as `table` or `schema.table`.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
     /// Compare source and target; exit 0 when consistent, 1 when not.
     Verify {
         /// Re-check an inconsistent table this many times, a second apart (writes in flight).
@@ -98,6 +111,17 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             (Command::Setup, Some(settings)) => {
                 let tables = setup::setup(&settings).await?;
                 print!("{}", setup::summary(&tables));
+                Ok(ExitCode::SUCCESS)
+            }
+            (Command::Resync { tables }, Some(settings)) => {
+                let done = setup::resync(&settings, &tables).await?;
+                print!("{}", setup::summary(&done));
+                Ok(ExitCode::SUCCESS)
+            }
+            (Command::Teardown { tables }, Some(settings)) => {
+                for line in setup::teardown(&settings, &tables).await? {
+                    println!("{line}");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             (Command::Run, Some(settings)) => {

@@ -56,7 +56,7 @@ pub enum DemoOutcome {
 }
 
 pub async fn demo(options: DemoOptions) -> Result<DemoOutcome> {
-    let interrupt = shutdown::on_signals()?;
+    let interrupt = shutdown::on_signals(Arc::new(tokio::sync::Notify::new()))?;
     say("Starting two throwaway PostgreSQL servers (backend and chat app)…");
     // Started here, on the thread that runs this future, so they are stopped if this process dies.
     let backend = LocalServer::start("backend", ServerOptions::default())?;
@@ -116,6 +116,7 @@ async fn run_demo(
         pools: pools.clone(),
         telemetry: stats.clone(),
         requests: Arc::new(SweepRequests::default()),
+        tables: tokio::sync::watch::channel(settings.tables.clone()).1,
     };
     let daemon = tokio::spawn(daemon::run(context, stop_daemon.clone()));
     let started = Instant::now();

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Settings;
+use crate::catalog::ident::TableRef;
+use crate::config::{Env, Settings};
 use crate::connection::Pools;
 use crate::error::{Error, Result};
 use crate::ops::http;
@@ -20,7 +22,10 @@ use crate::runtime::shutdown;
 /// Runs until SIGTERM or SIGINT, then lets the in-flight batch finish within
 /// `SHUTDOWN_TIMEOUT_SECONDS` (after that it is abandoned and rolled back by the server).
 pub async fn run(settings: Arc<Settings>) -> Result<()> {
-    let token = shutdown::on_signals()?;
+    let reload = Arc::new(Notify::new());
+    let token = shutdown::on_signals(reload.clone())?;
+    let (tables_tx, tables) = watch::channel(settings.tables.clone());
+    let reloader = tokio::spawn(reload_on_signal(reload, tables_tx, settings.clone()));
     let telemetry = Arc::new(Telemetry::new());
     let pools = Pools::new(&settings)?;
     info!(
@@ -34,6 +39,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
         pools: pools.clone(),
         telemetry: telemetry.clone(),
         requests: Arc::new(SweepRequests::default()),
+        tables,
     };
     let http = match settings.health_addr {
         Some(addr) => Some(http::serve(addr, context.clone()).await?),
@@ -72,6 +78,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
     };
     notifier.stopping();
     systemd.abort();
+    reloader.abort();
     if let Some(http) = http {
         // Without a signal (the daemon failed), a moment for answers in flight.
         let grace = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -179,4 +186,45 @@ fn log_final(telemetry: &Telemetry) {
         errors = stats.errors,
         "rowsync stopped"
     );
+}
+
+/// On each SIGHUP, reads the configuration again (the process environment, which cannot change,
+/// and `.env` as it is now) and hands the sync loop the new table list: tables added are set up
+/// while the others keep streaming, tables removed stop being applied. Other settings take effect
+/// at the next start (said in the log when they differ). A configuration that does not parse is
+/// rejected and the running one kept.
+async fn reload_on_signal(
+    reload: Arc<Notify>,
+    tables: watch::Sender<Vec<TableRef>>,
+    running: Arc<Settings>,
+) {
+    loop {
+        reload.notified().await;
+        let read = Env::from_process().and_then(|env| Settings::from_env(&env));
+        let new = match read {
+            Ok(new) => new,
+            Err(err) => {
+                tracing::error!(error = %err, "the new configuration is rejected; the running one is kept");
+                continue;
+            }
+        };
+        if format!(
+            "{:?}",
+            Settings {
+                tables: running.tables.clone(),
+                ..new.clone()
+            }
+        ) != format!("{running:?}")
+        {
+            warn!(
+                "the new configuration changes more than SYNC_TABLES: the other changes take effect at the next start"
+            );
+        }
+        info!(
+            tables = ?new.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "configuration reloaded"
+        );
+        // Sent even when unchanged: tables whose setup failed are tried again.
+        tables.send_replace(new.tables);
+    }
 }

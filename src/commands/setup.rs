@@ -2,8 +2,9 @@
 
 use std::fmt::Write as _;
 
+use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::load_mapping;
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::pipeline::apply::Counts;
@@ -29,12 +30,89 @@ pub struct TableSetup {
 /// queue the application's writes behind it.
 pub async fn setup(settings: &Settings) -> Result<Vec<TableSetup>> {
     let pools = Pools::new(settings)?;
-    let result = setup_with(settings, &pools).await;
+    let result = setup_tables(settings, &pools, &settings.tables, false).await;
     pools.close();
     result
 }
 
-async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup>> {
+/// `rowsync resync TABLE…`: setup for the named tables only (they must be in `SYNC_TABLES`), with
+/// a fresh copy even when capture is intact. The copy merges into the target as setup's does, and
+/// changes made while it runs are journaled and applied after it, so a running daemon may go on
+/// streaming meanwhile (its batches of these tables wait for the copy, the others' do not).
+pub async fn resync(settings: &Settings, names: &[String]) -> Result<Vec<TableSetup>> {
+    let tables = configured(settings, names)?;
+    let pools = Pools::new(settings)?;
+    let result = setup_tables(settings, &pools, &tables, true).await;
+    pools.close();
+    result
+}
+
+/// `rowsync teardown TABLE…`: removes capture (triggers, function, journal) from the named source
+/// tables, which need not be in `SYNC_TABLES` any more. The target's rows and rowsync's records
+/// stay; a later `setup` of such a table copies it afresh.
+pub async fn teardown(settings: &Settings, names: &[String]) -> Result<Vec<String>> {
+    let mut tables = Vec::new();
+    for name in names {
+        tables.push(
+            TableRef::parse(name)
+                .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")))?,
+        );
+    }
+    let pools = Pools::new(settings)?;
+    let result = async {
+        let mut done = Vec::new();
+        for table in &tables {
+            let removed = transient(&settings.retry, "removing capture", || async {
+                capture::uninstall_table(&**pools.source().await?, table).await
+            })
+            .await?;
+            done.push(if removed {
+                format!("{table}: capture removed")
+            } else {
+                format!("{table}: not captured, nothing to do")
+            });
+        }
+        Ok(done)
+    }
+    .await;
+    pools.close();
+    result
+}
+
+/// The tables of `SYNC_TABLES` that `names` name (a name without a schema matches the table of
+/// that name in any schema it was configured with). A name that is not configured is an error.
+fn configured(settings: &Settings, names: &[String]) -> Result<Vec<TableRef>> {
+    let mut tables = Vec::new();
+    for name in names {
+        let wanted = TableRef::parse(name)
+            .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")))?;
+        let found = settings.tables.iter().find(|t| {
+            **t == wanted
+                || (t.name == wanted.name && (t.schema.is_none() || wanted.schema.is_none()))
+        });
+        match found {
+            Some(table) if !tables.contains(table) => tables.push(table.clone()),
+            Some(_) => {}
+            None => {
+                return Err(ConfigError::new(
+                    "SYNC_TABLES",
+                    format!("does not list {wanted}: only configured tables can be resynced"),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Setup for `tables` (of `SYNC_TABLES`): `copy_anyway` copies even tables whose capture is
+/// intact and which were copied before.
+pub(crate) async fn setup_tables(
+    settings: &Settings,
+    pools: &Pools,
+    tables: &[TableRef],
+    copy_anyway: bool,
+) -> Result<Vec<TableSetup>> {
     let retry = &settings.retry;
     let applied = transient(retry, "migrating the target", || async {
         let mut target = pools.target().await?;
@@ -50,7 +128,7 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
     .await?;
 
     let mut done = Vec::new();
-    for table in &settings.tables {
+    for table in tables {
         // Check the mapping before touching the source: a table the target cannot take gets no
         // triggers.
         let mapping = transient(retry, "reading the table definitions", || async {
@@ -72,7 +150,7 @@ async fn setup_with(settings: &Settings, pools: &Pools) -> Result<Vec<TableSetup
         let name = mapping.name();
         tracing::info!(table = %name, capture = ?status, "capture in place");
         let intact = matches!(status, InstallStatus::Unchanged | InstallStatus::Upgraded);
-        let copy = if intact && copied_before {
+        let copy = if intact && copied_before && !copy_anyway {
             None
         } else {
             tracing::info!(table = %name, "copying existing rows");

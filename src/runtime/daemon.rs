@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::catalog::ident::TableRef;
 use crate::config::Settings;
 use crate::connection::Pools;
 use crate::error::policy;
@@ -30,6 +31,8 @@ pub(crate) struct Context {
     pub(crate) pools: Pools,
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) requests: Arc<SweepRequests>,
+    /// The tables to sync, as the configuration says now (a reload may change them).
+    pub(crate) tables: watch::Receiver<Vec<TableRef>>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled: standing by, or active, as the leader lock says.
@@ -115,7 +118,8 @@ async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec
     }
     let mut tables = Vec::new();
     let mut not_set_up = None;
-    for reference in &context.settings.tables {
+    let configured = context.tables.borrow().clone();
+    for reference in &configured {
         let mut table = Table::new(reference.clone(), context);
         match table.load(context).await {
             Ok(_) => {}

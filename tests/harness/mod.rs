@@ -260,6 +260,15 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
+    /// Whether the process has not exited.
+    pub(crate) fn is_running(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        let exists = unsafe { libc::kill(self.pid(), 0) == 0 };
+        exists
+            && std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+    }
+
     pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -16,6 +16,7 @@
 //! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
 //! the in-flight batch may take (`SHUTDOWN_TIMEOUT_SECONDS`).
 
+mod configuration;
 mod failures;
 mod sweep;
 mod tables;
@@ -25,10 +26,12 @@ pub(crate) use self::tables::Table;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::catalog::ident::TableRef;
 use crate::config::DatabaseRole;
 use crate::connection::{SessionLimits, Within};
 use crate::error::Result;
@@ -37,6 +40,8 @@ use crate::runtime::daemon::Context;
 use crate::runtime::yielding::{Yield, Yielder};
 use crate::source::capture;
 use crate::source::listener::ListenerState;
+
+use self::configuration::configuration_changed;
 
 /// Under a continuous stream of changes, how long to let changes gather before the next batch,
 /// given how many rows the last pass applied: 0.2 ms per row, between 10 and 40 ms.
@@ -59,6 +64,10 @@ pub(crate) struct SyncLoop {
     shutdown: CancellationToken,
     yielder: Yielder,
     next_sweep: Instant,
+    /// The configured table list, which a reload may change (see [`configuration`]).
+    configured: watch::Receiver<Vec<TableRef>>,
+    /// Tables added by a reload, being set up (capture, copy) in the background.
+    adding: Vec<(TableRef, JoinHandle<Result<()>>)>,
 }
 
 /// What one pass (or several) did.
@@ -108,6 +117,8 @@ impl SyncLoop {
             // The first sweep runs at once: it catches up on everything journaled while rowsync
             // was stopped, and on rows updated within the lookback window.
             next_sweep: Instant::now(),
+            configured: context.tables.clone(),
+            adding: Vec::new(),
             context,
             tables,
             wake,
@@ -140,6 +151,7 @@ impl SyncLoop {
     /// One pass, or the sweep when it is due; then what to do next.
     async fn turn(&mut self) -> Next {
         self.context.telemetry.beat();
+        self.follow_configuration().await;
         let pass_started = Instant::now();
         let sweep_due = pass_started >= self.next_sweep;
         let outcome = if sweep_due {
@@ -202,6 +214,7 @@ impl SyncLoop {
             _ = self.shutdown.cancelled() => return Next::Stop,
             _ = context.requests.requested() => self.next_sweep = Instant::now(),
             _ = self.wake.notified() => {}
+            _ = configuration_changed(self.configured.clone()) => {}
             _ = tokio::time::sleep(context.settings.poll_interval) => {}
             _ = tokio::time::sleep_until(self.next_sweep.into()) => {}
         }

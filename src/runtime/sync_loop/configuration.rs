@@ -1,0 +1,81 @@
+//! Tables that come and go while the daemon runs: a reload (SIGHUP) hands the loop a new table
+//! list. A table removed stops being applied at once (its capture stays until `rowsync teardown`);
+//! a table added is set up in the background, as `rowsync setup` would (capture, then a copy
+//! merged into the target), while the others keep streaming, and joins the loop once that is
+//! done. A table whose setup fails is logged, and tried again at the next reload.
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::{SyncLoop, Table};
+use crate::catalog::ident::TableRef;
+use crate::commands::setup;
+
+impl SyncLoop {
+    /// Applies a new table list, and takes in the tables whose setup finished.
+    pub(super) async fn follow_configuration(&mut self) {
+        if self.configured.has_changed().unwrap_or(false) {
+            let wanted = self.configured.borrow_and_update().clone();
+            let telemetry = &self.context.telemetry;
+            self.tables.retain(|table| {
+                let keep = wanted.contains(&table.reference);
+                if !keep {
+                    info!(table = %table.name, "removed from the configuration: no longer applied (its capture stays until `rowsync teardown`)");
+                    telemetry.forget_table(&table.name);
+                }
+                keep
+            });
+            self.adding.retain(|(reference, setup)| {
+                let keep = wanted.contains(reference);
+                if !keep {
+                    setup.abort();
+                }
+                keep
+            });
+            for reference in wanted {
+                let known = self.tables.iter().any(|t| t.reference == reference)
+                    || self.adding.iter().any(|(r, _)| *r == reference);
+                if known {
+                    continue;
+                }
+                info!(table = %reference, "added to the configuration: setting it up (capture, copy) while the other tables keep streaming");
+                let (settings, pools) = (self.context.settings.clone(), self.context.pools.clone());
+                let tables = vec![reference.clone()];
+                let task = tokio::spawn(async move {
+                    setup::setup_tables(&settings, &pools, &tables, false)
+                        .await
+                        .map(|_| ())
+                });
+                self.adding.push((reference, task));
+            }
+        }
+        let mut index = 0;
+        while index < self.adding.len() {
+            if !self.adding[index].1.is_finished() {
+                index += 1;
+                continue;
+            }
+            let (reference, task) = self.adding.remove(index);
+            match task.await {
+                Ok(Ok(())) => {
+                    info!(table = %reference, "set up: syncing it from now on");
+                    self.tables.push(Table::new(reference, &self.context));
+                }
+                Ok(Err(err)) => {
+                    error!(table = %reference, error = %crate::error::chain(&err), "could not set up the table added to the configuration; it is not synced (run `rowsync setup`, then reload again)");
+                }
+                Err(err) => {
+                    error!(table = %reference, error = %err, "setting up the table added to the configuration stopped");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the configured table list changes (never, once nobody can change it). Takes a
+/// clone: the loop's own receiver must still see the change as new.
+pub(super) async fn configuration_changed(mut configured: watch::Receiver<Vec<TableRef>>) {
+    if configured.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
