@@ -500,6 +500,14 @@ BEGIN
     LOOP
         v_new := false;
         FOR v_trigger IN SELECT * FROM rowsync.statement_triggers(v_part.rel, v_function) LOOP
+            -- Earlier versions' UPDATE trigger read only the NEW rows (a key trigger, now gone,
+            -- caught key changes): replaced in this transaction, so no write escapes capture.
+            IF v_trigger.name = 'rowsync_capture_update'
+               AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_part.oid
+                              AND tgname = v_trigger.name AND tgoldtable IS NULL) THEN
+                EXECUTE format('DROP TRIGGER rowsync_capture_update ON %s', v_part.rel);
+                EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
+            END IF;
             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_part.oid AND tgname = v_trigger.name) THEN
                 EXECUTE format('CREATE TRIGGER %I %s', v_trigger.name, v_trigger.definition);
                 v_new := true;
