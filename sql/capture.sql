@@ -191,6 +191,27 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     WHERE NOT (r.partitioned AND t.name = 'rowsync_capture_truncate')
 $$;
 
+-- A column's type as the table has it, for a column definition: type, modifier and collation.
+CREATE OR REPLACE FUNCTION rowsync.column_type(rel oid, attnum int2) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT format_type(a.atttypid, a.atttypmod)
+           || CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+                   THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END
+      FROM pg_attribute a
+      JOIN pg_type ty ON ty.oid = a.atttypid
+      LEFT JOIN pg_collation co ON co.oid = a.attcollation
+      LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
+     WHERE a.attrelid = rel AND a.attnum = column_type.attnum
+$$;
+
+-- The captured table that `rel` is, or is a partition of (at any level); NULL when none.
+CREATE OR REPLACE FUNCTION rowsync.captured_of(rel regclass) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT ct.relid FROM rowsync.captured_tables ct
+     WHERE ct.relid = rel OR ct.relid IN (SELECT relid FROM pg_partition_ancestors(rel))
+     LIMIT 1
+$$;
+
 -- The statement journaling the keys of a write by dynamic SQL, for a capture function whose static
 -- SQL no longer fits the table (a migration renamed or retyped a key column, and capture has not
 -- been adapted yet: see adapt_capture) and for TRUNCATE. `rel` is the captured table or one of its
@@ -205,9 +226,7 @@ DECLARE
     v_keys   text;
     v_pk     int2[];
 BEGIN
-    SELECT ct.* INTO v_ct FROM rowsync.captured_tables ct
-     WHERE ct.relid = rel OR ct.relid IN (SELECT relid FROM pg_partition_ancestors(rel))
-     LIMIT 1;
+    SELECT ct.* INTO v_ct FROM rowsync.captured_tables ct WHERE ct.relid = rowsync.captured_of(rel);
     IF v_ct.journal_name IS NULL THEN
         RAISE EXCEPTION 'rowsync: % is not captured', rel;
     END IF;
@@ -240,8 +259,7 @@ DECLARE
     v_table oid;
 BEGIN
     SELECT ct.relid INTO v_table FROM rowsync.captured_tables ct
-     WHERE (ct.relid = rel OR ct.relid IN (SELECT relid FROM pg_partition_ancestors(rel)))
-       AND ct.lost_at IS NULL
+     WHERE ct.relid = rowsync.captured_of(rel) AND ct.lost_at IS NULL
        FOR UPDATE SKIP LOCKED;
     IF FOUND THEN
         UPDATE rowsync.captured_tables SET lost_at = now(), lost_reason = reason WHERE relid = v_table;
@@ -384,15 +402,10 @@ BEGIN
     -- Key columns renamed or retyped (matched by attribute number).
     FOR v_col IN
         SELECT a.attname AS name, j.attname AS journal_name,
-               format_type(a.atttypid, a.atttypmod)
-               || CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
-                       THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END AS type,
+               rowsync.column_type(tbl, a.attnum) AS type,
                (a.atttypid, a.atttypmod, a.attcollation) IS DISTINCT FROM (j.atttypid, j.atttypmod, j.attcollation) AS retyped
           FROM unnest(v_ct.key_attnums) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
-          JOIN pg_type ty ON ty.oid = a.atttypid
-          LEFT JOIN pg_collation co ON co.oid = a.attcollation
-          LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
           JOIN pg_attribute j ON j.attrelid = v_journal AND j.attnum = k.ord + 1
          ORDER BY k.ord
     LOOP
@@ -570,18 +583,13 @@ BEGIN
 
     SELECT array_agg(a.attname ORDER BY k.ord), array_agg(a.attnum ORDER BY k.ord), i.indexrelid,
            -- The key as the table has it: type, modifier and collation.
-           string_agg(format('%I %s%s NOT NULL', a.attname, format_type(a.atttypid, a.atttypmod),
-                             CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
-                                  THEN format(' COLLATE %I.%I', cn.nspname, co.collname) ELSE '' END),
+           string_agg(format('%I %s NOT NULL', a.attname, rowsync.column_type(tbl, a.attnum)),
                       ', ' ORDER BY k.ord),
            string_agg(format('%I', a.attname), ', ' ORDER BY k.ord)
       INTO v_keys, v_attnums, v_index, v_key_defs, v_key_list
       FROM pg_index i
      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-      JOIN pg_type ty ON ty.oid = a.atttypid
-      LEFT JOIN pg_collation co ON co.oid = a.attcollation
-      LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
      WHERE i.indrelid = tbl AND i.indisprimary
      GROUP BY i.indexrelid;
     IF v_keys IS NULL THEN

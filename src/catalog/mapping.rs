@@ -460,6 +460,20 @@ impl std::fmt::Display for Journal {
     }
 }
 
+/// Whether the source has rowsync's capture objects (`sql/capture.sql` was installed).
+async fn capture_installed(client: &impl GenericClient) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .context(DatabaseRole::Source, || {
+            "looking for rowsync's capture schema".into()
+        })?
+        .get(0))
+}
+
 /// The name a captured source table has now, if it was renamed from `table` (capture records the
 /// names it had). None when it was not, or when that cannot be told.
 async fn renamed_to(
@@ -470,14 +484,7 @@ async fn renamed_to(
     if role != DatabaseRole::Source {
         return None;
     }
-    let row = client
-        .query_opt(
-            "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
-            &[],
-        )
-        .await
-        .ok()?;
-    if !row.is_some_and(|row| row.get::<_, bool>(0)) {
+    if !capture_installed(client).await.ok()? {
         return None;
     }
     // (Through jsonb: captured_tables of an older rowsync has no former_names.)
@@ -497,17 +504,7 @@ async fn renamed_to(
 
 /// The journal of a captured table, from `rowsync.captured_tables` (None when not installed).
 async fn journal_of(client: &impl GenericClient, table: &QualifiedName) -> Result<Option<Journal>> {
-    let installed: bool = client
-        .query_one(
-            "SELECT pg_catalog.to_regclass('rowsync.captured_tables') IS NOT NULL",
-            &[],
-        )
-        .await
-        .context(DatabaseRole::Source, || {
-            "looking for rowsync's capture schema".into()
-        })?
-        .get(0);
-    if !installed {
+    if !capture_installed(client).await? {
         return Ok(None);
     }
     let row = client

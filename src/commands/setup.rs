@@ -51,13 +51,10 @@ pub async fn resync(settings: &Settings, names: &[String]) -> Result<Vec<TableSe
 /// tables, which need not be in `SYNC_TABLES` any more. The target's rows and rowsync's records
 /// stay; a later `setup` of such a table copies it afresh.
 pub async fn teardown(settings: &Settings, names: &[String]) -> Result<Vec<String>> {
-    let mut tables = Vec::new();
-    for name in names {
-        tables.push(
-            TableRef::parse(name)
-                .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")))?,
-        );
-    }
+    let tables = names
+        .iter()
+        .map(|name| table_argument(name))
+        .collect::<Result<Vec<_>>>()?;
     let pools = Pools::new(settings)?;
     let result = async {
         let mut done = Vec::new();
@@ -79,13 +76,18 @@ pub async fn teardown(settings: &Settings, names: &[String]) -> Result<Vec<Strin
     result
 }
 
+/// A table named on the command line (`TABLE`: exit 2 when it is not a table name).
+fn table_argument(name: &str) -> Result<TableRef> {
+    TableRef::parse(name)
+        .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")).into())
+}
+
 /// The tables of `SYNC_TABLES` that `names` name (a name without a schema matches the table of
 /// that name in any schema it was configured with). A name that is not configured is an error.
 fn configured(settings: &Settings, names: &[String]) -> Result<Vec<TableRef>> {
     let mut tables = Vec::new();
     for name in names {
-        let wanted = TableRef::parse(name)
-            .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")))?;
+        let wanted = table_argument(name)?;
         let found = settings.tables.iter().find(|t| {
             **t == wanted
                 || (t.name == wanted.name && (t.schema.is_none() || wanted.schema.is_none()))

@@ -64,30 +64,53 @@ pub(crate) async fn install_table(
 }
 
 /// Adapts a table's capture to what migrations did to it (`rowsync.adapt_capture`: renamed or
-/// retyped key columns, a renamed table). Returns what it did, one line per change. It waits for
-/// no writer: with the journal locked it gives up, and is tried again.
+/// retyped key columns, a renamed table). Returns what it did, one line per change. A table that
+/// is not there (renamed away, for one) has nothing to adapt.
 pub(crate) async fn adapt(client: &mut Object, table: &TableRef) -> Result<Vec<String>> {
+    call_briefly(client, "adapt_capture", &table.quoted(), || {
+        format!("adapting the capture of {table}")
+    })
+    .await
+}
+
+/// Gives a table's partitions their capture triggers and lets go of detached ones
+/// (`rowsync.capture_partitions`). Returns what it did, one line per partition.
+pub(crate) async fn capture_partitions(
+    client: &mut Object,
+    table: &QualifiedName,
+) -> Result<Vec<String>> {
+    call_briefly(client, "capture_partitions", &table.quoted(), || {
+        format!("capturing the partitions of {table}")
+    })
+    .await
+}
+
+/// Calls `rowsync.<function>(table) RETURNS text[]` in a transaction of its own that waits for no
+/// writer: with a table locked for longer than 200 ms it gives up (the caller tries again later).
+async fn call_briefly(
+    client: &mut Object,
+    function: &str,
+    table: &str,
+    action: impl Fn() -> String,
+) -> Result<Vec<String>> {
     let tx = client
         .transaction()
         .await
-        .context(DatabaseRole::Source, || {
-            format!("adapting the capture of {table}")
-        })?;
+        .context(DatabaseRole::Source, &action)?;
     tx.batch_execute("SET LOCAL lock_timeout = '200ms'")
         .await
         .context(DatabaseRole::Source, || "limiting the lock wait".into())?;
-    // (A table that is not there, renamed away for one, has nothing to adapt.)
     let done: Option<Vec<String>> = tx
         .query_opt(
-            "SELECT rowsync.adapt_capture(c) FROM pg_catalog.to_regclass($1) AS c WHERE c IS NOT NULL",
-            &[&table.quoted()],
+            &format!(
+                "SELECT rowsync.{function}(c) FROM pg_catalog.to_regclass($1) AS c WHERE c IS NOT NULL"
+            ),
+            &[&table],
         )
         .await
-        .context(DatabaseRole::Source, || format!("adapting the capture of {table}"))?
+        .context(DatabaseRole::Source, &action)?
         .map(|row| row.get(0));
-    tx.commit().await.context(DatabaseRole::Source, || {
-        format!("adapting the capture of {table}")
-    })?;
+    tx.commit().await.context(DatabaseRole::Source, &action)?;
     Ok(done.unwrap_or_default())
 }
 

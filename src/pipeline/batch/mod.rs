@@ -41,7 +41,7 @@ use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::{Column, TableMapping, load_mapping};
 use crate::config::{DatabaseRole, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, end_abandoned_sessions};
-use crate::error::{Error, Result, SqlContext as _, policy};
+use crate::error::{Error, Result, policy};
 use crate::ops::telemetry::Telemetry;
 use crate::pipeline::apply::{Applier, ChunkOutcome, Counts, Mode, connection_lost};
 use crate::pipeline::changes::ChangeQueries;
@@ -243,25 +243,7 @@ impl TableSync {
         let name = self.name();
         let captured = async {
             let mut source = pools.source().await?;
-            let tx = source
-                .transaction()
-                .await
-                .context(SOURCE, || format!("capturing the partitions of {name}"))?;
-            tx.batch_execute("SET LOCAL lock_timeout = '200ms'")
-                .await
-                .context(SOURCE, || "limiting the lock wait".into())?;
-            let done: Vec<String> = tx
-                .query_one(
-                    "SELECT rowsync.capture_partitions($1::text::regclass)",
-                    &[&self.mapping.source.quoted()],
-                )
-                .await
-                .context(SOURCE, || format!("capturing the partitions of {name}"))?
-                .get(0);
-            tx.commit()
-                .await
-                .context(SOURCE, || format!("capturing the partitions of {name}"))?;
-            Ok::<_, Error>(done)
+            capture::capture_partitions(&mut source, &self.mapping.source).await
         }
         .within(self.limit, SOURCE, || {
             format!("capturing the partitions of {name}")
