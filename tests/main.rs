@@ -19,6 +19,7 @@ mod journal;
 mod lifecycle;
 mod names;
 mod operations;
+mod ownership;
 mod partitions;
 mod schema;
 mod tls;

@@ -35,6 +35,9 @@ pub(crate) struct StatusDocument {
     pub(crate) yielded_seconds: f64,
     pub(crate) source_active_sessions: Option<u32>,
     pub(crate) role: Role,
+    /// Which rowsync process (`host:pid`) applies each configured table.
+    #[serde(default)]
+    pub(crate) owners: BTreeMap<String, String>,
     pub(crate) caught_up: bool,
     pub(crate) started_at: String,
     pub(crate) batches: u64,
@@ -120,6 +123,7 @@ impl StatusDocument {
             yielded_seconds: figures.yielded.as_secs_f64(),
             source_active_sessions: figures.source_active_sessions,
             role: figures.role,
+            owners: figures.owners.clone(),
             caught_up: figures.caught_up,
             started_at: rfc3339(figures.started_at),
             batches: figures.batches,
@@ -181,6 +185,14 @@ impl StatusDocument {
                 "  yielding to a busy source since {} ({} active sessions); changes wait in the journal",
                 yielding.since, yielding.source_active_sessions,
             );
+        }
+        if !self.owners.is_empty() {
+            let owners: Vec<String> = self
+                .owners
+                .iter()
+                .map(|(table, owner)| format!("{table} → {owner}"))
+                .collect();
+            let _ = writeln!(out, "  applied by: {}", owners.join(", "));
         }
         for (name, t) in &self.tables {
             let _ = writeln!(

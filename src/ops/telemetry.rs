@@ -76,6 +76,9 @@ pub(crate) struct SweepSummary {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Figures {
     pub role: Role,
+    /// Which rowsync process (`host:pid`) applies each configured table, as this one's lock
+    /// session last saw it ("nobody" while no process holds it).
+    pub owners: BTreeMap<String, String>,
     #[serde(skip)]
     pub started_at: SystemTime,
     pub totals: Counts,
@@ -153,6 +156,7 @@ impl Telemetry {
             state: Mutex::new(State {
                 figures: Figures {
                     role: Role::Starting,
+                    owners: BTreeMap::new(),
                     started_at: SystemTime::now(),
                     totals: Counts::default(),
                     tables: BTreeMap::new(),
@@ -253,6 +257,10 @@ impl Telemetry {
 
     pub(crate) fn set_role(&self, role: Role) {
         self.lock().figures.role = role;
+    }
+
+    pub(crate) fn set_owners(&self, owners: BTreeMap<String, String>) {
+        self.lock().figures.owners = owners;
     }
 
     pub(crate) fn set_listener(&self, listener: ListenerState) {

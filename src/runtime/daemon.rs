@@ -42,6 +42,7 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
         let Some(leadership) = leader::acquire(
             &context.settings,
             &context.telemetry,
+            &context.tables,
             &shutdown,
             abandoned.take(),
         )
@@ -52,7 +53,14 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
         context.telemetry.set_role(Role::Active);
         let lost = leadership.lost();
         let stop = shutdown.child_token();
-        let active = run_active(context.clone(), stop.clone());
+        let active = run_active(
+            context.clone(),
+            Ownership {
+                owned: leadership.owned(),
+                applied: leadership.applied(),
+            },
+            stop.clone(),
+        );
         tokio::pin!(active);
         let outcome = tokio::select! {
             // Cancel-safe: losing the lock means stopping at once; the batch in flight is dropped
@@ -75,9 +83,37 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
     }
 }
 
+/// The tables this process holds the locks of (see [`leader`]), and where the sync loop says it
+/// stopped applying one.
+pub(crate) struct Ownership {
+    pub(crate) owned: watch::Receiver<leader::Tables>,
+    pub(crate) applied: watch::Sender<leader::Tables>,
+}
+
+impl Ownership {
+    /// The configured tables this process may apply now, in the configuration's order, and the
+    /// version of the list of held tables that says so.
+    pub(crate) fn applicable(&self, configured: &[TableRef]) -> (u64, Vec<TableRef>) {
+        let owned = self.owned.borrow();
+        let tables = configured
+            .iter()
+            .filter(|t| owned.tables.contains(t))
+            .cloned()
+            .collect();
+        (owned.version, tables)
+    }
+
+    /// Tells the lock session which tables the sync loop applies now, having seen `version`:
+    /// the locks of tables handed back go once they are not among them.
+    pub(crate) fn applying(&self, version: u64, tables: Vec<TableRef>) {
+        self.applied
+            .send_replace(leader::Tables { version, tables });
+    }
+}
+
 /// The active instance's work, until `stop`.
-async fn run_active(context: Context, stop: CancellationToken) -> Result<()> {
-    let Some(tables) = start(&context, &stop).await? else {
+async fn run_active(context: Context, ownership: Ownership, stop: CancellationToken) -> Result<()> {
+    let Some(tables) = start(&context, &ownership, &stop).await? else {
         return Ok(());
     };
     let wake = Arc::new(Notify::new());
@@ -88,7 +124,9 @@ async fn run_active(context: Context, stop: CancellationToken) -> Result<()> {
         context.telemetry.clone(),
         stop.clone(),
     ));
-    SyncLoop::new(context, tables, wake, stop).run().await;
+    SyncLoop::new(context, ownership, tables, wake, stop)
+        .run()
+        .await;
     let _ = listener.await;
     Ok(())
 }
@@ -97,7 +135,11 @@ async fn run_active(context: Context, stop: CancellationToken) -> Result<()> {
 /// that cannot be loaded is tried again by the sync loop (and reported meanwhile), unless no
 /// table is set up at all: then `rowsync run` before `rowsync setup` is the error.
 /// Returns None if stopped meanwhile.
-async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec<Table>>> {
+async fn start(
+    context: &Context,
+    ownership: &Ownership,
+    stop: &CancellationToken,
+) -> Result<Option<Vec<Table>>> {
     let migrated = until_ok(
         &context.settings.retry,
         Attempts::Unlimited,
@@ -118,7 +160,8 @@ async fn start(context: &Context, stop: &CancellationToken) -> Result<Option<Vec
     }
     let mut tables = Vec::new();
     let mut not_set_up = None;
-    let configured = context.tables.borrow().clone();
+    let (version, configured) = ownership.applicable(&context.tables.borrow());
+    ownership.applying(version, configured.clone());
     for reference in &configured {
         let mut table = Table::new(reference.clone(), context);
         match table.load(context).await {

@@ -1,43 +1,77 @@
-//! High availability: one active rowsync per set of tables; any other copy is a hot standby.
+//! High availability and splitting tables between instances: each table is applied by exactly
+//! one process at a time, whatever table lists the processes have.
 //!
-//! The active process holds a session-level advisory lock on the target database, keyed by the
-//! synced tables, on a dedicated session (`application_name` `rowsync-leader`). Standbys try to
-//! take the lock every second. When the active process dies its session closes and the server
-//! releases the lock at once; a standby takes over within about a second. A process whose lock
-//! session breaks (or stops answering) stops applying immediately and becomes a standby itself.
-//! The lock session asks the server for tight TCP keepalives, so a client that vanished without a
-//! reset is noticed by the server (and its lock released) within about 15 seconds. When the path
-//! still acknowledges packets but never delivers them, the server cannot notice; then the process
-//! that gave up on its session ends it itself once it can reach the server again.
+//! Every process holds a dedicated session on the target (`application_name` `rowsync-leader
+//! <instance>`), and on it one session-level advisory lock per table it applies, keyed by the
+//! table (its oid in the target, which every process sees alike; its name while the target does
+//! not have it). Every second ([`POLL`]) the session looks at which of its tables are held and by
+//! whom, and claims more:
+//! - up to a fair share: its tables divided by the rowsync processes connected to the target;
+//! - any table nobody has held for [`GRACE`] polls in a row (a process that does not list it, or
+//!   one that died: the server releases a dead session's locks at once), whatever the share;
+//! - and it hands back, at most every [`REBALANCE_EVERY`], a table when it holds two or more
+//!   tables more than another process (one started later, say): the sync loop stops applying it
+//!   first, then the lock is released, and the other process claims it. A table handed back that
+//!   nobody takes returns to it after the grace and is then kept for good.
 //!
-//! The lock is what keeps a second process idle; it is not what keeps data correct. Every batch
-//! moves the table's progress row under `FOR UPDATE` with compare-and-set, so even two processes
-//! applying at once could never apply a batch twice or out of order.
+//! A process holding no table stands by. A process whose lock session breaks (or stops answering)
+//! stops applying at once and stands by. The lock session asks the server for tight TCP
+//! keepalives, so a client that vanished without a reset is noticed by the server (and its locks
+//! released) within about 15 seconds. When the path still acknowledges packets but never delivers
+//! them, the server cannot notice; then the process that gave up on its session ends it itself
+//! once it can reach the server again.
+//!
+//! The locks are what keep a second process idle; they are not what keeps data correct. Every
+//! batch moves the table's progress row under `FOR UPDATE` with compare-and-set, so even two
+//! processes applying at once could never apply a batch twice or out of order.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::catalog::ident::TableRef;
 use crate::config::{DatabaseRole, Settings};
-use crate::connection::{Connector, SessionLimits, Within, session_config, with_server_keepalives};
+use crate::connection::{
+    Connector, SessionLimits, Within, instance, session_config, with_server_keepalives,
+};
 use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
 use crate::runtime::retry::{Attempts, pause, until_ok};
 
-/// `application_name` of the leader-lock session.
+/// `application_name` of the lock sessions (followed by the instance).
 pub(crate) const APP_LEADER: &str = "rowsync-leader";
 
-/// How often a standby tries the lock, and the leader checks its lock session.
+/// How often the lock session looks at the tables' locks (and claims more).
 const POLL: Duration = Duration::from_secs(1);
 
-/// Held while this process is the active instance. Dropping it releases the lock.
+/// Polls a table must have been held by nobody before a process claims it beyond its share.
+const GRACE: u32 = 3;
+
+/// How often a process may hand a table back to even out the split.
+const REBALANCE_EVERY: Duration = Duration::from_secs(10);
+
+/// The first half of every table lock's key (the second is the table's).
+const LOCK_SPACE: &str = "rowsync.table";
+
+/// Held while this process applies some tables. Dropping it releases every lock.
 pub(crate) struct Leadership {
-    _client: std::sync::Arc<Client>,
     lost: CancellationToken,
     watcher: tokio::task::JoinHandle<()>,
     session: Backend,
+    owned: watch::Receiver<Tables>,
+    applied: watch::Sender<Tables>,
+}
+
+/// A table list and the version of the lock session's list it is (or was computed from): the
+/// session publishes what the sync loop may apply, the loop answers with what it applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Tables {
+    pub(crate) version: u64,
+    pub(crate) tables: Vec<TableRef>,
 }
 
 /// A server session: its pid and start time (together they never name another session).
@@ -57,6 +91,17 @@ impl Leadership {
     pub(crate) fn session(&self) -> Backend {
         self.session.clone()
     }
+
+    /// The tables this process holds the locks of and may apply, as they change.
+    pub(crate) fn owned(&self) -> watch::Receiver<Tables> {
+        self.owned.clone()
+    }
+
+    /// Where the sync loop says which tables it applies, having seen which version of
+    /// [`Leadership::owned`]: a table handed back keeps its lock until the loop has stopped it.
+    pub(crate) fn applied(&self) -> watch::Sender<Tables> {
+        self.applied.clone()
+    }
 }
 
 impl Drop for Leadership {
@@ -65,28 +110,23 @@ impl Drop for Leadership {
     }
 }
 
-/// The lock key's second half: the synced tables, sorted (the first half is constant).
-fn lock_scope(settings: &Settings) -> String {
-    let mut tables: Vec<String> = settings.tables.iter().map(ToString::to_string).collect();
-    tables.sort();
-    tables.join(",")
-}
-
-/// Waits until this process holds the leader lock (standing by meanwhile). None on shutdown.
+/// Waits until this process holds the lock of at least one configured table (standing by
+/// meanwhile). None on shutdown.
 ///
 /// `abandoned` is this process's previous lock session, given up on after it stopped answering.
-/// The server may still keep it (and the lock) alive, waiting on a dead path; if it still holds
-/// the lock, it is ended so that this process, or another, can take over.
+/// The server may still keep it (and its locks) alive, waiting on a dead path; if it still holds
+/// a lock, it is ended so that this process, or another, can take over.
 pub(crate) async fn acquire(
     settings: &Settings,
-    telemetry: &Telemetry,
+    telemetry: &std::sync::Arc<Telemetry>,
+    configured: &watch::Receiver<Vec<TableRef>>,
     shutdown: &CancellationToken,
     mut abandoned: Option<Backend>,
 ) -> Result<Option<Leadership>> {
     let limits = SessionLimits::from_settings(settings);
-    let config = with_server_keepalives(session_config(&settings.target, limits, APP_LEADER));
+    let name = format!("{APP_LEADER} {}", instance());
+    let config = with_server_keepalives(session_config(&settings.target, limits, &name));
     let connector = Connector::new(&settings.target);
-    let scope = lock_scope(settings);
     let mut said_standby = false;
     loop {
         let session = until_ok(
@@ -102,34 +142,41 @@ pub(crate) async fn acquire(
         let Some(session) = session else {
             return Ok(None);
         };
+        let mut claims = Claims::default();
         loop {
             telemetry.beat();
-            let locked = session
-                .client
-                .query_one(
-                    "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('rowsync'), pg_catalog.hashtext($1))",
-                    &[&scope],
+            let tables = configured.borrow().clone();
+            let polled = claims
+                .poll(
+                    &session.client,
+                    &tables,
+                    session.backend.pid,
+                    &mut abandoned,
                 )
                 .within(limits.client_timeout(), DatabaseRole::Target, || {
-                    "taking the leader lock".into()
+                    "taking the table locks".into()
                 })
                 .await;
-            match locked {
-                Ok(row) if row.get::<_, bool>(0) => {
-                    info!(tables = %scope, "holding the leader lock: this is the active instance");
-                    return Ok(Some(session.lead(limits)));
+            match polled {
+                Ok(()) if !claims.owned.is_empty() => {
+                    info!(tables = %claims.owned_list(), "holding the leader lock: this is the active instance for these tables");
+                    telemetry.set_owners(claims.owners.clone());
+                    return Ok(Some(session.lead(
+                        claims,
+                        configured.clone(),
+                        telemetry.clone(),
+                        limits,
+                    )));
                 }
-                Ok(_) if abandoned.is_some() => {
-                    if let Some(old) = abandoned.take() {
-                        end_abandoned_lock_session(&session.client, &old).await;
-                    }
-                }
-                Ok(_) => {
+                Ok(()) => {
                     if !said_standby {
-                        info!(tables = %scope, "another rowsync holds the leader lock; standing by to take over");
+                        info!(
+                            "other rowsync processes hold the locks of every table; standing by to take over"
+                        );
                         said_standby = true;
                     }
                     telemetry.set_role(Role::Standby);
+                    telemetry.set_owners(claims.owners.clone());
                     if !pause(POLL, shutdown).await {
                         return Ok(None);
                     }
@@ -140,6 +187,245 @@ pub(crate) async fn acquire(
                 }
             }
         }
+    }
+}
+
+/// The locks a session holds, and what it saw of the others'.
+#[derive(Default)]
+struct Claims {
+    /// Held: the table and the second half of its key.
+    owned: Vec<(TableRef, i32)>,
+    /// Held, but handed back: the sync loop is stopping it; the lock goes when it has (from
+    /// the version of the published list that first left it out, see [`Watched::publish`]).
+    handing_back: HashMap<i32, Option<u64>>,
+    /// Keys no process held, and for how many polls in a row.
+    unheld: HashMap<i32, u32>,
+    /// Claimed after nobody took them: never handed back again.
+    kept: HashSet<i32>,
+    last_handback: Option<Instant>,
+    /// Every configured table's owner (instance), as last seen.
+    owners: BTreeMap<String, String>,
+}
+
+/// One configured table as the lock session sees it.
+struct Seen {
+    table: TableRef,
+    key: i32,
+    holder: Option<i32>,
+    holder_name: Option<String>,
+    /// Its name as the target has it (`schema.table`), or as configured.
+    name: String,
+}
+
+impl Claims {
+    fn owned_list(&self) -> String {
+        let names: Vec<String> = self.owned.iter().map(|(t, _)| t.to_string()).collect();
+        names.join(",")
+    }
+
+    /// The tables held and not being handed back: what the sync loop may apply.
+    fn applying(&self) -> Vec<TableRef> {
+        self.owned
+            .iter()
+            .filter(|(_, key)| !self.handing_back.contains_key(key))
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// One look at the locks of `tables`; claims what this session should hold.
+    async fn poll(
+        &mut self,
+        client: &Client,
+        tables: &[TableRef],
+        me: i32,
+        abandoned: &mut Option<Backend>,
+    ) -> Result<()> {
+        let names: Vec<String> = tables.iter().map(TableRef::quoted).collect();
+        let rows = client
+            .query(
+                "WITH t AS ( \
+                     SELECT n, coalesce(pg_catalog.hashtext(pg_catalog.to_regclass(n)::oid::text), \
+                                        pg_catalog.hashtext(n)) AS k, o \
+                       FROM unnest($1::text[]) WITH ORDINALITY AS u(n, o)) \
+                 SELECT t.k, l.pid, a.application_name::text, \
+                        (SELECT pg_catalog.format('%I.%I', ns.nspname, c.relname) \
+                           FROM pg_catalog.pg_class c \
+                           JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
+                          WHERE c.oid = pg_catalog.to_regclass(t.n)) \
+                   FROM t \
+                   LEFT JOIN pg_catalog.pg_locks l \
+                     ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                    AND l.classid::bigint = pg_catalog.hashtext($2)::bigint & 4294967295 \
+                    AND l.objid::bigint = t.k::bigint & 4294967295 \
+                   LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+                  ORDER BY t.o",
+                &[&names, &LOCK_SPACE],
+            )
+            .await
+            .map_err(|source| sql("looking at the table locks", source))?;
+        let seen: Vec<Seen> = tables
+            .iter()
+            .zip(&rows)
+            .map(|(table, row)| Seen {
+                table: table.clone(),
+                key: row.get(0),
+                holder: row.get(1),
+                holder_name: row.get(2),
+                name: row
+                    .get::<_, Option<String>>(3)
+                    .unwrap_or_else(|| table.to_string()),
+            })
+            .collect();
+        let sessions: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $1",
+                &[&format!("{APP_LEADER} %")],
+            )
+            .await
+            .map_err(|source| sql("counting rowsync processes", source))?
+            .get(0);
+
+        // An abandoned session of this process that still holds a lock: end it.
+        if let Some(old) = abandoned.take()
+            && seen.iter().any(|s| s.holder == Some(old.pid))
+        {
+            end_abandoned_lock_session(client, &old).await;
+        }
+
+        let share = tables.len().div_ceil(sessions.max(1) as usize);
+        for s in &seen {
+            if s.holder.is_some() {
+                self.unheld.remove(&s.key);
+            } else {
+                *self.unheld.entry(s.key).or_default() += 1;
+            }
+        }
+        for s in &seen {
+            if s.holder.is_some() || self.owned.iter().any(|(_, k)| *k == s.key) {
+                continue;
+            }
+            let waited = self.unheld.get(&s.key).copied().unwrap_or(0) >= GRACE;
+            if self.owned.len() >= share && !waited {
+                continue;
+            }
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext($1), $2)",
+                    &[&LOCK_SPACE, &s.key],
+                )
+                .await
+                .map_err(|source| sql("taking a table lock", source))?
+                .get(0);
+            if locked {
+                if waited {
+                    self.kept.insert(s.key);
+                }
+                self.owned.push((s.table.clone(), s.key));
+            }
+        }
+        self.hand_back_one(&seen, me, sessions);
+
+        let name = format!("{APP_LEADER} {}", instance());
+        self.owners = seen
+            .iter()
+            .map(|s| {
+                let owner = if self.owned.iter().any(|(_, k)| *k == s.key) {
+                    Some(name.clone())
+                } else {
+                    s.holder_name.clone()
+                };
+                let owner = owner.map_or_else(
+                    || "nobody".to_string(),
+                    |o| o.trim_start_matches(APP_LEADER).trim().to_string(),
+                );
+                (s.name.clone(), owner)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Evens out the split: when this session holds two tables more than another rowsync process
+    /// (one holding none counts, if it is connected), one table is handed back.
+    fn hand_back_one(&mut self, seen: &[Seen], me: i32, sessions: i64) {
+        if self
+            .last_handback
+            .is_some_and(|at| at.elapsed() < REBALANCE_EVERY)
+            || !self.handing_back.is_empty()
+        {
+            return;
+        }
+        let mut held: HashMap<i32, usize> = HashMap::new();
+        for s in seen {
+            if let Some(pid) = s.holder.filter(|pid| *pid != me) {
+                *held.entry(pid).or_default() += 1;
+            }
+        }
+        // Connected processes holding none of these tables hold zero.
+        let fewest = if (held.len() as i64) < sessions - 1 {
+            0
+        } else {
+            held.values().copied().min().unwrap_or(usize::MAX)
+        };
+        if self.owned.len() < fewest.saturating_add(2) {
+            return;
+        }
+        if let Some((table, key)) = self
+            .owned
+            .iter()
+            .rev()
+            .find(|(_, key)| !self.kept.contains(key))
+        {
+            info!(table = %table, "handing the table over to a process that holds fewer");
+            self.handing_back.entry(*key).or_insert(None);
+            self.last_handback = Some(Instant::now());
+        }
+    }
+
+    /// Releases the locks of tables handed back that the sync loop has stopped applying: it has
+    /// seen a list without them, and does not apply them.
+    async fn release(&mut self, client: &Client, applied: &Tables) -> Result<()> {
+        let done: Vec<i32> = self
+            .handing_back
+            .iter()
+            .filter(|(key, left_out)| {
+                left_out.is_some_and(|version| applied.version >= version)
+                    && !self
+                        .owned
+                        .iter()
+                        .any(|(t, k)| k == *key && applied.tables.contains(t))
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in done {
+            client
+                .query_one(
+                    "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext($1), $2)",
+                    &[&LOCK_SPACE, &key],
+                )
+                .await
+                .map_err(|source| sql("releasing a table lock", source))?;
+            self.owned.retain(|(_, k)| *k != key);
+            self.handing_back.remove(&key);
+            self.unheld.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Tables no longer configured are handed back like the others (stopped, then released).
+    fn forget_unconfigured(&mut self, configured: &[TableRef]) {
+        for (table, key) in &self.owned {
+            if !configured.contains(table) {
+                self.handing_back.entry(*key).or_insert(None);
+            }
+        }
+    }
+}
+
+fn sql(action: &str, source: tokio_postgres::Error) -> Error {
+    Error::Sql {
+        role: DatabaseRole::Target,
+        action: action.into(),
+        source,
     }
 }
 
@@ -168,22 +454,93 @@ impl Drop for Driver {
 }
 
 impl LockSession {
-    /// This session holds the lock now: watch it.
-    fn lead(self, limits: SessionLimits) -> Leadership {
+    /// This session holds some tables' locks now: watch it, and keep claiming.
+    fn lead(
+        self,
+        claims: Claims,
+        configured: watch::Receiver<Vec<TableRef>>,
+        telemetry: std::sync::Arc<Telemetry>,
+        limits: SessionLimits,
+    ) -> Leadership {
         let lost = CancellationToken::new();
-        let client = std::sync::Arc::new(self.client);
-        let watcher = tokio::spawn(watch(
-            ClientHandle(client.clone()),
-            self.driver.hand_on(),
-            lost.clone(),
-            limits,
-        ));
+        let (owned_tx, owned) = watch::channel(Tables::default());
+        let (applied, applied_rx) = watch::channel(Tables::default());
+        let mut watched = Watched {
+            client: self.client,
+            me: self.backend.pid,
+            claims,
+            configured,
+            owned: owned_tx,
+            applied: applied_rx,
+            telemetry,
+        };
+        // The first list, before the sync loop starts.
+        watched.publish();
+        let watcher = tokio::spawn(watch(watched, self.driver.hand_on(), lost.clone(), limits));
         Leadership {
-            _client: client,
             lost,
             watcher,
             session: self.backend,
+            owned,
+            applied,
         }
+    }
+}
+
+/// What the watcher of a lock session works with.
+struct Watched {
+    client: Client,
+    me: i32,
+    claims: Claims,
+    configured: watch::Receiver<Vec<TableRef>>,
+    owned: watch::Sender<Tables>,
+    applied: watch::Receiver<Tables>,
+    telemetry: std::sync::Arc<Telemetry>,
+}
+
+impl Watched {
+    /// One poll: claims, hand-backs, and the tables the sync loop may apply now.
+    async fn poll(&mut self) -> Result<()> {
+        let configured = self.configured.borrow().clone();
+        self.claims.forget_unconfigured(&configured);
+        let mut none = None;
+        self.claims
+            .poll(&self.client, &configured, self.me, &mut none)
+            .await?;
+        self.publish();
+        self.release().await
+    }
+
+    /// Publishes what the sync loop may apply (a new version when it changed); a table handed
+    /// back is left out from this version on.
+    fn publish(&mut self) {
+        let applying = self.claims.applying();
+        self.telemetry.set_role(if applying.is_empty() {
+            Role::Standby
+        } else {
+            Role::Active
+        });
+        self.telemetry.set_owners(self.claims.owners.clone());
+        self.owned.send_if_modified(|owned| {
+            if owned.tables == applying && owned.version > 0 {
+                return false;
+            }
+            owned.version += 1;
+            owned.tables = applying;
+            true
+        });
+        let version = self.owned.borrow().version;
+        for left_out in self.claims.handing_back.values_mut() {
+            left_out.get_or_insert(version);
+        }
+    }
+
+    /// Releases what the sync loop has stopped applying.
+    async fn release(&mut self) -> Result<()> {
+        let applied = self.applied.borrow_and_update().clone();
+        self.claims.release(&self.client, &applied).await?;
+        self.publish();
+        Ok(())
     }
 }
 
@@ -221,15 +578,17 @@ async fn open_lock_session(
     })
 }
 
-/// Watches the lock session; cancels `lost` as soon as it breaks or stops answering.
+/// Watches the lock session, claiming and handing back tables every [`POLL`]; cancels `lost` as
+/// soon as the session breaks or stops answering.
 async fn watch(
-    client: ClientHandle,
+    mut watched: Watched,
     driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     lost: CancellationToken,
     limits: SessionLimits,
 ) {
     let mut driver = driver;
     let mut tick = tokio::time::interval(POLL);
+    let limit = limits.client_timeout().min(Duration::from_secs(5));
     loop {
         tokio::select! {
             // Cancel-safe: a JoinHandle can be polled again.
@@ -238,9 +597,18 @@ async fn watch(
                 lost.cancel();
                 return;
             }
+            // Cancel-safe: a change not seen stays marked.
+            Ok(()) = watched.applied.changed() => {
+                let released = tokio::time::timeout(limit, watched.release()).await;
+                if !matches!(released, Ok(Ok(()))) {
+                    warn!("the leader lock session does not answer; stepping down");
+                    lost.cancel();
+                    return;
+                }
+            }
             _ = tick.tick() => {
-                let ping = tokio::time::timeout(limits.client_timeout().min(Duration::from_secs(5)), client.ping()).await;
-                if !matches!(ping, Ok(Ok(()))) {
+                let polled = tokio::time::timeout(limit, watched.poll()).await;
+                if !matches!(polled, Ok(Ok(()))) {
                     warn!("the leader lock session does not answer; stepping down");
                     lost.cancel();
                     return;
@@ -266,22 +634,5 @@ async fn end_abandoned_lock_session(client: &Client, old: &Backend) {
             pid = old.pid,
             "ended this process's abandoned leader-lock session, which still held the lock"
         );
-    }
-}
-
-/// What the watcher needs of the client: a ping on the same session.
-struct ClientHandle(std::sync::Arc<Client>);
-
-impl ClientHandle {
-    async fn ping(&self) -> Result<(), Error> {
-        self.0
-            .simple_query("")
-            .await
-            .map(|_| ())
-            .map_err(|source| Error::Sql {
-                role: DatabaseRole::Target,
-                action: "pinging the leader lock session".into(),
-                source,
-            })
     }
 }

@@ -3,24 +3,43 @@
 //! a table added is set up in the background, as `rowsync setup` would (capture, then a copy
 //! merged into the target), while the others keep streaming, and joins the loop once that is
 //! done. A table whose setup fails is logged, and tried again at the next reload.
+//!
+//! The same goes for the tables whose locks this process holds (see `runtime::leader`): a table
+//! it takes over joins the loop, one it hands over leaves it, and the loop says what it applies
+//! (`Ownership::applying`) once it has stopped applying it, so the lock goes only then.
 
 use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::{SyncLoop, Table};
-use crate::catalog::ident::TableRef;
 use crate::commands::setup;
 
 impl SyncLoop {
     /// Applies a new table list, and takes in the tables whose setup finished.
     pub(super) async fn follow_configuration(&mut self) {
-        if self.configured.has_changed().unwrap_or(false) {
-            let wanted = self.configured.borrow_and_update().clone();
+        let reconfigured = self.configured.has_changed().unwrap_or(false);
+        let reowned = self.ownership.owned.has_changed().unwrap_or(false);
+        if reconfigured || reowned {
+            let configured = self.configured.borrow_and_update().clone();
+            self.ownership.owned.borrow_and_update();
+            // New in the configuration: set up before it is synced (whenever this process
+            // comes to hold it).
+            for table in &configured {
+                if !self.configured_before.contains(table) && !self.to_set_up.contains(table) {
+                    self.to_set_up.push(table.clone());
+                }
+            }
+            self.to_set_up.retain(|t| configured.contains(t));
+            let (version, wanted) = self.ownership.applicable(&configured);
             let telemetry = &self.context.telemetry;
             self.tables.retain(|table| {
                 let keep = wanted.contains(&table.reference);
                 if !keep {
-                    info!(table = %table.name, "removed from the configuration: no longer applied (its capture stays until `rowsync teardown`)");
+                    if configured.contains(&table.reference) {
+                        info!(table = %table.name, "handed over: another rowsync process applies it now");
+                    } else {
+                        info!(table = %table.name, "removed from the configuration: no longer applied (its capture stays until `rowsync teardown`)");
+                    }
                     telemetry.forget_table(&table.name);
                 }
                 keep
@@ -38,6 +57,13 @@ impl SyncLoop {
                 if known {
                     continue;
                 }
+                if !self.to_set_up.contains(&reference) {
+                    // Set up already (or reported as not set up, as at start): taken over.
+                    info!(table = %reference, "taken over: this process applies it now");
+                    self.tables.push(Table::new(reference, &self.context));
+                    continue;
+                }
+                self.to_set_up.retain(|t| *t != reference);
                 info!(table = %reference, "added to the configuration: setting it up (capture, copy) while the other tables keep streaming");
                 let (settings, pools) = (self.context.settings.clone(), self.context.pools.clone());
                 let tables = vec![reference.clone()];
@@ -48,6 +74,15 @@ impl SyncLoop {
                 });
                 self.adding.push((reference, task));
             }
+            self.configured_before = configured;
+            // Stopped between batches: the locks of the tables left out may go now.
+            let applying = self
+                .tables
+                .iter()
+                .map(|t| t.reference.clone())
+                .chain(self.adding.iter().map(|(r, _)| r.clone()))
+                .collect();
+            self.ownership.applying(version, applying);
         }
         let mut index = 0;
         while index < self.adding.len() {
@@ -72,9 +107,9 @@ impl SyncLoop {
     }
 }
 
-/// Resolves when the configured table list changes (never, once nobody can change it). Takes a
-/// clone: the loop's own receiver must still see the change as new.
-pub(super) async fn configuration_changed(mut configured: watch::Receiver<Vec<TableRef>>) {
+/// Resolves when the configured table list (or the list of held tables) changes; never, once
+/// nobody can change it. Takes a clone: the loop's own receiver must still see the change as new.
+pub(super) async fn configuration_changed<T>(mut configured: watch::Receiver<T>) {
     if configured.changed().await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -36,7 +36,7 @@ use crate::config::DatabaseRole;
 use crate::connection::{SessionLimits, Within};
 use crate::error::Result;
 use crate::pipeline::batch::{BatchKind, BatchOutcome};
-use crate::runtime::daemon::Context;
+use crate::runtime::daemon::{Context, Ownership};
 use crate::runtime::yielding::{Yield, Yielder};
 use crate::source::capture;
 use crate::source::listener::ListenerState;
@@ -66,6 +66,13 @@ pub(crate) struct SyncLoop {
     next_sweep: Instant,
     /// The configured table list, which a reload may change (see [`configuration`]).
     configured: watch::Receiver<Vec<TableRef>>,
+    /// The tables whose locks this process holds, which may change too.
+    ownership: Ownership,
+    /// The table list before the last change.
+    configured_before: Vec<TableRef>,
+    /// Tables a reload added that are not set up yet: set up first when this process holds them
+    /// (a table this process takes over is only loaded).
+    to_set_up: Vec<TableRef>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
     adding: Vec<(TableRef, JoinHandle<Result<()>>)>,
 }
@@ -108,16 +115,21 @@ enum Next {
 impl SyncLoop {
     pub(crate) fn new(
         context: Context,
+        ownership: Ownership,
         tables: Vec<Table>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Self {
+        let configured_before = context.tables.borrow().clone();
         Self {
             yielder: Yielder::new(&context.settings),
             // The first sweep runs at once: it catches up on everything journaled while rowsync
             // was stopped, and on rows updated within the lookback window.
             next_sweep: Instant::now(),
             configured: context.tables.clone(),
+            configured_before,
+            to_set_up: Vec::new(),
+            ownership,
             adding: Vec::new(),
             context,
             tables,
@@ -215,6 +227,7 @@ impl SyncLoop {
             _ = context.requests.requested() => self.next_sweep = Instant::now(),
             _ = self.wake.notified() => {}
             _ = configuration_changed(self.configured.clone()) => {}
+            _ = configuration_changed(self.ownership.owned.clone()) => {}
             _ = tokio::time::sleep(context.settings.poll_interval) => {}
             _ = tokio::time::sleep_until(self.next_sweep.into()) => {}
         }

@@ -1,0 +1,210 @@
+//! Per-table ownership: several rowsync processes with overlapping table lists split the tables
+//! between them, each table applied by exactly one at a time (an audit trigger on the target
+//! proves it), `/status` says who applies what, and the tables of a process that dies are taken
+//! over within a few seconds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Daemon, Pair, connect, free_port};
+
+const TABLES: [&str; 4] = ["t1", "t2", "t3", "t4"];
+
+fn ddl() -> String {
+    TABLES
+        .iter()
+        .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);"))
+        .collect()
+}
+
+/// Every write rowsync makes to a target table records the table, the process and the time.
+fn audit() -> String {
+    let mut sql =
+        "CREATE TABLE audit (seq bigserial PRIMARY KEY, tbl text, instance text, at timestamptz);
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO audit (tbl, instance, at)
+             VALUES (TG_TABLE_NAME, current_setting('rowsync.instance', true), clock_timestamp());
+             RETURN NULL;
+         END $$;"
+            .to_string();
+    for t in TABLES {
+        sql.push_str(&format!(
+            "CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit();"
+        ));
+    }
+    sql
+}
+
+/// `/status` owners of the daemon on `port` (empty while it does not answer).
+async fn owners(port: u16) -> BTreeMap<String, String> {
+    let Ok((200, body)) = rowsync_status(port).await else {
+        return BTreeMap::new();
+    };
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    doc["owners"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn rowsync_status(port: u16) -> Result<(u16, String), ()> {
+    let request = rowsync::ops::http::request(
+        ([127, 0, 0, 1], port).into(),
+        rowsync::ops::http::Method::GET,
+        "/status",
+        None,
+    );
+    match tokio::time::timeout(Duration::from_secs(2), request).await {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => Err(()),
+    }
+}
+
+fn instance_of(daemon: &Daemon) -> String {
+    format!(
+        "{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap()
+            .trim(),
+        daemon.pid()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_split_overlapping_lists_and_take_over_each_others_tables() {
+    let pair = Pair::new(&ddl()).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    for t in TABLES {
+        source
+            .batch_execute(&format!(
+                "INSERT INTO {t} SELECT g FROM generate_series(1, 100) g"
+            ))
+            .await
+            .unwrap();
+    }
+    assert!(
+        pair.rowsync(&["setup"], &[("SYNC_TABLES", "t1,t2,t3,t4")])
+            .status
+            .success()
+    );
+    target.batch_execute(&audit()).await.unwrap();
+
+    let ports = [free_port(), free_port(), free_port()];
+    let lists = ["t1,t2,t3,t4", "t1,t2", "t3,t4"];
+    let mut daemons: Vec<Daemon> = ports
+        .iter()
+        .zip(lists)
+        .map(|(port, list)| {
+            let addr = format!("127.0.0.1:{port}");
+            pair.spawn(&[("SYNC_TABLES", list), ("HEALTH_ADDR", &addr)])
+        })
+        .collect();
+    let names: Vec<String> = daemons.iter().map(instance_of).collect();
+
+    // The tables are split: every one owned, by a process that lists it, and each process
+    // applies some.
+    pair.wait(
+        "the tables to be split",
+        Duration::from_secs(60),
+        || async {
+            let seen = owners(ports[0]).await;
+            TABLES.len() == seen.len()
+                && names.iter().all(|name| seen.values().any(|o| o == name))
+                && ["public.t1", "public.t2"]
+                    .iter()
+                    .all(|t| seen.get(*t) != Some(&names[2]))
+                && ["public.t3", "public.t4"]
+                    .iter()
+                    .all(|t| seen.get(*t) != Some(&names[1]))
+        },
+    )
+    .await;
+    let split = owners(ports[0]).await;
+    target.batch_execute("TRUNCATE audit").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (url, stop) = (pair.source_url(), stop.clone());
+        async move {
+            let client = connect(&url).await;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                for t in TABLES {
+                    client
+                        .batch_execute(&format!(
+                            "UPDATE {t} SET n = n + 1 WHERE id = {}",
+                            i % 100 + 1
+                        ))
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The process applying t3 and t4 (the third, or the first) dies: the other one listing them
+    // takes them over within a few seconds.
+    let victim = if split["public.t3"] == names[2] { 2 } else { 0 };
+    daemons[victim].kill9();
+    let killed = Instant::now();
+    let survivor = if victim == 2 { 0 } else { 2 };
+    pair.wait("the takeover", Duration::from_secs(10), || async {
+        let seen = owners(ports[survivor]).await;
+        ["public.t3", "public.t4"].iter().all(|t| {
+            seen.get(*t)
+                .is_some_and(|o| o != &names[victim] && o != "nobody")
+        })
+    })
+    .await;
+    let took = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    for t in TABLES {
+        pair.wait_synced(t, Duration::from_secs(30)).await;
+    }
+    assert!(took < Duration::from_secs(5), "the takeover took {took:?}");
+
+    // Never two processes applying one table at once: per table, the times each process wrote
+    // it form intervals that do not overlap.
+    let rows = target
+        .query(
+            "SELECT tbl, instance, min(at)::text, max(at)::text, count(*) FROM audit \
+              GROUP BY tbl, instance ORDER BY tbl, min(at)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut intervals: BTreeMap<String, Vec<(Option<String>, String, String)>> = BTreeMap::new();
+    for row in &rows {
+        intervals
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2), row.get(3)));
+    }
+    assert_eq!(intervals.len(), TABLES.len(), "{rows:?}");
+    for (table, spans) in &intervals {
+        assert!(
+            spans.iter().all(|(instance, _, _)| instance.is_some()),
+            "{table}: writes without rowsync.instance"
+        );
+        for pair_of_spans in spans.windows(2) {
+            // timestamptz text in one time zone: text order is time order.
+            assert!(
+                pair_of_spans[0].2 < pair_of_spans[1].1,
+                "{table} was applied by two processes at once: {spans:?}"
+            );
+        }
+    }
+}
