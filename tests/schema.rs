@@ -115,4 +115,64 @@ async fn a_widened_column_and_a_column_dropped_from_the_source_keep_the_rest_syn
         .await,
         1
     );
+
+    // Dropped from the source, NOT NULL without a default in the target: those rows are
+    // SCHEMA_MISMATCH records (the other rows keep syncing), retried until the target is fixed.
+    target
+        .batch_execute("UPDATE users SET bio = '' WHERE bio IS NULL; ALTER TABLE users ALTER COLUMN bio SET NOT NULL")
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO users (name) VALUES ('needs a bio');
+             UPDATE users SET status = 'still syncing' WHERE name = 'user-3';",
+        )
+        .await
+        .unwrap();
+    pair.wait("the SCHEMA_MISMATCH record", Duration::from_secs(30), || async {
+        count(
+            &target,
+            "SELECT count(*) FROM sync_errors WHERE NOT resolved AND error_type = 'SCHEMA_MISMATCH' \
+              AND error_message LIKE '%bio%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    pair.wait(
+        "the other rows to keep syncing",
+        Duration::from_secs(30),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM users WHERE status = 'still syncing'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    target
+        .batch_execute("ALTER TABLE users ALTER COLUMN bio SET DEFAULT 'none'")
+        .await
+        .unwrap();
+    pair.wait(
+        "the retry to go through",
+        Duration::from_secs(40),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM users WHERE name = 'needs a bio' AND bio = 'none'",
+            )
+            .await
+                == 1
+                && count(
+                    &target,
+                    "SELECT count(*) FROM sync_errors WHERE NOT resolved",
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
 }

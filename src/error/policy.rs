@@ -135,6 +135,9 @@ pub(crate) fn decide_sqlstate(code: &SqlState) -> Decision {
         "40" => (Retry, ErrorType::Timeout),
         // system error (I/O)
         "58" => (Retry, ErrorType::ConnectionError),
+        // not_null_violation: the target wants a value the source has not got (a column the
+        // source dropped or never had, or one the source lets be NULL): the schemas disagree.
+        "23" if code == &SqlState::NOT_NULL_VIOLATION => (IsolateRow, ErrorType::SchemaMismatch),
         "23" => (IsolateRow, ErrorType::ConstraintViolation),
         // A value longer than the target's type allows (varchar(n), char(n), bit(n)): the target's
         // type is narrower than the source's.
@@ -207,7 +210,7 @@ mod tests {
     fn rejected_rows_are_isolated() {
         for (code, kind) in [
             ("23505", ErrorType::ConstraintViolation), // unique_violation
-            ("23502", ErrorType::ConstraintViolation), // not_null_violation
+            ("23502", ErrorType::SchemaMismatch),      // not_null_violation
             ("23514", ErrorType::ConstraintViolation), // check_violation
             ("23503", ErrorType::ConstraintViolation), // foreign_key_violation
             ("22001", ErrorType::SchemaMismatch),      // string_data_right_truncation

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use postgres_types::ToSql;
 use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
 
 pub(crate) use self::statements::ApplyStatements;
 use self::values::ColumnArray;
@@ -293,6 +294,13 @@ impl Applier {
                     )
                     .await?;
                     if let [row] = slice {
+                        if operation == Operation::Upsert
+                            && source.code() == Some(&SqlState::NOT_NULL_VIOLATION)
+                            && let Some(counts) = self.update_only(tx, row).await?
+                        {
+                            outcome.counts += counts;
+                            continue;
+                        }
                         outcome.counts.failed += 1;
                         outcome.failures.push(RowFailure::from_error(
                             key_of(row)?,
@@ -309,6 +317,48 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// A row whose upsert the target refused as NOT NULL (a column rowsync does not write): updated
+    /// in place if the target has it, under a savepoint. None when it has not (an insert is what
+    /// it needs, and the failure stands) or the update was refused too.
+    async fn update_only(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        row: &Row,
+    ) -> Result<Option<Counts>> {
+        let Some(sql) = &self.statements.update_only else {
+            return Ok(None);
+        };
+        let rows = [row];
+        let arrays = self.arrays(&rows, Operation::Upsert)?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        self.simple(tx, "SAVEPOINT rowsync_apply").await?;
+        let updated = async {
+            let statement = tx.prepare_cached(sql).await?;
+            tx.execute(&statement, &params).await
+        }
+        .await;
+        match updated {
+            Ok(updated) => {
+                self.simple(tx, "RELEASE SAVEPOINT rowsync_apply").await?;
+                // Not there: nothing was written, and the row still needs an insert.
+                Ok((updated > 0).then(|| Counts {
+                    updated,
+                    ..Counts::default()
+                }))
+            }
+            Err(source) if !connection_lost(&source) => {
+                self.simple(
+                    tx,
+                    "ROLLBACK TO SAVEPOINT rowsync_apply; RELEASE SAVEPOINT rowsync_apply",
+                )
+                .await?;
+                Ok(None)
+            }
+            Err(source) => Err(sql_error("updating a row in place", source)),
+        }
     }
 
     /// Applies `rows` in as many statements as their bytes need.

@@ -17,6 +17,11 @@ pub(crate) struct ApplyStatements {
     /// these keys that nobody else holds, and returns the 1-based positions of the keys whose
     /// target row exists but is locked by another session.
     pub locked: String,
+    /// Parameters: as `upsert`'s. Updates the rows that exist in the target, without inserting:
+    /// for a row whose insert the target refuses before the conflict is even looked for (a NOT
+    /// NULL column rowsync does not write, such as one the source dropped). Returns the updated
+    /// rows' count (0: the target has not got the row). None when every column is a key column.
+    pub update_only: Option<String>,
 }
 
 impl ApplyStatements {
@@ -26,6 +31,7 @@ impl ApplyStatements {
             delete: delete(mapping),
             stage_keys: stage_keys(mapping),
             locked: locked(mapping),
+            update_only: update_only(mapping),
         }
     }
 }
@@ -130,6 +136,43 @@ pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
         join(non_key.iter().map(|c| format!("t.{}", c.quoted()))),
         join(non_key.iter().map(|c| format!("EXCLUDED.{}", c.quoted()))),
     )
+}
+
+fn update_only(mapping: &TableMapping) -> Option<String> {
+    let columns = &mapping.columns;
+    let non_key: Vec<&Column> = columns
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| !mapping.key.contains(i) && !c.identity_always)
+        .map(|(_, c)| c)
+        .collect();
+    if non_key.is_empty() {
+        return None;
+    }
+    let params = join(
+        columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| array_param(i + 1, c)),
+    );
+    let matches = mapping
+        .key_columns()
+        .map(|k| format!("t.{} = {}", k.quoted(), key_expr("s", k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    // (No "unless identical" filter: the count must tell whether the target has the row.)
+    Some(format!(
+        "UPDATE {target} AS t SET {sets} \
+           FROM unnest({params}) AS s({column_list}) \
+          WHERE {matches}",
+        target = mapping.target.quoted(),
+        sets = join(
+            non_key
+                .iter()
+                .map(|c| format!("{} = {}", c.quoted(), value_expr("s", c)))
+        ),
+        column_list = mapping.column_list(),
+    ))
 }
 
 fn delete(mapping: &TableMapping) -> String {
