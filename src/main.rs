@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use rowsync::commands::demo::{DemoOptions, DemoOutcome};
-use rowsync::commands::{demo, run, setup, status, sync_now, verify};
+use rowsync::commands::{demo, repair, run, setup, status, sync_now, verify};
 use rowsync::config::{Env, LogSettings, Settings};
 use rowsync::error::{Error, report};
 
@@ -42,11 +42,34 @@ enum Command {
         #[arg(required = true)]
         tables: Vec<String>,
     },
-    /// Compare source and target; exit 0 when consistent, 1 when not.
+    /// Compare source and target and name the rows that differ; exit 0 when consistent, 1 when
+    /// not.
     Verify {
-        /// Re-check an inconsistent table this many times, a second apart (writes in flight).
+        /// Check each differing row this many times in all, a second apart, before reporting it
+        /// (writes in flight).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         attempts: u32,
+        /// List this many differing keys per table.
+        #[arg(long, default_value_t = 20)]
+        keys: usize,
+        /// Print one JSON document with every differing key instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find the rows that differ, as verify does, and fix exactly those through the normal apply
+    /// path (safe while the daemon runs); exit 0 once the tables match.
+    Repair {
+        /// Tables of SYNC_TABLES, as `table` or `schema.table` (all of them when none is named).
+        tables: Vec<String>,
+        /// Change nothing: list the differing keys and exit 1 when any differ, 0 when none do.
+        #[arg(long)]
+        dry_run: bool,
+        /// Check each differing row this many times in all, a second apart (writes in flight).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        attempts: u32,
+        /// List this many differing keys per table.
+        #[arg(long, default_value_t = 20)]
+        keys: usize,
     },
     /// Summarise what rowsync is doing: from the running daemon's /status (HEALTH_ADDR), or from
     /// the databases when no daemon answers.
@@ -128,10 +151,48 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                 run::run(settings).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            (Command::Verify { attempts }, Some(settings)) => {
-                let verdicts = verify::verify(&settings, attempts).await?;
-                print!("{}", verify::report(&verdicts));
+            (
+                Command::Verify {
+                    attempts,
+                    keys,
+                    json,
+                },
+                Some(settings),
+            ) => {
+                let options = verify::VerifyOptions {
+                    attempts,
+                    keys,
+                    all_keys: json,
+                };
+                let mut verdicts = verify::verify(&settings, options).await?;
+                if json {
+                    verify::report_json(&mut verdicts, &mut std::io::stdout().lock())?;
+                } else {
+                    print!("{}", verify::report(&verdicts));
+                }
                 Ok(if verdicts.iter().all(verify::TableVerdict::consistent) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            (
+                Command::Repair {
+                    tables,
+                    dry_run,
+                    attempts,
+                    keys,
+                },
+                Some(settings),
+            ) => {
+                let options = repair::RepairOptions {
+                    dry_run,
+                    attempts,
+                    keys,
+                };
+                let done = repair::repair(&settings, &tables, options).await?;
+                print!("{}", repair::report(&done, dry_run));
+                Ok(if done.iter().all(|r| r.consistent(dry_run)) {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

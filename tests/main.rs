@@ -21,6 +21,7 @@ mod names;
 mod operations;
 mod ownership;
 mod partitions;
+mod repair;
 mod schema;
 mod tls;
 mod types;

@@ -215,7 +215,15 @@ async fn wait_for_the_journal(
 /// `rowsync verify`, and the count of `sync_errors` rows.
 async fn verify_both(settings: &Settings, target: &tokio_postgres::Client) -> Result<DemoOutcome> {
     say("\n$ rowsync verify");
-    let verdicts = verify::verify(settings, 5).await?;
+    let verdicts = verify::verify(
+        settings,
+        verify::VerifyOptions {
+            attempts: 5,
+            keys: 20,
+            all_keys: false,
+        },
+    )
+    .await?;
     print!("{}", verify::report(&verdicts));
     let errors: i64 = target
         .query_one("SELECT count(*) FROM sync_errors", &[])

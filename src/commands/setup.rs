@@ -40,7 +40,7 @@ pub async fn setup(settings: &Settings) -> Result<Vec<TableSetup>> {
 /// changes made while it runs are journaled and applied after it, so a running daemon may go on
 /// streaming meanwhile (its batches of these tables wait for the copy, the others' do not).
 pub async fn resync(settings: &Settings, names: &[String]) -> Result<Vec<TableSetup>> {
-    let tables = configured(settings, names)?;
+    let tables = configured(settings, names, "resynced")?;
     let pools = Pools::new(settings)?;
     let result = setup_tables(settings, &pools, &tables, true).await;
     pools.close();
@@ -84,7 +84,11 @@ fn table_argument(name: &str) -> Result<TableRef> {
 
 /// The tables of `SYNC_TABLES` that `names` name (a name without a schema matches the table of
 /// that name in any schema it was configured with). A name that is not configured is an error.
-fn configured(settings: &Settings, names: &[String]) -> Result<Vec<TableRef>> {
+pub(crate) fn configured(
+    settings: &Settings,
+    names: &[String],
+    verb: &str,
+) -> Result<Vec<TableRef>> {
     let mut tables = Vec::new();
     for name in names {
         let wanted = table_argument(name)?;
@@ -98,7 +102,7 @@ fn configured(settings: &Settings, names: &[String]) -> Result<Vec<TableRef>> {
             None => {
                 return Err(ConfigError::new(
                     "SYNC_TABLES",
-                    format!("does not list {wanted}: only configured tables can be resynced"),
+                    format!("does not list {wanted}: only configured tables can be {verb}"),
                 )
                 .into());
             }

@@ -1,62 +1,80 @@
-//! `rowsync verify`: does the target hold what the source holds?
+//! `rowsync verify`: does the target hold what the source holds, and if not, which rows differ?
 //!
-//! Per table: row counts on both sides, their difference, source rows updated in the last hour, and a
-//! content checksum over the synced columns (a sum of per-row hashes, so row order does not matter).
-//! CONSISTENT needs equal counts and equal checksums. Under continuous writes the two sides are never
-//! read at the same instant, so an inconsistent result is re-checked a few times before it stands.
+//! Per table: row counts on both sides, their difference, source rows updated in the last hour,
+//! and the rows that differ ([`crate::pipeline::diff`]): how many are missing in the target, extra
+//! in it, or different, and their keys (the first `--keys` of them; `--json` lists every one).
+//! CONSISTENT means no row differs. Under continuous writes the two sides are never read at the
+//! same instant, so each differing row is checked again, by key, before it is reported.
 
 use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
+use crate::catalog::ident::quote;
 use crate::catalog::mapping::{TableMapping, load_mapping};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
-use crate::error::{Result, SqlContext};
+use crate::error::{Error, Result, SqlContext};
+use crate::pipeline::diff::{self, Checks, Difference, Kind, Sink, Summary};
 use crate::source::capture;
 
+/// What `rowsync verify` is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyOptions {
+    /// Checks of each differing row in all (the scan's, then re-checks a second apart).
+    pub attempts: u32,
+    /// Keys listed per table in the report.
+    pub keys: usize,
+    /// Every differing key is kept (in a temporary file), for `--json`.
+    pub all_keys: bool,
+}
+
 /// One table's comparison.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct TableVerdict {
     pub(crate) table: String,
-    pub(crate) source_rows: i64,
-    pub(crate) target_rows: i64,
+    pub(crate) summary: Summary,
     /// Source rows updated within the last hour (None: the table has no `updated_at`).
     pub(crate) updated_last_hour: Option<i64>,
-    pub(crate) contents_match: bool,
     /// Capture triggers missing or not `ENABLE ALWAYS`.
     pub(crate) trigger_problems: Vec<String>,
     /// Journal rows not yet applied.
     pub(crate) pending: i64,
+    /// The differing rows: the first few, and where asked for, all of them.
+    pub(crate) listing: Listing,
 }
 
 impl TableVerdict {
     pub fn consistent(&self) -> bool {
-        self.source_rows == self.target_rows && self.contents_match
+        self.summary.differing() == 0
     }
 }
 
-/// Compares every table, re-checking inconsistent ones up to `attempts` times, a second apart.
-pub async fn verify(settings: &Settings, attempts: u32) -> Result<Vec<TableVerdict>> {
-    let pools = Pools::new(settings)?;
+/// Compares every table of `SYNC_TABLES`.
+pub async fn verify(settings: &Settings, options: VerifyOptions) -> Result<Vec<TableVerdict>> {
+    let pools = Pools::new(&for_diffs(settings))?;
     let result = async {
         let mut verdicts = Vec::new();
         for table in &settings.tables {
-            let source = pools.source().await?;
-            let target = pools.target().await?;
-            let mapping = load_mapping(&**source, &**target, table).await?;
-            drop((source, target));
-            let mut attempt = 1;
-            let verdict = loop {
-                let verdict = compare(&pools, &mapping).await?;
-                if verdict.consistent() || attempt >= attempts {
-                    break verdict;
-                }
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            let mapping = {
+                let (source, target) = (pools.source().await?, pools.target().await?);
+                load_mapping(&**source, &**target, table).await?
             };
-            verdicts.push(verdict);
+            let mut listing = Listing::new(options.keys, options.all_keys)?;
+            let summary =
+                diff::diff(&pools, &mapping, checks(options.attempts), &mut listing).await?;
+            let (updated_last_hour, trigger_problems, pending) =
+                source_facts(&**pools.source().await?, &mapping).await?;
+            verdicts.push(TableVerdict {
+                table: mapping.name(),
+                summary,
+                updated_last_hour,
+                trigger_problems,
+                pending,
+                listing,
+            });
         }
         Ok(verdicts)
     }
@@ -65,30 +83,36 @@ pub async fn verify(settings: &Settings, attempts: u32) -> Result<Vec<TableVerdi
     result
 }
 
-async fn compare(pools: &Pools, mapping: &TableMapping) -> Result<TableVerdict> {
-    let mut source = pools.source().await?;
-    let mut target = pools.target().await?;
-    let source_tx = source
-        .transaction()
-        .await
-        .context(DatabaseRole::Source, || "starting verify".into())?;
-    let target_tx = target
-        .transaction()
-        .await
-        .context(DatabaseRole::Target, || "starting verify".into())?;
-    let (source_table, target_table) = (mapping.source.quoted(), mapping.target.quoted());
-    let (source_sum, target_sum) = tokio::try_join!(
-        checksum(&*source_tx, DatabaseRole::Source, mapping, &source_table),
-        checksum(&*target_tx, DatabaseRole::Target, mapping, &target_table),
-    )?;
+/// Settings for the pools of a command that diffs: a diff reads each side on one session while it
+/// re-checks rows on another.
+pub(crate) fn for_diffs(settings: &Settings) -> Settings {
+    let mut settings = settings.clone();
+    settings.source.pool_size = settings.source.pool_size.max(2);
+    settings.target.pool_size = settings.target.pool_size.max(2);
+    settings
+}
+
+/// Re-checks `attempts - 1` times, a second apart.
+pub(crate) fn checks(attempts: u32) -> Checks {
+    Checks {
+        attempts,
+        pause: Duration::from_secs(1),
+    }
+}
+
+/// Rows updated in the last hour, capture problems and pending journal rows of the source table.
+async fn source_facts(
+    source: &impl GenericClient,
+    mapping: &TableMapping,
+) -> Result<(Option<i64>, Vec<String>, i64)> {
     let updated_last_hour = match &mapping.updated_at {
         Some(column) => Some(
-            source_tx
+            source
                 .query_one(
                     &format!(
                         "SELECT count(*) FROM {} WHERE {} > now() - interval '1 hour'",
                         mapping.source.quoted(),
-                        crate::catalog::ident::quote(column)
+                        quote(column)
                     ),
                     &[],
                 )
@@ -98,50 +122,125 @@ async fn compare(pools: &Pools, mapping: &TableMapping) -> Result<TableVerdict> 
         ),
         None => None,
     };
-    let trigger_problems = capture::trigger_problems(&*source_tx, &mapping.source).await?;
+    let trigger_problems = capture::trigger_problems(source, &mapping.source).await?;
     let pending = match &mapping.journal {
-        Some(journal) => capture::journal_depth(&*source_tx, journal).await?,
+        Some(journal) => capture::journal_depth(source, journal).await?,
         None => 0,
     };
-    Ok(TableVerdict {
-        table: mapping.name(),
-        source_rows: source_sum.0,
-        target_rows: target_sum.0,
-        updated_last_hour,
-        contents_match: source_sum == target_sum,
-        trigger_problems,
-        pending,
-    })
+    Ok((updated_last_hour, trigger_problems, pending))
 }
 
-/// `(rows, checksum)` of the synced columns. Output settings are pinned so that both servers render
-/// equal values as equal text.
-async fn checksum(
-    client: &impl GenericClient,
-    role: DatabaseRole,
-    mapping: &TableMapping,
-    table: &str,
-) -> Result<(i64, String)> {
-    client
-        .batch_execute(
-            "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-             SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 1; \
-             SET LOCAL bytea_output = 'hex'; SET LOCAL statement_timeout = 0",
-        )
-        .await
-        .context(role, || "preparing the checksum session".into())?;
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT count(*), coalesce(sum(('x' || left(md5(ROW({})::text), 16))::bit(64)::bigint::numeric), 0)::text \
-                   FROM {table}",
-                mapping.column_list()
-            ),
-            &[],
-        )
-        .await
-        .context(role, || format!("checksumming {table}"))?;
-    Ok((row.get(0), row.get(1)))
+/// The differing rows of a table as a diff hands them on: the first `limit` kept in memory, and
+/// with `all`, every one written to an anonymous temporary file (a line `kind<TAB>key` each), so
+/// that a table where millions differ costs disk, not memory.
+#[derive(Debug)]
+pub(crate) struct Listing {
+    pub(crate) first: Vec<Difference>,
+    limit: usize,
+    all: Option<BufWriter<std::fs::File>>,
+}
+
+impl Listing {
+    pub(crate) fn new(limit: usize, all: bool) -> Result<Self> {
+        let all = if all {
+            Some(BufWriter::new(tempfile::tempfile().map_err(|source| {
+                Error::Io {
+                    action: "creating a temporary file for the differing keys".into(),
+                    source,
+                }
+            })?))
+        } else {
+            None
+        };
+        Ok(Self {
+            first: Vec::new(),
+            limit,
+            all,
+        })
+    }
+
+    /// Every difference kept (all of them when `all` was asked, else the first), from the start.
+    pub(crate) fn reader(&mut self) -> Result<ListingReader> {
+        let Some(writer) = self.all.as_mut() else {
+            return Ok(ListingReader::Memory(self.first.clone().into_iter()));
+        };
+        let file = writer
+            .flush()
+            .and_then(|()| writer.get_ref().try_clone())
+            .and_then(|mut file| file.rewind().map(|()| file))
+            .map_err(|source| Error::Io {
+                action: "reading the differing keys back".into(),
+                source,
+            })?;
+        Ok(ListingReader::File(BufReader::new(file).lines()))
+    }
+}
+
+/// Reads a [`Listing`] back, a window at a time.
+pub(crate) enum ListingReader {
+    Memory(std::vec::IntoIter<Difference>),
+    File(std::io::Lines<BufReader<std::fs::File>>),
+}
+
+impl ListingReader {
+    /// The next `window` differences at most (empty at the end).
+    pub(crate) fn next_window(&mut self, window: usize) -> Result<Vec<Difference>> {
+        let mut batch = Vec::new();
+        while batch.len() < window {
+            let difference = match self {
+                Self::Memory(differences) => differences.next(),
+                Self::File(lines) => match lines.next() {
+                    None => None,
+                    Some(line) => {
+                        let line = line.map_err(|source| Error::Io {
+                            action: "reading the differing keys back".into(),
+                            source,
+                        })?;
+                        line.split_once('\t').map(|(kind, key)| Difference {
+                            kind: match kind {
+                                "missing" => Kind::Missing,
+                                "extra" => Kind::Extra,
+                                _ => Kind::Different,
+                            },
+                            key: key.to_string(),
+                        })
+                    }
+                },
+            };
+            match difference {
+                Some(difference) => batch.push(difference),
+                None => break,
+            }
+        }
+        Ok(batch)
+    }
+}
+
+impl Sink for Listing {
+    async fn found(&mut self, differences: Vec<Difference>) -> Result<()> {
+        for difference in differences {
+            if let Some(all) = self.all.as_mut() {
+                writeln!(all, "{}\t{}", kind_name(difference.kind), difference.key).map_err(
+                    |source| Error::Io {
+                        action: "writing the differing keys to a temporary file".into(),
+                        source,
+                    },
+                )?;
+            }
+            if self.first.len() < self.limit {
+                self.first.push(difference);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Missing => "missing",
+        Kind::Extra => "extra",
+        Kind::Different => "different",
+    }
 }
 
 /// The report `rowsync verify` prints.
@@ -153,27 +252,47 @@ pub fn report(verdicts: &[TableVerdict]) -> String {
         .unwrap_or(5)
         .max(5);
     let mut text = format!(
-        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>12}  {:<9}  STATUS\n",
-        "TABLE", "SOURCE", "TARGET", "DIFFERENCE", "UPDATED (1H)", "CONTENTS"
+        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>12}  {:<9}  {:>9}  {:>9}  {:>9}  STATUS\n",
+        "TABLE",
+        "SOURCE",
+        "TARGET",
+        "DIFFERENCE",
+        "UPDATED (1H)",
+        "CONTENTS",
+        "MISSING",
+        "EXTRA",
+        "DIFFERENT"
     );
     for v in verdicts {
+        let s = &v.summary;
         let _ = writeln!(
             text,
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>12}  {:<9}  {}",
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>12}  {:<9}  {:>9}  {:>9}  {:>9}  {}",
             v.table,
-            v.source_rows,
-            v.target_rows,
-            v.source_rows - v.target_rows,
+            s.source_rows,
+            s.target_rows,
+            s.source_rows - s.target_rows,
             v.updated_last_hour
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "n/a".into()),
-            if v.contents_match { "same" } else { "differ" },
+            if v.consistent() { "same" } else { "differ" },
+            s.missing,
+            s.extra,
+            s.different,
             if v.consistent() {
                 "CONSISTENT"
             } else {
                 "INCONSISTENT"
             },
         );
+    }
+    for v in verdicts {
+        text.push_str(&keys_report(
+            &v.table,
+            "differing rows",
+            v.summary.differing(),
+            &v.listing.first,
+        ));
     }
     for v in verdicts {
         for problem in &v.trigger_problems {
@@ -192,4 +311,84 @@ pub fn report(verdicts: &[TableVerdict]) -> String {
         }
     }
     text
+}
+
+/// The differing keys of a table, one per line, and how many more there are.
+pub(crate) fn keys_report(table: &str, what: &str, total: u64, first: &[Difference]) -> String {
+    let mut text = String::new();
+    if first.is_empty() {
+        return text;
+    }
+    let _ = writeln!(text, "{table}: {what} by key:");
+    for difference in first {
+        let _ = writeln!(
+            text,
+            "  {:<9}  {}",
+            kind_name(difference.kind),
+            difference.key
+        );
+    }
+    let more = total.saturating_sub(first.len() as u64);
+    if more > 0 {
+        let _ = writeln!(
+            text,
+            "  … and {more} more (--keys N lists more, --json lists all)"
+        );
+    }
+    text
+}
+
+/// The report as one JSON document, every differing key included.
+pub fn report_json(verdicts: &mut [TableVerdict], out: &mut impl Write) -> Result<()> {
+    let io = |source| Error::Io {
+        action: "writing the report".into(),
+        source,
+    };
+    let consistent = verdicts.iter().all(TableVerdict::consistent);
+    write!(out, "{{\"consistent\":{consistent},\"tables\":[").map_err(io)?;
+    for (i, v) in verdicts.iter_mut().enumerate() {
+        let head = serde_json::json!({
+            "table": v.table,
+            "consistent": v.consistent(),
+            "source_rows": v.summary.source_rows,
+            "target_rows": v.summary.target_rows,
+            "missing": v.summary.missing,
+            "extra": v.summary.extra,
+            "different": v.summary.different,
+            "updated_last_hour": v.updated_last_hour,
+            "capture_problems": v.trigger_problems,
+            "pending": v.pending,
+        })
+        .to_string();
+        let head = head.strip_suffix('}').unwrap_or(&head);
+        write!(
+            out,
+            "{}{head},\"differences\":[",
+            if i > 0 { "," } else { "" }
+        )
+        .map_err(io)?;
+        let mut first = true;
+        let mut reader = v.listing.reader()?;
+        loop {
+            let batch = reader.next_window(10_000)?;
+            if batch.is_empty() {
+                break;
+            }
+            for difference in batch {
+                // The key is jsonb's own rendering: valid JSON as it stands.
+                write!(
+                    out,
+                    "{}{{\"kind\":\"{}\",\"key\":{}}}",
+                    if first { "" } else { "," },
+                    kind_name(difference.kind),
+                    difference.key
+                )
+                .map_err(io)?;
+                first = false;
+            }
+        }
+        write!(out, "]}}").map_err(io)?;
+    }
+    writeln!(out, "]}}").map_err(io)?;
+    Ok(())
 }

@@ -7,3 +7,4 @@ pub(crate) mod batch;
 pub(crate) mod changes;
 pub(crate) mod chunks;
 pub(crate) mod copy;
+pub(crate) mod diff;

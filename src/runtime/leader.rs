@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -419,6 +419,43 @@ impl Claims {
             }
         }
     }
+}
+
+/// Takes the lock by which a process says it applies `table`, if nobody holds it: a command that
+/// applies a table itself (`rowsync repair` while no daemon does) holds it meanwhile, so that no
+/// process starts applying the table under it. Session-level: [`unlock_table`] it before the
+/// session serves anything else.
+pub(crate) async fn try_lock_table(client: &impl GenericClient, table: &TableRef) -> Result<bool> {
+    Ok(client
+        .query_one(
+            &table_lock_call("pg_try_advisory_lock"),
+            &[&LOCK_SPACE, &table.quoted()],
+        )
+        .await
+        .map_err(|source| sql("taking a table lock", source))?
+        .get(0))
+}
+
+/// Releases what [`try_lock_table`] took.
+pub(crate) async fn unlock_table(client: &impl GenericClient, table: &TableRef) -> Result<()> {
+    client
+        .execute(
+            &table_lock_call("pg_advisory_unlock"),
+            &[&LOCK_SPACE, &table.quoted()],
+        )
+        .await
+        .map_err(|source| sql("releasing a table lock", source))?;
+    Ok(())
+}
+
+/// `SELECT function(…)` on a table's lock, keyed as [`Claims::poll`] keys it: `$1` [`LOCK_SPACE`],
+/// `$2` the table's name.
+fn table_lock_call(function: &str) -> String {
+    format!(
+        "SELECT pg_catalog.{function}(pg_catalog.hashtext($1), \
+                coalesce(pg_catalog.hashtext(pg_catalog.to_regclass($2)::oid::text), \
+                         pg_catalog.hashtext($2)))"
+    )
 }
 
 fn sql(action: &str, source: tokio_postgres::Error) -> Error {

@@ -28,6 +28,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "004_sync_runs",
         include_str!("../../migrations/004_sync_runs.sql"),
     ),
+    (
+        5,
+        "005_sync_runs_repair",
+        include_str!("../../migrations/005_sync_runs_repair.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded, in one transaction. Returns the names applied.

@@ -1,4 +1,4 @@
-//! `sync_runs` on the target: the history of sweeps and initial copies, for SQL queries.
+//! `sync_runs` on the target: the history of sweeps, initial copies and repairs, for SQL queries.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crate::pipeline::apply::Counts;
 pub(crate) enum Kind {
     Sweep,
     Copy,
+    Repair,
 }
 
 impl Kind {
@@ -20,6 +21,7 @@ impl Kind {
         match self {
             Self::Sweep => "sweep",
             Self::Copy => "copy",
+            Self::Repair => "repair",
         }
     }
 }
