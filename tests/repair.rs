@@ -421,3 +421,91 @@ async fn composite_and_collated_keys_are_found_and_repaired_without_a_daemon() {
     let output = pair.rowsync(&["verify"], &env);
     assert_eq!(output.status.code(), Some(0), "{}", described(&output));
 }
+
+/// `VERIFY_INTERVAL_MINUTES`: the daemon finds rows changed by hand by itself and says so in
+/// `/metrics`, `/status` and `/health`; with `REPAIR_AUTOMATICALLY=true` it fixes them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_verifies_in_the_background_and_repairs_when_asked() {
+    let pair = Pair::new(USERS).await;
+    let source = pair.source().await;
+    seed_users(&source, 2000).await;
+    source
+        .execute(
+            "UPDATE users SET updated_at = now() - interval '1 day'",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.setup();
+    let target = pair.target().await;
+    target
+        .batch_execute(
+            "DELETE FROM users WHERE name IN ('user-3', 'user-4'); \
+             UPDATE users SET bio = 'by hand' WHERE name = 'user-5'",
+        )
+        .await
+        .unwrap();
+
+    let port = crate::harness::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = [
+        ("HEALTH_ADDR", addr.as_str()),
+        ("VERIFY_INTERVAL_MINUTES", "0.02"),
+    ];
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(&pair).await;
+    pair.wait(
+        "the verification to report 3 divergent rows",
+        Duration::from_secs(60),
+        || async {
+            let (_, metrics) = crate::harness::http_get(port, "/metrics").await;
+            metrics.contains("rowsync_divergent_rows{table=\"public.users\"} 3")
+                && metrics
+                    .contains("rowsync_last_verification_timestamp_seconds{table=\"public.users\"}")
+        },
+    )
+    .await;
+    let (code, health) = crate::harness::health(port).await;
+    assert_eq!(code, 200, "a warning: {health}");
+    assert_eq!(health["status"], "DEGRADED", "{health}");
+    assert_eq!(health["checks"]["divergence"]["ok"], false, "{health}");
+    assert_eq!(health["checks"]["divergence"]["value"]["public.users"], 3);
+    let (_, status) = crate::harness::http_get(port, "/status").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let verified = &status["tables"]["public.users"]["verified"];
+    assert_eq!(verified["divergentRows"], 3, "{status}");
+    assert_eq!(verified["missing"], 2, "{status}");
+    assert_eq!(verified["different"], 1, "{status}");
+    assert_eq!(verified["repaired"], false, "{status}");
+    // Without REPAIR_AUTOMATICALLY the rows stay as they are.
+    assert_ne!(
+        contents(&source, "users").await,
+        contents(&target, "users").await
+    );
+    daemon.signal(libc::SIGTERM);
+    let mut daemon = daemon;
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(0));
+
+    let daemon = pair.spawn(&[
+        ("HEALTH_ADDR", addr.as_str()),
+        ("VERIFY_INTERVAL_MINUTES", "0.02"),
+        ("REPAIR_AUTOMATICALLY", "true"),
+    ]);
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+    pair.wait(
+        "the next verification to find nothing",
+        Duration::from_secs(60),
+        || async {
+            let (_, health) = crate::harness::health(port).await;
+            health["checks"]["divergence"]["ok"] == true
+        },
+    )
+    .await;
+    assert!(
+        daemon
+            .log_text()
+            .contains("verification found rows that differ"),
+        "{}",
+        daemon.log_text()
+    );
+}

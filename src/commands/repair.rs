@@ -153,12 +153,7 @@ async fn fix(
     mapping: &TableMapping,
     options: RepairOptions,
 ) -> Result<TableRepair> {
-    let mut journaler = Journaler {
-        pools,
-        insert: journal_insert(mapping)?,
-        listing: Listing::new(options.keys, true)?,
-        last_txid: None,
-    };
+    let mut journaler = Journaler::new(pools, mapping, Listing::new(options.keys, true)?)?;
     let found = diff::diff(pools, mapping, checks(options.attempts), &mut journaler).await?;
     let mut listing = journaler.listing;
     let Some(txid) = journaler.last_txid else {
@@ -210,13 +205,25 @@ fn journal_insert(mapping: &TableMapping) -> Result<String> {
     ))
 }
 
-/// Journals each window of differing keys as the diff confirms them, in a transaction of its own.
-struct Journaler<'a> {
+/// Journals each window of differing keys as the diff confirms them, in a transaction of its own,
+/// and hands them on to a listing.
+pub(crate) struct Journaler<'a> {
     pools: &'a Pools,
     insert: String,
-    listing: Listing,
+    pub(crate) listing: Listing,
     /// The transaction id of the last window journaled: once it is applied, all are.
-    last_txid: Option<String>,
+    pub(crate) last_txid: Option<String>,
+}
+
+impl<'a> Journaler<'a> {
+    pub(crate) fn new(pools: &'a Pools, mapping: &TableMapping, listing: Listing) -> Result<Self> {
+        Ok(Self {
+            pools,
+            insert: journal_insert(mapping)?,
+            listing,
+            last_txid: None,
+        })
+    }
 }
 
 impl Sink for Journaler<'_> {

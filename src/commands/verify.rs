@@ -97,6 +97,7 @@ pub(crate) fn checks(attempts: u32) -> Checks {
     Checks {
         attempts,
         pause: Duration::from_secs(1),
+        background: false,
     }
 }
 

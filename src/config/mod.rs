@@ -74,6 +74,10 @@ pub struct Settings {
     pub warnings: Vec<String>,
     /// When rowsync defers its work while the source is busy (see `runtime::yielding`).
     pub yielding: YieldSettings,
+    /// Continuous verification: how often the daemon compares its tables (None: never).
+    pub verify_interval: Option<Duration>,
+    /// Whether the daemon's verification also repairs what it finds.
+    pub repair_automatically: bool,
 }
 
 /// Deferring work to a busy source: a burst of writes is applied once it is over.
@@ -179,6 +183,7 @@ mod limits {
     pub(super) const SYNC_RUNS_RETENTION_DAYS: RangeInclusive<f64> = 0.001..=36_500.0;
     pub(super) const YIELD_ACTIVE_SESSIONS: RangeInclusive<u32> = 0..=100_000;
     pub(super) const YIELD_MAX_SECONDS: RangeInclusive<f64> = 0.1..=3600.0;
+    pub(super) const VERIFY_INTERVAL_MINUTES: RangeInclusive<f64> = 0.01..=525_600.0;
     /// Bytes of `HEALTH_TOKEN`.
     pub(super) const HEALTH_TOKEN_BYTES: RangeInclusive<usize> = 1..=1024;
 }
@@ -251,6 +256,20 @@ impl Settings {
                 )? * 86_400.0,
             ),
             yielding: YieldSettings::from_env(env)?,
+            verify_interval: verify_interval(env)?,
+            repair_automatically: choice(
+                env,
+                "REPAIR_AUTOMATICALLY",
+                false,
+                &[
+                    ("false", false),
+                    ("true", true),
+                    ("0", false),
+                    ("1", true),
+                    ("no", false),
+                    ("yes", true),
+                ],
+            )?,
             warnings,
         })
     }
@@ -286,6 +305,24 @@ fn databases(
         warnings,
     )?;
     Ok((source, target))
+}
+
+/// `VERIFY_INTERVAL_MINUTES`: unset, empty or `off` for none.
+fn verify_interval(env: &Env) -> Result<Option<Duration>, ConfigError> {
+    if env
+        .get("VERIFY_INTERVAL_MINUTES")?
+        .is_none_or(|text| text.eq_ignore_ascii_case("off"))
+    {
+        return Ok(None);
+    }
+    let minutes = decimal(
+        env,
+        "VERIFY_INTERVAL_MINUTES",
+        0.0,
+        limits::VERIFY_INTERVAL_MINUTES,
+        "minutes (or off)",
+    )?;
+    Ok(Some(Duration::from_secs_f64(minutes * 60.0)))
 }
 
 /// The sweep interval, and how far a sweep looks back (`SYNC_WINDOW_MULTIPLIER` intervals).
@@ -595,8 +632,19 @@ mod tests {
                 max: Duration::from_secs(30)
             }
         );
+        assert_eq!(settings.verify_interval, None);
+        assert!(!settings.repair_automatically);
         let off = Settings::from_env(&env(&[("HEALTH_ADDR", "OFF")])).unwrap();
         assert_eq!(off.health_addr, None);
+        let verifying = Settings::from_env(&env(&[
+            ("VERIFY_INTERVAL_MINUTES", "30"),
+            ("REPAIR_AUTOMATICALLY", "TRUE"),
+        ]))
+        .unwrap();
+        assert_eq!(verifying.verify_interval, Some(Duration::from_secs(1800)));
+        assert!(verifying.repair_automatically);
+        let off = Settings::from_env(&env(&[("VERIFY_INTERVAL_MINUTES", "off")])).unwrap();
+        assert_eq!(off.verify_interval, None);
         assert_eq!(
             settings.source.display(),
             "backend@db1.example:5433/myusta_backend"
@@ -643,6 +691,9 @@ mod tests {
             ("SYNC_LOOKBACK", "sometimes"),
             ("YIELD_ACTIVE_SESSIONS", "-1"),
             ("YIELD_MAX_SECONDS", "0"),
+            ("VERIFY_INTERVAL_MINUTES", "hourly"),
+            ("VERIFY_INTERVAL_MINUTES", "0"),
+            ("REPAIR_AUTOMATICALLY", "maybe"),
         ];
         for (variable, value) in cases {
             rejected(variable, value);
@@ -686,6 +737,7 @@ mod tests {
             ("SYNC_RUNS_RETENTION_DAYS", "1e9"),
             ("YIELD_ACTIVE_SESSIONS", "100001"),
             ("YIELD_MAX_SECONDS", "86400"),
+            ("VERIFY_INTERVAL_MINUTES", "1e9"),
             ("HEALTH_ADDR", "127.0.0.1:0"),
             ("HEALTH_ADDR", "127.0.0.1:70000"),
         ];

@@ -12,6 +12,7 @@
 //! | `capture` | a capture trigger on the source is disabled or missing | critical |
 //! | `tables` | a table fails for good, or more than 5 times in a row | critical |
 //! | `journal` | a journal holds rows no batch will consume | warning |
+//! | `divergence` | the last verification (`VERIFY_INTERVAL_MINUTES`) found rows that differ | warning |
 //!
 //! Any failed critical check makes the status UNHEALTHY (HTTP 503); any failed warning DEGRADED;
 //! otherwise HEALTHY (both HTTP 200). A standby is HEALTHY while it stands by: only the active
@@ -106,6 +107,9 @@ pub(crate) fn evaluate(
             journal(figures),
             replication_lag(figures, interval),
         ]);
+        if settings.verify_interval.is_some() {
+            evaluated.push(divergence(figures, settings.repair_automatically));
+        }
     }
     evaluated.push(error_rate(figures));
     evaluated.push(consecutive_failures(figures));
@@ -325,6 +329,55 @@ fn journal(figures: &Figures) -> Evaluated {
                  capture triggers). Batches delete both; if they stay, check that rowsync's role \
                  may DELETE from the journals in schema rowsync, and who writes to them."
             .into(),
+    }
+}
+
+fn divergence(figures: &Figures, repairing: bool) -> Evaluated {
+    let divergent: BTreeMap<&String, u64> = figures
+        .tables
+        .iter()
+        .filter_map(|(name, t)| {
+            let rows = t.verified.as_ref()?.divergent_rows;
+            (rows > 0).then_some((name, rows))
+        })
+        .collect();
+    let verified = figures
+        .tables
+        .values()
+        .filter(|t| t.verified.is_some())
+        .count();
+    Evaluated {
+        name: "divergence",
+        check: Check {
+            ok: divergent.is_empty(),
+            severity: Severity::Warning,
+            value: json!(divergent),
+            threshold: json!({}),
+            message: match (divergent.is_empty(), repairing) {
+                (true, _) => format!(
+                    "{verified} of {} tables verified so far; no row differs",
+                    figures.tables.len()
+                ),
+                (false, false) => {
+                    format!("rows that differ between source and target, per table: {divergent:?}")
+                }
+                (false, true) => format!(
+                    "rows that differed between source and target, per table (being repaired): \
+                     {divergent:?}"
+                ),
+            },
+        },
+        advice: if repairing {
+            "Rows differed and were journaled for repair: something writes to the target, or \
+             changes reach the source without capture (see the capture check). \
+             `rowsync verify` lists them."
+                .into()
+        } else {
+            "Rows differ between source and target: `rowsync verify` lists them by key, \
+             `rowsync repair TABLE` fixes exactly those (or set REPAIR_AUTOMATICALLY=true). \
+             Then look for whatever writes to the target."
+                .into()
+        },
     }
 }
 

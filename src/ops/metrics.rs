@@ -38,6 +38,8 @@ pub const BUILD_INFO: &str = "rowsync_build_info";
 pub const YIELDING: &str = "rowsync_yielding";
 pub const YIELDED_SECONDS: &str = "rowsync_yielded_seconds_total";
 pub const SOURCE_ACTIVE_SESSIONS: &str = "rowsync_source_active_sessions";
+pub const DIVERGENT_ROWS: &str = "rowsync_divergent_rows";
+pub const LAST_VERIFICATION: &str = "rowsync_last_verification_timestamp_seconds";
 
 /// Upper bounds (seconds) of the sweep duration histogram's buckets.
 const SWEEP_BUCKETS: [f64; 11] = [
@@ -66,6 +68,8 @@ pub(crate) struct Metrics {
     consecutive_failures: IntGauge,
     yielding: IntGauge,
     source_sessions: Gauge,
+    divergent_rows: IntGaugeVec,
+    last_verification: prometheus::GaugeVec,
 }
 
 /// Registers a metric; the names and label sets are constants, so registering cannot fail.
@@ -184,6 +188,23 @@ impl Metrics {
                 SOURCE_ACTIVE_SESSIONS,
                 "Active sessions on the source other than rowsync's, at the last look (NaN before one).",
             ),
+            divergent_rows: gauge_vec(
+                &r,
+                DIVERGENT_ROWS,
+                "Rows that differed between source and target at the last verification (VERIFY_INTERVAL_MINUTES), by table.",
+                &["table"],
+            ),
+            last_verification: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        LAST_VERIFICATION,
+                        "When the last verification of a table finished, as a Unix timestamp, by table.",
+                    ),
+                    &["table"],
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         }
     }
@@ -245,6 +266,17 @@ impl Metrics {
             self.unresolved
                 .with_label_values(&[table])
                 .set(i64::try_from(t.unresolved).unwrap_or(i64::MAX));
+            if let Some(verified) = &t.verified {
+                self.divergent_rows
+                    .with_label_values(&[table])
+                    .set(i64::try_from(verified.divergent_rows).unwrap_or(i64::MAX));
+                self.last_verification.with_label_values(&[table]).set(
+                    verified
+                        .at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                );
+            }
         }
         for (database, usage) in pools {
             let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);

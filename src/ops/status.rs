@@ -73,6 +73,21 @@ pub(crate) struct TableStatus {
     /// While the table's attempts fail: the last error.
     pub(crate) error: Option<String>,
     pub(crate) consecutive_failures: u32,
+    /// The last background verification (`VERIFY_INTERVAL_MINUTES`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) verified: Option<VerifiedStatus>,
+}
+
+/// What the last background verification of a table found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct VerifiedStatus {
+    pub(crate) at: String,
+    pub(crate) divergent_rows: u64,
+    pub(crate) missing: u64,
+    pub(crate) extra: u64,
+    pub(crate) different: u64,
+    pub(crate) repaired: bool,
 }
 
 impl StatusDocument {
@@ -99,6 +114,14 @@ impl StatusDocument {
                     last_batch_time: t.last_batch_at.map(rfc3339),
                     error: t.failing.as_ref().map(|f| f.error.clone()),
                     consecutive_failures: t.failing.as_ref().map_or(0, |f| f.failures),
+                    verified: t.verified.as_ref().map(|v| VerifiedStatus {
+                        at: rfc3339(v.at),
+                        divergent_rows: v.divergent_rows,
+                        missing: v.missing,
+                        extra: v.extra,
+                        different: v.different,
+                        repaired: v.repaired,
+                    }),
                 };
                 (name.clone(), status)
             })
@@ -211,6 +234,24 @@ impl StatusDocument {
                     out,
                     "    failing ({} attempts in a row): {error}",
                     t.consecutive_failures
+                );
+            }
+            if let Some(v) = &t.verified {
+                let _ = writeln!(
+                    out,
+                    "    verified {}: {}",
+                    v.at,
+                    if v.divergent_rows == 0 {
+                        "no row differs".to_string()
+                    } else {
+                        format!(
+                            "{} missing in the target, {} extra, {} different{}",
+                            v.missing,
+                            v.extra,
+                            v.different,
+                            if v.repaired { " (being repaired)" } else { "" }
+                        )
+                    }
                 );
             }
         }

@@ -57,6 +57,9 @@ pub(crate) struct TableFigures {
     pub capture_lost: Option<String>,
     /// Set while the table's attempts fail (the others go on meanwhile).
     pub failing: Option<TableFailure>,
+    /// The last verification of the table (`VERIFY_INTERVAL_MINUTES`), once there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verification>,
     /// The source snapshot most recently known to be fully applied was taken at this time.
     #[serde(skip)]
     pub applied_as_of: Option<SystemTime>,
@@ -106,6 +109,23 @@ pub(crate) struct Figures {
     pub yielded: Duration,
     /// Active sessions on the source at the last look (rowsync's own not counted).
     pub source_active_sessions: Option<u32>,
+}
+
+/// What the daemon's last verification of a table found.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Verification {
+    #[serde(serialize_with = "serialize_rfc3339")]
+    pub at: SystemTime,
+    pub divergent_rows: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub different: u64,
+    /// The rows found were journaled for the daemon to apply (`REPAIR_AUTOMATICALLY`).
+    pub repaired: bool,
+}
+
+fn serialize_rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*time))
 }
 
 /// A table whose attempts fail.
@@ -357,6 +377,13 @@ impl Telemetry {
     }
 
     /// `table` is known by another name now.
+    /// A verification of `table` ended.
+    pub(crate) fn verified(&self, table: &str, verification: Verification) {
+        if let Some(figures) = self.lock().figures.tables.get_mut(table) {
+            figures.verified = Some(verification);
+        }
+    }
+
     pub(crate) fn forget_table(&self, table: &str) {
         self.lock().figures.tables.remove(table);
     }

@@ -117,6 +117,8 @@ pub(crate) struct Checks {
     pub(crate) attempts: u32,
     /// Time between them.
     pub(crate) pause: Duration,
+    /// In the background: no parallel workers (a scan takes one core per side, no more).
+    pub(crate) background: bool,
 }
 
 /// Finds the rows of `mapping` that differ, handing them to `sink` once confirmed.
@@ -145,6 +147,7 @@ pub(crate) async fn diff(
                 SOURCE,
                 source.buckets.clone(),
                 vec![],
+                checks.background,
             ),
             1,
         ),
@@ -155,6 +158,7 @@ pub(crate) async fn diff(
                 TARGET,
                 target.buckets.clone(),
                 vec![],
+                checks.background,
             ),
             -1,
         ),
@@ -201,6 +205,7 @@ pub(crate) async fn diff(
             SOURCE,
             source.rows.clone(),
             vec![Box::new(bitmap.clone())],
+            checks.background,
         ),
         Keyed::from_row,
     );
@@ -210,6 +215,7 @@ pub(crate) async fn diff(
             TARGET,
             target.rows.clone(),
             vec![Box::new(bitmap)],
+            checks.background,
         ),
         Keyed::from_row,
     );
@@ -434,6 +440,7 @@ fn read(
     role: DatabaseRole,
     sql: String,
     params: Params,
+    background: bool,
 ) -> mpsc::Receiver<Chunk> {
     let (sender, receiver) = mpsc::channel::<Chunk>(2);
     tokio::spawn(async move {
@@ -448,6 +455,11 @@ fn read(
             tx.batch_execute(PRELUDE)
                 .await
                 .context(role, || "preparing a diff session".into())?;
+            if background {
+                tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
+                    .await
+                    .context(role, || "preparing a diff session".into())?;
+            }
             let refs: Vec<&(dyn ToSql + Sync)> = params
                 .iter()
                 .map(|p| p.as_ref() as &(dyn ToSql + Sync))

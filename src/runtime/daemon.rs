@@ -21,6 +21,7 @@ use crate::runtime::leader;
 use crate::runtime::requests::SweepRequests;
 use crate::runtime::retry::{Attempts, until_ok};
 use crate::runtime::sync_loop::{SyncLoop, Table};
+use crate::runtime::verifier;
 use crate::source::listener;
 use crate::target::{migrate, runs};
 
@@ -124,10 +125,12 @@ async fn run_active(context: Context, ownership: Ownership, stop: CancellationTo
         context.telemetry.clone(),
         stop.clone(),
     ));
+    let verifier = tokio::spawn(verifier::run(context.clone(), stop.clone()));
     SyncLoop::new(context, ownership, tables, wake, stop)
         .run()
         .await;
     let _ = listener.await;
+    let _ = verifier.await;
     Ok(())
 }
 

@@ -7,4 +7,5 @@ pub(crate) mod requests;
 pub(crate) mod retry;
 pub(crate) mod shutdown;
 pub(crate) mod sync_loop;
+pub(crate) mod verifier;
 pub(crate) mod yielding;
