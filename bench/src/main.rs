@@ -8,7 +8,8 @@
 //! In one run, in this order: the initial copy three ways; source write throughput with no
 //! capture, rowsync and native replication (pgbench, interleaved rounds); catch-up of a backlog
 //! written while the consumer was stopped; end-to-end lag under a steady 1,000 changes/s with the
-//! daemon's RSS; and the duration of an empty sweep. It prints a table (stdout; progress goes to
+//! daemon's RSS; the duration of an empty sweep; and verify and repair with 0.1% of the rows
+//! made to differ, against reading both tables. It prints a table (stdout; progress goes to
 //! stderr) with PASS/MISS against rowsync's targets and writes every figure as JSON. A MISS is a
 //! result, not a failure: the exit status is 0 unless something went wrong.
 //!
@@ -31,6 +32,7 @@ mod stats;
 mod subprocess;
 mod sweep;
 mod throughput;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -194,6 +196,7 @@ async fn measure(
     let (lag, streaming) = lag::measure(&mut fx).await?;
     let empty_sweep = sweep::measure(&mut fx).await?;
     fx.stop_daemon().await?;
+    let verify = verify::measure(&mut fx).await?;
     let slots = native::slot_count(&fx.source).await?;
     if slots != 0 {
         return Err(Error::msg(format!(
@@ -212,6 +215,7 @@ async fn measure(
         &lag,
         &rss,
         &empty_sweep,
+        &verify,
     );
     Ok(Report {
         machine,
@@ -247,6 +251,7 @@ async fn measure(
         lag,
         rss,
         empty_sweep,
+        verify,
         rowsync_log: std::mem::take(&mut fx.rowsync_log),
         wall_time_s: log.elapsed().as_secs_f64(),
     })

@@ -12,6 +12,7 @@ use crate::machine::Machine;
 use crate::stats;
 use crate::sweep::SweepFigures;
 use crate::throughput::{Measured, ThroughputFigures};
+use crate::verify::VerifyFigures;
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Parameters {
@@ -62,6 +63,7 @@ pub(crate) struct Report {
     pub lag: LagFigures,
     pub rss: Rss,
     pub empty_sweep: SweepFigures,
+    pub verify: VerifyFigures,
     pub targets: Vec<Target>,
     pub all_pass: bool,
     /// What rowsync wrote to stderr (LOG_LEVEL=warn: warnings and errors only).
@@ -77,6 +79,7 @@ pub(crate) fn targets(
     lag: &LagFigures,
     rss: &Rss,
     sweep: &SweepFigures,
+    verify: &VerifyFigures,
 ) -> Vec<Target> {
     let at_most = |name, figure: f64, limit: f64, rule| Target {
         name,
@@ -126,6 +129,24 @@ pub(crate) fn targets(
             50.0,
             "median empty sweep <= 50 ms",
         ),
+        at_most(
+            "verify_ratio_to_read",
+            verify.verify_ratio_to_read,
+            1.5,
+            "rowsync verify (0.1% of rows differ) <= 1.5 x reading both tables",
+        ),
+        at_most(
+            "repair_ratio_to_read",
+            verify.repair_ratio_to_read,
+            2.0,
+            "rowsync repair (0.1% of rows differ) <= 2 x reading both tables",
+        ),
+        at_most(
+            "rss_verify_mib",
+            verify.verify_peak_rss_mib.max(verify.repair_peak_rss_mib),
+            64.0,
+            "rowsync verify and repair RSS <= 64 MiB",
+        ),
     ]
 }
 
@@ -138,6 +159,7 @@ pub(crate) fn table(report: &Report) -> String {
     let u = &r.catch_up;
     let l = &r.lag;
     let s = &r.empty_sweep;
+    let v = &r.verify;
     let verdict = |name: &str| r.targets.iter().find(|t| t.name == name).map(|t| t.pass);
     let list = |values: &[f64], decimals: usize| {
         values
@@ -404,6 +426,55 @@ pub(crate) fn table(report: &Report) -> String {
             format!("{:.0} ms", s.first_after_start_ms),
             String::new(),
             None,
+        ),
+        (
+            format!(
+                "reading both tables (COPY TO STDOUT, median of {})",
+                v.read_s.len()
+            ),
+            format!("{:.2} s   [{}]", v.read_median_s, list(&v.read_s, 2)),
+            String::new(),
+            None,
+        ),
+        (
+            format!(
+                "verify, {} changed + {} deleted + {} added",
+                v.changed, v.deleted, v.added
+            ),
+            format!(
+                "{:.2} s = {:.2} x read   [{}]; consistent tables {:.2} s",
+                v.verify_median_s,
+                v.verify_ratio_to_read,
+                list(&v.verify_s, 2),
+                v.verify_consistent_s
+            ),
+            "<= 1.50 x read".into(),
+            verdict("verify_ratio_to_read"),
+        ),
+        (
+            "repair of those rows".into(),
+            format!(
+                "{:.2} s = {:.2} x read   [{}]; {}",
+                v.repair_median_s,
+                v.repair_ratio_to_read,
+                list(&v.repair_s, 2),
+                if v.exact {
+                    "every row found and fixed"
+                } else {
+                    "NOT every row found and fixed: see target/bench.json"
+                }
+            ),
+            "<= 2.00 x read".into(),
+            verdict("repair_ratio_to_read"),
+        ),
+        (
+            "verify / repair RSS (peak)".into(),
+            format!(
+                "{:.1} MiB / {:.1} MiB",
+                v.verify_peak_rss_mib, v.repair_peak_rss_mib
+            ),
+            "<= 64 MiB".into(),
+            verdict("rss_verify_mib"),
         ),
     ];
 
