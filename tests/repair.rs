@@ -302,12 +302,14 @@ async fn verify_names_and_repair_fixes_every_row_changed_by_hand_under_writes() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn composite_and_collated_keys_are_found_and_repaired_without_a_daemon() {
     const DDL: &str = r#"
+        CREATE DOMAIN level AS int NOT NULL CHECK (VALUE > 0);
         CREATE TABLE memberships (
             tenant   int,
             member   text,
             role     text NOT NULL,
             since    date NOT NULL DEFAULT '2020-01-01',
             score    numeric,
+            rank     level NOT NULL DEFAULT 1,
             PRIMARY KEY (tenant, member)
         );
         CREATE TABLE tags (
@@ -508,4 +510,69 @@ async fn the_daemon_verifies_in_the_background_and_repairs_when_asked() {
         "{}",
         daemon.log_text()
     );
+}
+
+/// Columns whose types differ between the sides (`timestamp` into `timestamptz`, `json` into
+/// `jsonb`, `int` into `bigint`) verify as equal when the target holds what rowsync wrote; a
+/// target row whose key the source's type cannot hold is reported, and repair says it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differing_types_verify_and_a_key_the_source_cannot_hold_is_reported() {
+    let pair = Pair::with_ddl(
+        "CREATE TABLE counters (id int PRIMARY KEY, at timestamp NOT NULL, doc json, n int);",
+        "CREATE TABLE counters (id bigint PRIMARY KEY, at timestamptz NOT NULL, doc jsonb, n bigint);",
+    )
+    .await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            r#"INSERT INTO counters
+                 SELECT g, timestamp '2026-01-01 10:00' + g * interval '1 minute',
+                        ('{"b": ' || g || ', "a": [1, 2]}')::json, g * 3
+                   FROM generate_series(1, 3000) g"#,
+        )
+        .await
+        .unwrap();
+    let env = [("SYNC_TABLES", "counters")];
+    let output = pair.rowsync(&["setup"], &env);
+    assert!(output.status.success(), "{}", described(&output));
+    let output = pair.rowsync(&["verify"], &env);
+    assert_eq!(output.status.code(), Some(0), "{}", described(&output));
+
+    let target = pair.target().await;
+    target
+        .batch_execute(
+            r#"INSERT INTO counters VALUES (5000000000, now(), '{}', 1);
+               UPDATE counters SET doc = '{"b": 0}' WHERE id = 17;
+               DELETE FROM counters WHERE id = 18;"#,
+        )
+        .await
+        .unwrap();
+    let output = pair.rowsync(&["verify", "--json"], &env);
+    assert_eq!(output.status.code(), Some(1), "{}", described(&output));
+    let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let expected: BTreeSet<(String, String)> = [
+        ("extra", r#"{"id":5000000000}"#),
+        ("different", r#"{"id":17}"#),
+        ("missing", r#"{"id":18}"#),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(differences(&report, "public.counters"), expected);
+
+    // repair fixes what it can and names what stays.
+    let output = pair.rowsync(&["repair"], &env);
+    assert_eq!(output.status.code(), Some(1), "{}", described(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains("fixed 2 of them") && text.contains("1 still differ: INCONSISTENT"),
+        "{text}"
+    );
+    assert!(text.contains(r#"extra      {"id": 5000000000}"#), "{text}");
+    target
+        .execute("DELETE FROM counters WHERE id = 5000000000", &[])
+        .await
+        .unwrap();
+    let output = pair.rowsync(&["verify"], &env);
+    assert_eq!(output.status.code(), Some(0), "{}", described(&output));
 }

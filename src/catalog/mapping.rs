@@ -37,6 +37,9 @@ pub(crate) struct Column {
     /// column's own (`char(3)`, `bit(8)`, `numeric(10,2)`), and a value that does not fit is an
     /// error (the row is isolated and recorded), never silently truncated.
     pub target_type: String,
+    /// The source's type, likewise (`pg_catalog.int4`): keys sent back to the source are cast to
+    /// it.
+    pub source_type: String,
     pub transfer: Transfer,
     /// The target column is `GENERATED ALWAYS AS IDENTITY`: inserted with `OVERRIDING SYSTEM
     /// VALUE`, and never updated (PostgreSQL allows updating it only to DEFAULT).
@@ -52,6 +55,32 @@ impl Column {
     pub(crate) fn quoted(&self) -> String {
         quote(&self.name)
     }
+
+    /// The type name without quotes (`pg_catalog.varchar`, not `pg_catalog."varchar"`), to
+    /// compare with known types.
+    pub(crate) fn plain_type(name: &str) -> String {
+        name.replace('"', "")
+    }
+}
+
+/// `jsonb_to_record(<json>) AS <alias>(<key columns with their types on one side>)`: the key
+/// columns of a JSON key object (`{"id": 7}`) as typed values, without converting anything else
+/// of the row (`jsonb_populate_record` over the table's row type also checks every other column's
+/// domain).
+pub(crate) fn key_record(
+    mapping: &TableMapping,
+    json: &str,
+    alias: &str,
+    role: DatabaseRole,
+) -> String {
+    let columns = join(mapping.key_columns().map(|c| {
+        let ty = match role {
+            DatabaseRole::Source => &c.source_type,
+            DatabaseRole::Target => &c.target_type,
+        };
+        format!("{} {ty}", c.quoted())
+    }));
+    format!("pg_catalog.jsonb_to_record({json}) AS {alias}({columns})")
 }
 
 /// Everything needed to read changes of one table from the source and apply them to the target.
@@ -263,6 +292,7 @@ fn match_columns(source: &[CatalogColumn], target: &[CatalogColumn]) -> (Vec<Col
                 columns.push(Column {
                     name: column.name.clone(),
                     target_type: target.base_type.clone(),
+                    source_type: column.base_type.clone(),
                     transfer,
                     identity_always: target.identity_always,
                     collation: column.collation.clone(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::{TableMapping, join, load_mapping};
+use crate::catalog::mapping::{TableMapping, join, key_record, load_mapping};
 use crate::commands::setup::configured;
 use crate::commands::verify::{Listing, checks, for_diffs, keys_report};
 use crate::config::{DatabaseRole, Settings};
@@ -25,7 +25,7 @@ use crate::pipeline::apply::Counts;
 use crate::pipeline::batch::{BatchKind, TableSync};
 use crate::pipeline::diff::{self, Difference, Sink, Summary};
 use crate::runtime::leader;
-use crate::target::{progress, runs};
+use crate::target::{migrate, progress, runs};
 
 /// How long a repair waits for the process that applies a table to apply the repaired keys.
 const WAIT_FOR_APPLIER: Duration = Duration::from_secs(120);
@@ -82,6 +82,13 @@ pub async fn repair(
     };
     let pools = Pools::new(&for_diffs(settings))?;
     let result = async {
+        if !options.dry_run {
+            // sync_runs must know kind 'repair' (migration 5), also before the daemon restarts on
+            // a new version; a role that may not migrate still repairs, unrecorded.
+            if let Err(error) = migrate::migrate(&mut *pools.target().await?).await {
+                tracing::warn!(error = %crate::error::chain(&error), "cannot apply the target's migrations; the repair may not be recorded in sync_runs");
+            }
+        }
         let mut done = Vec::new();
         for table in &tables {
             done.push(repair_table(settings, &pools, table, options).await?);
@@ -119,7 +126,12 @@ async fn repair_table(
         });
     }
     mapping.journal()?;
-    let run = runs::start(&**pools.target().await?, runs::Kind::Repair, Some(&name)).await?;
+    let run = runs::start(&**pools.target().await?, runs::Kind::Repair, Some(&name))
+        .await
+        .inspect_err(|error| {
+            tracing::warn!(table = %name, error = %crate::error::chain(error), "cannot record the repair in sync_runs");
+        })
+        .ok();
     let outcome = fix(settings, pools, table, &mapping, options).await;
     let (counts, error) = match &outcome {
         Ok(done) => (
@@ -139,7 +151,9 @@ async fn repair_table(
         ),
         Err(err) => (Counts::default(), Some(crate::error::chain(err))),
     };
-    runs::finish(&**pools.target().await?, run, counts, error.as_deref()).await?;
+    if let Some(run) = run {
+        runs::finish(&**pools.target().await?, run, counts, error.as_deref()).await?;
+    }
     let mut done = outcome?;
     done.duration = started.elapsed();
     Ok(done)
@@ -197,11 +211,10 @@ fn journal_insert(mapping: &TableMapping) -> Result<String> {
     let keys = join(mapping.key_columns().map(|c| c.quoted()));
     Ok(format!(
         "INSERT INTO {journal} ({keys}) \
-         SELECT {values} FROM unnest($1::text[]) AS r(key) \
-          CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{source}, r.key::jsonb) AS p",
+         SELECT {values} FROM unnest($1::text[]) AS r(key) CROSS JOIN LATERAL {record}",
         journal = journal.quoted(),
         values = join(mapping.key_columns().map(|c| format!("p.{}", c.quoted()))),
-        source = mapping.source.quoted(),
+        record = key_record(mapping, "r.key::jsonb", "p", DatabaseRole::Source),
     ))
 }
 
@@ -230,30 +243,55 @@ impl Sink for Journaler<'_> {
     async fn found(&mut self, differences: Vec<Difference>) -> Result<()> {
         let keys: Vec<&str> = differences.iter().map(|d| d.key.as_str()).collect();
         let mut source = self.pools.source().await?;
-        let tx = source
-            .transaction()
-            .await
-            .context(DatabaseRole::Source, || "starting to journal keys".into())?;
-        tx.execute(&self.insert, &[&keys])
-            .await
-            .context(DatabaseRole::Source, || {
-                "journaling the differing keys".into()
-            })?;
-        let txid: String = tx
-            .query_one("SELECT pg_catalog.pg_current_xact_id()::text", &[])
-            .await
-            .context(DatabaseRole::Source, || "reading the transaction id".into())?
-            .get(0);
-        tx.commit().await.context(DatabaseRole::Source, || {
-            "committing the journaled keys".into()
-        })?;
-        self.last_txid = Some(txid);
+        match journal_keys(&mut source, &self.insert, &keys).await {
+            Ok(txid) => self.last_txid = Some(txid),
+            // A key the source's type cannot hold (an extra target row): journal the others one
+            // by one; that one cannot be repaired through the source and is reported as it stays.
+            Err(err) if diff::is_data_error(&err) => {
+                for key in &keys {
+                    match journal_keys(&mut source, &self.insert, &[key]).await {
+                        Ok(txid) => self.last_txid = Some(txid),
+                        Err(err) if diff::is_data_error(&err) => tracing::warn!(
+                            key = %key,
+                            error = %crate::error::chain(&err),
+                            "a differing key cannot be journaled on the source (its type cannot hold it); it is left as it is"
+                        ),
+                        Err(err) => {
+                            return Err(err).context(DatabaseRole::Source, || {
+                                "journaling the differing keys".into()
+                            });
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                return Err(err).context(DatabaseRole::Source, || {
+                    "journaling the differing keys".into()
+                });
+            }
+        }
         self.listing.found(differences).await
     }
 }
 
+/// Journals `keys` in a transaction of its own; returns its transaction id.
+async fn journal_keys(
+    source: &mut deadpool_postgres::Object,
+    insert: &str,
+    keys: &[&str],
+) -> Result<String, tokio_postgres::Error> {
+    let tx = source.transaction().await?;
+    tx.execute(insert, &[&keys]).await?;
+    let txid: String = tx
+        .query_one("SELECT pg_catalog.pg_current_xact_id()::text", &[])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(txid)
+}
+
 /// Waits until the journaled keys up to transaction `txid` are applied: by the process holding the
-/// table's lock, or, when none does, by this one. Returns who applied them.
+/// table's lock, or, whenever none does, by this one. Returns who applied them.
 async fn apply(
     settings: &Settings,
     pools: &Pools,
@@ -262,36 +300,37 @@ async fn apply(
     txid: &str,
 ) -> Result<String> {
     let name = mapping.name();
-    let lock = pools.target().await?;
-    if leader::try_lock_table(&**lock, table).await? {
-        let applied = async {
-            let telemetry = Arc::new(Telemetry::new());
-            let mut sync = TableSync::load(pools, table, settings, telemetry).await?;
-            while !applied(pools, &name, txid).await? {
-                sync.run_batch(pools, BatchKind::Stream).await?;
-            }
-            Ok(())
+    let deadline = Instant::now() + WAIT_FOR_APPLIER;
+    loop {
+        if applied(pools, &name, txid).await? {
+            return Ok("the running daemon".to_string());
         }
-        .await;
-        leader::unlock_table(&**lock, table).await?;
-        applied.map(|()| "this repair".to_string())
-    } else {
+        let lock = pools.target().await?;
+        if leader::try_lock_table(&**lock, table).await? {
+            let applied = async {
+                let telemetry = Arc::new(Telemetry::new());
+                let mut sync = TableSync::load(pools, table, settings, telemetry).await?;
+                while !applied(pools, &name, txid).await? {
+                    sync.run_batch(pools, BatchKind::Stream).await?;
+                }
+                Ok(())
+            }
+            .await;
+            leader::unlock_table(&**lock, table).await?;
+            return applied.map(|()| "this repair".to_string());
+        }
         drop(lock);
-        let deadline = Instant::now() + WAIT_FOR_APPLIER;
-        while !applied(pools, &name, txid).await? {
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    role: DatabaseRole::Target,
-                    action: format!(
-                        "waiting {} s for the process that applies {name} to apply the repaired \
-                         rows (the keys are journaled: it will apply them)",
-                        WAIT_FOR_APPLIER.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                role: DatabaseRole::Target,
+                action: format!(
+                    "waiting {} s for the process that applies {name} to apply the repaired \
+                     rows (the keys are journaled: it will apply them)",
+                    WAIT_FOR_APPLIER.as_secs()
+                ),
+            });
         }
-        Ok("the running daemon".to_string())
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -376,7 +376,6 @@ impl Telemetry {
         });
     }
 
-    /// `table` is known by another name now.
     /// A verification of `table` ended.
     pub(crate) fn verified(&self, table: &str, verification: Verification) {
         if let Some(figures) = self.lock().figures.tables.get_mut(table) {
@@ -384,6 +383,7 @@ impl Telemetry {
         }
     }
 
+    /// `table` is known by another name now.
     pub(crate) fn forget_table(&self, table: &str) {
         self.lock().figures.tables.remove(table);
     }

@@ -13,7 +13,8 @@
 //! several changes of one key collapse into one write.
 
 use crate::catalog::ident::quote;
-use crate::catalog::mapping::{Column, Journal, TableMapping, Transfer, join};
+use crate::catalog::mapping::{Column, Journal, TableMapping, Transfer, join, key_record};
+use crate::config::DatabaseRole;
 
 /// Where things are in a row of the change query.
 #[derive(Debug, Clone, Copy)]
@@ -110,9 +111,9 @@ pub(crate) fn change_query(mapping: &TableMapping, journal: &Journal, keyed: boo
         ));
     }
     changed.push_str(&format!(
-        " UNION SELECT {} FROM unnest($3::jsonb[]) AS r(key) \
-           CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{source}, r.key) AS p",
-        join(keys.iter().map(|k| format!("p.{}", k.quoted())))
+        " UNION SELECT {} FROM unnest($3::jsonb[]) AS r(key) CROSS JOIN LATERAL {}",
+        join(keys.iter().map(|k| format!("p.{}", k.quoted()))),
+        key_record(mapping, "r.key", "p", DatabaseRole::Source),
     ));
 
     let key_json = if keyed {
@@ -205,6 +206,7 @@ mod tests {
                 Column {
                     name: "id".into(),
                     target_type: "uuid".into(),
+                    source_type: "uuid".into(),
                     transfer: Transfer::Binary,
                     identity_always: false,
                     collation: None,
@@ -213,6 +215,7 @@ mod tests {
                 Column {
                     name: "it's".into(),
                     target_type: "text[]".into(),
+                    source_type: "text[]".into(),
                     transfer: Transfer::Text,
                     identity_always: false,
                     collation: None,

@@ -1,24 +1,25 @@
 //! Which rows differ between a source table and its target: found by hash, in about the time it
 //! takes to read both tables once, with memory bounded whatever their size.
 //!
-//! Every row is hashed (64 bits of `md5` over its synced columns as text, rendered under pinned
-//! settings so that equal values give equal text on both servers), and put in a bucket by a hash
-//! of its key alone, so a row lands in the same bucket on both sides whatever its contents.
-//! 1. Each side sends `(bucket, rows, sum of row hashes)` for every bucket, ordered by bucket: one
-//!    sequential scan, aggregated by the server; rowsync merges the two streams and marks the
-//!    buckets that differ in a bitmap. A table that matches is done here, read once.
+//! Every row is hashed (64 bits over its synced columns: see [`Hasher`]), and put in a bucket by a
+//! hash of its key alone, so a row lands in the same bucket on both sides whatever its contents.
+//! 1. Each side sends `(bucket, rows, xor of row hashes)` for every bucket it has: one sequential
+//!    scan, aggregated by the server; rowsync balances the two in an array and marks the buckets
+//!    that differ in a bitmap. A table that matches is done here, read once.
 //! 2. Each side sends `(key hash, row hash, key)` of the rows in the marked buckets, ordered by the
 //!    key hash (a scan that hashes only keys, and rows only where their bucket is marked). Merging
 //!    the streams by key hash names every key that is missing in the target, extra in it, or
 //!    different. Ordering by a hash, not by the key, means no collation has to be reproduced here.
 //!
-//! With about eight rows per bucket, a table where 0.1% of the rows differ sends ~1% of its rows in
+//! With about 64 rows per bucket, a table where 0.1% of the rows differ sends ~6% of its rows in
 //! the second step. Both steps stream through portals in chunks, a side per task, so each side is
 //! read while the other is, and rowsync holds a few chunks at a time.
 //!
 //! The two sides are never read at the same instant: under writes a row may be in flight. So the
-//! differences found are re-checked, by key (a primary-key lookup on each side), a second apart,
-//! up to `attempts` times; a key that matches at any check was in flight and is not reported.
+//! differences found are checked again by key (a primary-key lookup on each side): at once, where
+//! a row that neither side changed since the scan and whose key has no change waiting in the
+//! journal stands; the others again after the scans, a pause apart, up to `attempts` checks in
+//! all. A key that matches at any check was in flight and is not reported.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,8 +31,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_postgres::{IsolationLevel, Row};
 
-use crate::catalog::ident::QualifiedName;
-use crate::catalog::mapping::{Column, TableMapping, Transfer, join};
+use crate::catalog::mapping::{Column, TableMapping, Transfer, join, key_record};
 use crate::config::DatabaseRole;
 use crate::connection::Pools;
 use crate::error::{Error, Result, SqlContext};
@@ -49,7 +49,7 @@ const WINDOW: usize = 5_000;
 /// of that.
 const ROWS_PER_BUCKET: u64 = 64;
 
-/// Bounds of the bucket count (a power of two): step 1 holds 24 bytes per bucket (6 MiB at most),
+/// Bounds of the bucket count (a power of two): step 1 holds 32 bytes per bucket (8 MiB at most),
 /// and past 16M rows buckets hold more rows.
 const MIN_BUCKETS: u64 = 1 << 10;
 const MAX_BUCKETS: u64 = 1 << 18;
@@ -60,7 +60,8 @@ const MAX_BUCKETS: u64 = 1 << 18;
 const PRELUDE: &str = "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
      SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'; \
      SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0; \
-     SET LOCAL work_mem = '64MB'; SET LOCAL application_name = 'rowsync-verify'";
+     SET LOCAL work_mem = '64MB'; SET LOCAL application_name = 'rowsync-verify'; \
+     SET LOCAL standard_conforming_strings = on; SET LOCAL lc_monetary = 'C'";
 
 /// How a row differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -131,8 +132,8 @@ pub(crate) async fn diff(
     let started = Instant::now();
     let buckets = bucket_count(pools, mapping).await?;
     let hasher = Hasher::common(pools).await?;
-    let source = SideSql::new(mapping, &mapping.source, buckets, hasher);
-    let target = SideSql::new(mapping, &mapping.target, buckets, hasher);
+    let source = SideSql::new(mapping, SOURCE, buckets, hasher);
+    let target = SideSql::new(mapping, TARGET, buckets, hasher);
 
     // Step 1: buckets. Each side's rows and hash digests (xor, or sum), the target's taken from
     // the source's: a bucket matches when both come to zero. (The server aggregates before it sends a row, so
@@ -225,6 +226,7 @@ pub(crate) async fn diff(
         target: &target,
         checks,
         window: Vec::new(),
+        deferred: Vec::new(),
     };
     loop {
         let s = src.peek().await?.map(|k| k.key_hash);
@@ -243,6 +245,8 @@ pub(crate) async fn diff(
         }
     }
     recheck.flush(&mut summary, sink).await?;
+    drop((src, tgt));
+    recheck.finish(&mut summary, sink).await?;
     tracing::debug!(
         table = %mapping.name(),
         differing = summary.differing(),
@@ -306,11 +310,26 @@ const COLLATABLE: &[&str] = &[
     "pg_catalog.name",
 ];
 
+/// Pairs of (source type, target type) whose values the target holds as the source's text cast
+/// to its type, where that cast never fails and changes the text (`json` → `jsonb` reorders keys,
+/// `timestamp` → `timestamptz` adds the zone): the source's side is hashed as that cast, so such
+/// columns compare equal when the target holds what rowsync wrote. Other differing types compare
+/// by their text as it stands.
+const CAST_ON_SOURCE: &[(&str, &str)] = &[
+    ("pg_catalog.json", "pg_catalog.jsonb"),
+    ("pg_catalog.timestamp", "pg_catalog.timestamptz"),
+    ("pg_catalog.date", "pg_catalog.timestamp"),
+    ("pg_catalog.date", "pg_catalog.timestamptz"),
+    ("pg_catalog.float4", "pg_catalog.float8"),
+    ("pg_catalog.text", "pg_catalog.bpchar"),
+    ("pg_catalog.varchar", "pg_catalog.bpchar"),
+];
+
 impl Hasher {
     /// The native hash when both servers have it and compute it alike, else md5.
     async fn common(pools: &Pools) -> Result<Self> {
-        const PROBE: &str =
-            "SELECT pg_catalog.hash_record_extended(ROW('rowsync'::text, 1::int8, now()::date), 0)";
+        const PROBE: &str = "SELECT pg_catalog.hash_record_extended(\
+                                 ROW('rowsync'::text, 1::int8, '2026-12-02'::date), 0)";
         let source = pools.source().await?.query_one(PROBE, &[]).await;
         let target = pools.target().await?.query_one(PROBE, &[]).await;
         Ok(match (source, target) {
@@ -319,24 +338,46 @@ impl Hasher {
         })
     }
 
-    /// A 64-bit hash of `columns` (with `alias.`), the same on both sides for equal values.
-    fn hash<'a>(self, alias: &str, columns: impl Iterator<Item = &'a Column>) -> String {
+    /// A 64-bit hash of `columns` (with `alias.`) on `side`, the same on both sides for equal
+    /// values.
+    fn hash<'a>(
+        self,
+        side: DatabaseRole,
+        alias: &str,
+        columns: impl Iterator<Item = &'a Column>,
+    ) -> String {
+        let as_text = |c: &Column| {
+            let value = format!("{alias}.{}", c.quoted());
+            let pair = (
+                Column::plain_type(&c.source_type),
+                Column::plain_type(&c.target_type),
+            );
+            let cast = side == SOURCE
+                && c.transfer == Transfer::Text
+                && CAST_ON_SOURCE
+                    .iter()
+                    .any(|(s, t)| pair.0 == *s && pair.1 == *t);
+            if cast {
+                format!("{value}::text::{}::text", c.target_type)
+            } else {
+                format!("{value}::text")
+            }
+        };
         match self {
             Self::Native => {
                 let values = join(columns.map(|c| {
-                    let value = format!("{alias}.{}", c.quoted());
-                    let exact = c.transfer == Transfer::Binary
-                        && EXACT_HASH.contains(&c.target_type.as_str());
-                    match (exact, COLLATABLE.contains(&c.target_type.as_str())) {
-                        (true, false) => value,
-                        (true, true) => format!("{value} COLLATE pg_catalog.\"C\""),
-                        (false, _) => format!("{value}::text COLLATE pg_catalog.\"C\""),
+                    let ty = Column::plain_type(&c.target_type);
+                    let exact = c.transfer == Transfer::Binary && EXACT_HASH.contains(&ty.as_str());
+                    match (exact, COLLATABLE.contains(&ty.as_str())) {
+                        (true, false) => format!("{alias}.{}", c.quoted()),
+                        (true, true) => format!("{alias}.{} COLLATE pg_catalog.\"C\"", c.quoted()),
+                        (false, _) => format!("{} COLLATE pg_catalog.\"C\"", as_text(c)),
                     }
                 }));
                 format!("pg_catalog.hash_record_extended(ROW({values}), 0)")
             }
             Self::Md5 => {
-                let values = join(columns.map(|c| format!("{alias}.{}", c.quoted())));
+                let values = join(columns.map(as_text));
                 format!(
                     "('x' || pg_catalog.left(pg_catalog.md5(ROW({values})::text), 16))::bit(64)::int8"
                 )
@@ -353,12 +394,16 @@ struct SideSql {
     rows: String,
     /// Re-check, `$1` keys (jsonb as text[]): `(position int8, row hash int8)` of those present.
     lookup: String,
-    /// On the source, `$1` keys as for `lookup`: the positions of those in the journal.
+    /// On the source, `$1` keys as for `lookup`: `(position int8, 0)` of those in the journal.
     journaled: Option<String>,
 }
 
 impl SideSql {
-    fn new(mapping: &TableMapping, table: &QualifiedName, buckets: u64, hasher: Hasher) -> Self {
+    fn new(mapping: &TableMapping, side: DatabaseRole, buckets: u64, hasher: Hasher) -> Self {
+        let table = match side {
+            DatabaseRole::Source => &mapping.source,
+            DatabaseRole::Target => &mapping.target,
+        };
         let qualified = |alias: &str, columns: &mut dyn Iterator<Item = String>| {
             join(columns.map(|c| format!("{alias}.{c}")))
         };
@@ -369,8 +414,8 @@ impl SideSql {
             Hasher::Native => "pg_catalog.bit_xor",
             Hasher::Md5 => "pg_catalog.sum",
         };
-        let key_hash = hasher.hash("t", mapping.key_columns());
-        let row_hash = hasher.hash("t", mapping.columns.iter());
+        let key_hash = hasher.hash(side, "t", mapping.key_columns());
+        let row_hash = hasher.hash(side, "t", mapping.columns.iter());
         let key_json = format!(
             "pg_catalog.jsonb_build_object({})::text",
             join(
@@ -380,8 +425,9 @@ impl SideSql {
             )
         );
         let mask = buckets - 1;
-        let on_source = *table == mapping.source;
         let table = table.quoted();
+        let p_keys = qualified("p", &mut mapping.key_columns().map(|c| c.quoted()));
+        let key_record = key_record(mapping, "r.key::jsonb", "p", side);
         Self {
             // OFFSET 0: the hashes are computed once per row, below the aggregate.
             buckets: format!(
@@ -398,26 +444,28 @@ impl SideSql {
             lookup: format!(
                 "SELECT r.o, x.h \
                    FROM unnest($1::text[]) WITH ORDINALITY AS r(key, o) \
-                  CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, r.key::jsonb) AS p \
+                  CROSS JOIN LATERAL {key_record} \
                   CROSS JOIN LATERAL (SELECT {row_hash} AS h FROM {table} t \
-                                       WHERE ({keys}) = ({p_keys}) OFFSET 0) x",
-                p_keys = qualified("p", &mut mapping.key_columns().map(|c| c.quoted())),
+                                       WHERE ({keys}) = ({p_keys}) OFFSET 0) x"
             ),
-            journaled: mapping.journal.as_ref().filter(|_| on_source).map(|journal| {
-                // The journal's keys compare as the source's columns do (a key `COLLATE "C"`).
-                let journal_keys = join(mapping.key_columns().map(|k| match &k.collation {
-                    Some(collation) => format!("j.{} COLLATE {collation}", k.quoted()),
-                    None => format!("j.{}", k.quoted()),
-                }));
-                format!(
-                    "SELECT DISTINCT r.o \
+            journaled: mapping
+                .journal
+                .as_ref()
+                .filter(|_| side == SOURCE)
+                .map(|journal| {
+                    // The journal's keys compare as the source's columns do (a key `COLLATE "C"`).
+                    let journal_keys = join(mapping.key_columns().map(|k| match &k.collation {
+                        Some(collation) => format!("j.{} COLLATE {collation}", k.quoted()),
+                        None => format!("j.{}", k.quoted()),
+                    }));
+                    format!(
+                        "SELECT DISTINCT r.o, 0::int8 \
                        FROM unnest($1::text[]) WITH ORDINALITY AS r(key, o) \
-                      CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, r.key::jsonb) AS p \
+                      CROSS JOIN LATERAL {key_record} \
                        JOIN {journal} j ON ({journal_keys}) = ({p_keys})",
-                    journal = journal.quoted(),
-                    p_keys = qualified("p", &mut mapping.key_columns().map(|c| c.quoted())),
-                )
-            }),
+                        journal = journal.quoted(),
+                    )
+                }),
         }
     }
 }
@@ -436,14 +484,18 @@ type Chunk = Result<Option<Vec<Row>>>;
 /// Runs `sql` on `session` in a read-only REPEATABLE READ transaction of its own, in a task of its
 /// own, sending its rows in chunks. At most two chunks wait to be taken.
 fn read(
-    mut session: Object,
+    session: Object,
     role: DatabaseRole,
     sql: String,
     params: Params,
     background: bool,
-) -> mpsc::Receiver<Chunk> {
+) -> Reader {
     let (sender, receiver) = mpsc::channel::<Chunk>(2);
-    tokio::spawn(async move {
+    // Out of the pool for good: a reader given up on ends its session with it, and the server
+    // stops the query within a second (client_connection_check_interval, PostgreSQL 14+) rather
+    // than finish a scan nobody reads.
+    let mut session = Object::take(session);
+    let task = tokio::spawn(async move {
         let result: Result<()> = async {
             let tx = session
                 .build_transaction()
@@ -455,6 +507,12 @@ fn read(
             tx.batch_execute(PRELUDE)
                 .await
                 .context(role, || "preparing a diff session".into())?;
+            tx.batch_execute(
+                "SELECT pg_catalog.set_config('client_connection_check_interval', '1000', true) \
+                  WHERE pg_catalog.current_setting('server_version_num')::int >= 140000",
+            )
+            .await
+            .context(role, || "preparing a diff session".into())?;
             if background {
                 tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
                     .await
@@ -492,12 +550,24 @@ fn read(
             let _ = sender.send(Err(err)).await;
         }
     });
-    receiver
+    Reader { receiver, task }
+}
+
+/// A side's reader: its chunks, and its task, stopped when the reader is dropped.
+struct Reader {
+    receiver: mpsc::Receiver<Chunk>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// One side's rows, decoded as they arrive, with one of lookahead.
 struct Cursor<T> {
-    chunks: mpsc::Receiver<Chunk>,
+    chunks: Reader,
     rows: std::vec::IntoIter<Row>,
     head: Option<T>,
     decode: fn(&Row) -> T,
@@ -505,7 +575,7 @@ struct Cursor<T> {
 }
 
 impl<T> Cursor<T> {
-    fn new(chunks: mpsc::Receiver<Chunk>, decode: fn(&Row) -> T) -> Self {
+    fn new(chunks: Reader, decode: fn(&Row) -> T) -> Self {
         Self {
             chunks,
             rows: Vec::new().into_iter(),
@@ -544,7 +614,7 @@ impl<T> Cursor<T> {
             if self.done {
                 return Ok(None);
             }
-            match self.chunks.recv().await {
+            match self.chunks.receiver.recv().await {
                 Some(Ok(Some(rows))) => self.rows = rows.into_iter(),
                 Some(Ok(None)) => self.done = true,
                 Some(Err(err)) => return Err(err),
@@ -572,7 +642,11 @@ impl Bucket {
         Self {
             bucket: row.get(0),
             rows: row.get(1),
-            digest: row.get::<_, &str>(2).parse().unwrap_or(i128::MAX),
+            // An aggregate of int8 always parses; were it not to, the bucket differs.
+            digest: row.get::<_, &str>(2).parse().unwrap_or_else(|_| {
+                tracing::warn!("a bucket's digest did not parse; it counts as differing");
+                i128::MIN + i128::from(row.get::<_, i32>(0))
+            }),
         }
     }
 }
@@ -634,6 +708,17 @@ impl Candidate {
 
 /// The rows of one key hash on each side that differ (matched by key).
 fn compare(source: Vec<Keyed>, mut target: Vec<Keyed>) -> Vec<Candidate> {
+    // One row each side (all but never otherwise): the same key, even where the sides' key types
+    // render it differently as JSON (`timestamp` and `timestamptz`).
+    if let ([ours], [theirs]) = (&source[..], &target[..]) {
+        if ours.row_hash == theirs.row_hash {
+            return Vec::new();
+        }
+        return vec![Candidate {
+            key: ours.key.clone(),
+            seen: (Some(ours.row_hash), Some(theirs.row_hash)),
+        }];
+    }
     let mut candidates = Vec::new();
     for ours in source {
         let theirs = target
@@ -661,6 +746,9 @@ struct Recheck<'a> {
     target: &'a SideSql,
     checks: Checks,
     window: Vec<Candidate>,
+    /// Rows that moved or wait in the journal: checked again after the scans (which then hold
+    /// no snapshot open), a pause apart.
+    deferred: Vec<Candidate>,
 }
 
 impl Recheck<'_> {
@@ -668,49 +756,74 @@ impl Recheck<'_> {
         self.window.push(candidate);
     }
 
-    /// Checks the window's differences again and hands on those that stand. The first re-check
-    /// follows at once (most rows in flight during the scans have landed by then). A row that
-    /// still differs and that neither side changed since it was last seen, and whose key has no
-    /// change waiting in the journal, stands: nothing is on its way to fix it. The others (rows
-    /// that moved, or wait in the journal) are checked again a pause later, up to `attempts`
-    /// checks in all, and then stand as they are.
+    /// Checks the window's differences again, at once (most rows in flight during the scans have
+    /// landed by then), and hands on those that stand: a row that still differs, that neither
+    /// side changed since the scan, and whose key had no change waiting in the journal just
+    /// before: nothing is on its way to fix it. The others wait for [`Recheck::finish`].
     async fn flush(&mut self, summary: &mut Summary, sink: &mut impl Sink) -> Result<()> {
-        let mut moving = std::mem::take(&mut self.window);
-        let mut standing = Vec::new();
-        for attempt in 1..self.checks.attempts {
-            if moving.is_empty() {
-                break;
-            }
-            if attempt > 1 {
-                tokio::time::sleep(self.checks.pause).await;
-            }
-            let before: HashSet<Candidate> = moving.iter().cloned().collect();
-            let now = check(self.pools, self.source, self.target, moving).await?;
-            let (stable, moved): (Vec<_>, Vec<_>) =
-                now.into_iter().partition(|c| before.contains(c));
-            let waiting = journaled(self.pools, self.source, &stable).await?;
-            moving = moved;
-            for (candidate, waiting) in stable.into_iter().zip(waiting) {
-                if waiting {
-                    moving.push(candidate);
-                } else {
-                    standing.push(candidate);
-                }
-            }
+        let window = std::mem::take(&mut self.window);
+        if self.checks.attempts <= 1 {
+            return hand_on(window, summary, sink).await;
         }
-        let standing: Vec<Difference> = standing
-            .into_iter()
-            .chain(moving)
-            .filter_map(Candidate::difference)
-            .collect();
-        if standing.is_empty() {
-            return Ok(());
-        }
-        for difference in &standing {
-            summary.count(difference.kind);
-        }
-        sink.found(standing).await
+        let (standing, moving) = self.round(window).await?;
+        self.deferred.extend(moving);
+        hand_on(standing, summary, sink).await
     }
+
+    /// Checks the deferred rows again a pause apart, up to `attempts` checks in all; what still
+    /// differs then stands as it is.
+    async fn finish(&mut self, summary: &mut Summary, sink: &mut impl Sink) -> Result<()> {
+        for _ in 2..self.checks.attempts {
+            if self.deferred.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(self.checks.pause).await;
+            let mut moving = Vec::new();
+            for window in std::mem::take(&mut self.deferred).chunks(WINDOW) {
+                let (standing, moved) = self.round(window.to_vec()).await?;
+                moving.extend(moved);
+                hand_on(standing, summary, sink).await?;
+            }
+            self.deferred = moving;
+        }
+        hand_on(std::mem::take(&mut self.deferred), summary, sink).await
+    }
+
+    /// One check of `candidates`: (those that stand, those to check again). The journal is read
+    /// before the rows: a change whose journal row is gone by then is in the target already.
+    async fn round(&self, candidates: Vec<Candidate>) -> Result<(Vec<Candidate>, Vec<Candidate>)> {
+        let waiting: HashSet<String> = journaled(self.pools, self.source, &candidates)
+            .await?
+            .into_iter()
+            .zip(&candidates)
+            .filter(|(waiting, _)| *waiting)
+            .map(|(_, c)| c.key.clone())
+            .collect();
+        let before: HashSet<Candidate> = candidates.iter().cloned().collect();
+        let now = check(self.pools, self.source, self.target, candidates).await?;
+        Ok(now
+            .into_iter()
+            .partition(|c| before.contains(c) && !waiting.contains(&c.key)))
+    }
+}
+
+/// Counts `candidates` that differ and hands them to `sink`.
+async fn hand_on(
+    candidates: Vec<Candidate>,
+    summary: &mut Summary,
+    sink: &mut impl Sink,
+) -> Result<()> {
+    let differences: Vec<Difference> = candidates
+        .into_iter()
+        .filter_map(Candidate::difference)
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    for difference in &differences {
+        summary.count(difference.kind);
+    }
+    sink.found(differences).await
 }
 
 /// The candidates that still differ, as they are now.
@@ -739,24 +852,11 @@ async fn journaled(pools: &Pools, source: &SideSql, candidates: &[Candidate]) ->
         return Ok(vec![false; candidates.len()]);
     };
     let keys: Vec<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
-    let rows = pools
-        .source()
+    Ok(lookup(pools, SOURCE, sql, &keys)
         .await?
-        .query(sql.as_str(), &[&keys])
-        .await
-        .context(SOURCE, || {
-            "looking for differing keys in the journal".into()
-        })?;
-    let mut found = vec![false; candidates.len()];
-    for row in rows {
-        if let Some(slot) = usize::try_from(row.get::<_, i64>(0) - 1)
-            .ok()
-            .and_then(|i| found.get_mut(i))
-        {
-            *slot = true;
-        }
-    }
-    Ok(found)
+        .into_iter()
+        .map(|found| found.is_some())
+        .collect())
 }
 
 /// Which of `differences` still stand: checked at once, then again a pause apart while any do, up
@@ -768,8 +868,8 @@ pub(crate) async fn still_differing(
     checks: Checks,
 ) -> Result<Vec<Difference>> {
     let hasher = Hasher::common(pools).await?;
-    let source = SideSql::new(mapping, &mapping.source, MIN_BUCKETS, hasher);
-    let target = SideSql::new(mapping, &mapping.target, MIN_BUCKETS, hasher);
+    let source = SideSql::new(mapping, SOURCE, MIN_BUCKETS, hasher);
+    let target = SideSql::new(mapping, TARGET, MIN_BUCKETS, hasher);
     let mut candidates: Vec<Candidate> = differences
         .into_iter()
         .map(|d| Candidate {
@@ -792,7 +892,10 @@ pub(crate) async fn still_differing(
         .collect())
 }
 
-/// The row hash of each key on one side (None where the key has no row).
+/// The row hash of each key on one side (None where the key has no row), by `sql` (a query of
+/// `(position, hash)` over `$1`, the keys). A key this side's type cannot hold (an extra target
+/// row whose key the source's type cannot store) has no row here: when the keys together fail to
+/// convert, they are looked up one by one.
 async fn lookup(
     pools: &Pools,
     role: DatabaseRole,
@@ -803,31 +906,50 @@ async fn lookup(
         DatabaseRole::Source => pools.source().await?,
         DatabaseRole::Target => pools.target().await?,
     };
-    let tx = session
-        .transaction()
-        .await
-        .context(role, || "starting a re-check".into())?;
-    tx.batch_execute(PRELUDE)
-        .await
-        .context(role, || "preparing a re-check".into())?;
-    let rows = tx
-        .query(sql, &[&keys])
-        .await
-        .context(role, || "re-checking differing rows".into())?;
-    tx.commit()
-        .await
-        .context(role, || "ending a re-check".into())?;
     let mut hashes = vec![None; keys.len()];
-    for row in rows {
-        let position: i64 = row.get(0);
-        if let Some(slot) = usize::try_from(position - 1)
-            .ok()
-            .and_then(|i| hashes.get_mut(i))
-        {
-            *slot = Some(row.get::<_, i64>(1));
+    match positions(&mut session, sql, keys).await {
+        Ok(found) => {
+            for (position, hash) in found {
+                if let Some(slot) = usize::try_from(position - 1)
+                    .ok()
+                    .and_then(|i| hashes.get_mut(i))
+                {
+                    *slot = Some(hash);
+                }
+            }
         }
+        Err(err) if is_data_error(&err) => {
+            for (slot, key) in hashes.iter_mut().zip(keys) {
+                match positions(&mut session, sql, &[key]).await {
+                    Ok(found) => *slot = found.first().map(|(_, hash)| *hash),
+                    Err(err) if is_data_error(&err) => {}
+                    Err(err) => {
+                        return Err(err).context(role, || "re-checking differing rows".into());
+                    }
+                }
+            }
+        }
+        Err(err) => return Err(err).context(role, || "re-checking differing rows".into()),
     }
     Ok(hashes)
+}
+
+/// `sql`'s `(position, hash)` rows for `keys`, in a transaction of its own.
+async fn positions(
+    session: &mut Object,
+    sql: &str,
+    keys: &[&str],
+) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
+    let tx = session.transaction().await?;
+    tx.batch_execute(PRELUDE).await?;
+    let rows = tx.query(sql, &[&keys]).await?;
+    tx.commit().await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// A value that does not fit a type (SQLSTATE class 22: out of range, invalid text, …).
+pub(crate) fn is_data_error(err: &tokio_postgres::Error) -> bool {
+    err.code().is_some_and(|code| code.code().starts_with("22"))
 }
 
 #[cfg(test)]

@@ -241,6 +241,7 @@ mod tests {
                 .map(|(name, ty, transfer)| Column {
                     name: name.to_string(),
                     target_type: ty.to_string(),
+                    source_type: ty.to_string(),
                     transfer: *transfer,
                     identity_always: false,
                     collation: None,
