@@ -208,3 +208,59 @@ async fn three_processes_split_overlapping_lists_and_take_over_each_others_table
         }
     }
 }
+
+/// A table lock held by something other than a rowsync process (`rowsync repair` applying a
+/// table itself) is not a process to hand tables to: the daemon keeps its tables, and takes the
+/// table once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_by_a_repair_is_not_a_process_to_hand_tables_to() {
+    let pair = Pair::new(&ddl()).await;
+    let list = TABLES.join(",");
+    let env = [("SYNC_TABLES", list.as_str())];
+    let setup = pair.rowsync(&["setup"], &env);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let holder = pair.target().await;
+    let lock = "SELECT pg_advisory_lock(hashtext('rowsync.table'), hashtext(to_regclass('t4')::oid::text))";
+    holder.execute(lock, &[]).await.unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[
+        ("SYNC_TABLES", list.as_str()),
+        ("HEALTH_ADDR", addr.as_str()),
+    ]);
+    let me = instance_of(&daemon);
+    pair.wait(
+        "the daemon to own t1, t2 and t3",
+        Duration::from_secs(30),
+        || async {
+            let owners = owners(port).await;
+            ["public.t1", "public.t2", "public.t3"]
+                .iter()
+                .all(|t| owners.get(*t) == Some(&me))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !daemon.log_text().contains("handing the table over"),
+        "{}",
+        daemon.log_text()
+    );
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('rowsync.table'), hashtext(to_regclass('t4')::oid::text))",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait(
+        "the daemon to take t4 too",
+        Duration::from_secs(30),
+        || async { owners(port).await.get("public.t4") == Some(&me) },
+    )
+    .await;
+}

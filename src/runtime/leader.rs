@@ -354,9 +354,14 @@ impl Claims {
         {
             return;
         }
+        // Other rowsync processes' lock sessions (not a `rowsync repair` applying a table itself).
         let mut held: HashMap<i32, usize> = HashMap::new();
         for s in seen {
-            if let Some(pid) = s.holder.filter(|pid| *pid != me) {
+            let process = s
+                .holder_name
+                .as_deref()
+                .is_some_and(|name| name.starts_with(APP_LEADER));
+            if let Some(pid) = s.holder.filter(|pid| *pid != me && process) {
                 *held.entry(pid).or_default() += 1;
             }
         }
