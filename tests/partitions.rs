@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::harness::{Pair, count};
 
 /// Two levels: `events_eu` is itself partitioned.
-const PARTITIONED: &str = "
+pub(crate) const PARTITIONED: &str = "
     CREATE TABLE events (id int, region text, v text, PRIMARY KEY (id, region))
         PARTITION BY LIST (region);
     CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');

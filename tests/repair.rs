@@ -13,6 +13,14 @@ use tokio_postgres::Client;
 
 use crate::harness::{Pair, USERS, contents, count, seed_users};
 
+/// `(kind, key)` pairs as owned strings.
+fn keyset(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// `(kind, key)` of every difference a JSON report lists, per table.
 fn differences(report: &Value, table: &str) -> BTreeSet<(String, String)> {
     let table = report["tables"]
@@ -347,25 +355,19 @@ async fn composite_and_collated_keys_are_found_and_repaired_without_a_daemon() {
         )
         .await
         .unwrap();
-    let memberships: BTreeSet<(String, String)> = [
+    let memberships = keyset(&[
         ("missing", r#"{"member":"member 7","tenant":3}"#),
         ("missing", r#"{"member":"member 8","tenant":3}"#),
         ("different", r#"{"member":"member 400","tenant":11}"#),
         ("extra", r#"{"member":"stranger","tenant":99}"#),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let tags: BTreeSet<(String, String)> = [
+    ]);
+    let tags = keyset(&[
         ("missing", r#"{"label":"Zebra17"}"#),
         ("missing", r#"{"label":"émile5"}"#),
         ("different", r#"{"label":"Ärger 42"}"#),
         ("extra", r#"{"label":"zebra0"}"#),
         ("extra", r#"{"label":"ZEBRA1"}"#),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ]);
 
     let output = pair.rowsync(&["verify", "--json"], &env);
     assert_eq!(output.status.code(), Some(1), "{}", described(&output));
@@ -550,14 +552,11 @@ async fn differing_types_verify_and_a_key_the_source_cannot_hold_is_reported() {
     let output = pair.rowsync(&["verify", "--json"], &env);
     assert_eq!(output.status.code(), Some(1), "{}", described(&output));
     let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
-    let expected: BTreeSet<(String, String)> = [
+    let expected = keyset(&[
         ("extra", r#"{"id":5000000000}"#),
         ("different", r#"{"id":17}"#),
         ("missing", r#"{"id":18}"#),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ]);
     assert_eq!(differences(&report, "public.counters"), expected);
 
     // repair fixes what it can and names what stays.
@@ -582,13 +581,6 @@ async fn differing_types_verify_and_a_key_the_source_cannot_hold_is_reported() {
 /// and repair fixes rows changed by hand in partitions of the target while the daemon runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_are_verified_and_repaired_through_their_partitions() {
-    const SOURCE: &str = "
-        CREATE TABLE events (id int, region text, v text, PRIMARY KEY (id, region))
-            PARTITION BY LIST (region);
-        CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
-        CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu') PARTITION BY RANGE (id);
-        CREATE TABLE events_eu_low PARTITION OF events_eu FOR VALUES FROM (MINVALUE) TO (1000);
-        CREATE TABLE events_eu_high PARTITION OF events_eu FOR VALUES FROM (1000) TO (MAXVALUE);";
     const TARGET: &str = "
         CREATE TABLE events (id int, region text, v text,
                              v_upper text GENERATED ALWAYS AS (upper(v)) STORED,
@@ -597,7 +589,7 @@ async fn partitioned_tables_are_verified_and_repaired_through_their_partitions()
             PARTITION BY LIST (region);
         CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
         CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');";
-    let pair = Pair::with_ddl(SOURCE, TARGET).await;
+    let pair = Pair::with_ddl(crate::partitions::PARTITIONED, TARGET).await;
     pair.source()
         .await
         .batch_execute(
@@ -625,15 +617,12 @@ async fn partitioned_tables_are_verified_and_repaired_through_their_partitions()
     let output = pair.rowsync(&["verify", "--json"], &env);
     assert_eq!(output.status.code(), Some(1), "{}", described(&output));
     let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
-    let expected: BTreeSet<(String, String)> = [
+    let expected = keyset(&[
         ("missing", r#"{"id":1001,"region":"eu"}"#),
         ("missing", r#"{"id":1003,"region":"eu"}"#),
         ("different", r#"{"id":2000,"region":"us"}"#),
         ("extra", r#"{"id":99999,"region":"eu"}"#),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    ]);
     assert_eq!(differences(&report, "public.events"), expected);
 
     let output = pair.rowsync(&["repair"], &env);
