@@ -63,7 +63,7 @@ fn described(output: &std::process::Output) -> String {
     )
 }
 
-/// The keys (`{"id": …}` as JSON) of the rows a statement returns ids of.
+/// The keys (`{"id": …}` as JSON) of the rows a statement returns `id::text` of.
 async fn keys(client: &Client, sql: &str, kind: &str) -> BTreeSet<(String, String)> {
     client
         .query(sql, &[])
@@ -71,36 +71,23 @@ async fn keys(client: &Client, sql: &str, kind: &str) -> BTreeSet<(String, Strin
         .expect(sql)
         .iter()
         .map(|row| {
-            let id: uuid_text::Id = row.get(0);
-            (kind.to_string(), format!("{{\"id\":\"{}\"}}", id.0))
+            let id: String = row.get(0);
+            (kind.to_string(), format!("{{\"id\":\"{id}\"}}"))
         })
         .collect()
 }
 
-/// A uuid read as text (the tests have no uuid crate).
-mod uuid_text {
-    pub(crate) struct Id(pub String);
-
-    impl<'a> tokio_postgres::types::FromSql<'a> for Id {
-        fn from_sql(
-            _: &tokio_postgres::types::Type,
-            raw: &'a [u8],
-        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            Ok(Id(format!(
-                "{}-{}-{}-{}-{}",
-                &hex[0..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..32]
-            )))
-        }
-
-        fn accepts(ty: &tokio_postgres::types::Type) -> bool {
-            *ty == tokio_postgres::types::Type::UUID
-        }
-    }
+/// Seeds `n` users whose rows are a day old: no sweep's look-back re-reads (and so repairs) them
+/// behind a test's back.
+async fn seed_old_users(source: &Client, n: i32) {
+    seed_users(source, n).await;
+    source
+        .execute(
+            "UPDATE users SET updated_at = now() - interval '1 day', created_at = now() - interval '1 day'",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 /// Updates, inserts and deletes source rows outside `user-1` … `user-50000` until stopped.
@@ -137,15 +124,7 @@ fn write_load(
 async fn verify_names_and_repair_fixes_every_row_changed_by_hand_under_writes() {
     let pair = Pair::new(USERS).await;
     let source = pair.source().await;
-    seed_users(&source, 100_000).await;
-    // Old rows: no sweep's look-back re-reads (and so repairs) them behind the test's back.
-    source
-        .execute(
-            "UPDATE users SET updated_at = now() - interval '1 day', created_at = now() - interval '1 day'",
-            &[],
-        )
-        .await
-        .unwrap();
+    seed_old_users(&source, 100_000).await;
     // (So that the write load finds its rows fast.)
     source
         .execute("CREATE INDEX users_name_idx ON users (name)", &[])
@@ -166,7 +145,7 @@ async fn verify_names_and_repair_fixes_every_row_changed_by_hand_under_writes() 
     let mut expected = keys(
         &target,
         &format!(
-            "DELETE FROM users WHERE name LIKE 'user-%' AND {number} <= 50000 AND {number} % 997 = 0 RETURNING id"
+            "DELETE FROM users WHERE name LIKE 'user-%' AND {number} <= 50000 AND {number} % 997 = 0 RETURNING id::text"
         ),
         "missing",
     )
@@ -176,7 +155,7 @@ async fn verify_names_and_repair_fixes_every_row_changed_by_hand_under_writes() 
             &target,
             &format!(
                 "UPDATE users SET bio = 'changed by hand' \
-                  WHERE name LIKE 'user-%' AND {number} <= 50000 AND {number} % 991 = 0 RETURNING id"
+                  WHERE name LIKE 'user-%' AND {number} <= 50000 AND {number} % 991 = 0 RETURNING id::text"
             ),
             "different",
         )
@@ -185,7 +164,7 @@ async fn verify_names_and_repair_fixes_every_row_changed_by_hand_under_writes() 
     expected.extend(
         keys(
             &target,
-            "INSERT INTO users (name) SELECT 'intruder-' || g FROM generate_series(1, 40) g RETURNING id",
+            "INSERT INTO users (name) SELECT 'intruder-' || g FROM generate_series(1, 40) g RETURNING id::text",
             "extra",
         )
         .await,
@@ -432,14 +411,7 @@ async fn composite_and_collated_keys_are_found_and_repaired_without_a_daemon() {
 async fn the_daemon_verifies_in_the_background_and_repairs_when_asked() {
     let pair = Pair::new(USERS).await;
     let source = pair.source().await;
-    seed_users(&source, 2000).await;
-    source
-        .execute(
-            "UPDATE users SET updated_at = now() - interval '1 day'",
-            &[],
-        )
-        .await
-        .unwrap();
+    seed_old_users(&source, 2000).await;
     pair.setup();
     let target = pair.target().await;
     target

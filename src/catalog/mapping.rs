@@ -212,6 +212,15 @@ struct CatalogColumn {
     collation: Option<String>,
 }
 
+/// [`load_mapping`] on a session of each pool.
+pub(crate) async fn load_mapping_pooled(
+    pools: &crate::connection::Pools,
+    table: &TableRef,
+) -> Result<TableMapping> {
+    let (source, target) = (pools.source().await?, pools.target().await?);
+    load_mapping(&**source, &**target, table).await
+}
+
 /// Resolves `table` in both databases and builds its mapping.
 pub(crate) async fn load_mapping(
     source: &impl GenericClient,

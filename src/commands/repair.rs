@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::{TableMapping, join, key_record, load_mapping};
+use crate::catalog::mapping::{TableMapping, join, key_record, load_mapping_pooled};
 use crate::commands::setup::configured;
 use crate::commands::verify::{Listing, checks, for_diffs, keys_report};
 use crate::config::{DatabaseRole, Settings};
@@ -23,7 +23,7 @@ use crate::error::{Error, Result, SqlContext};
 use crate::ops::telemetry::Telemetry;
 use crate::pipeline::apply::Counts;
 use crate::pipeline::batch::{BatchKind, TableSync};
-use crate::pipeline::diff::{self, Difference, Sink, Summary};
+use crate::pipeline::diff::{self, Difference, KeyCheck, Sink, Summary};
 use crate::runtime::leader;
 use crate::target::{migrate, progress, runs};
 
@@ -107,10 +107,7 @@ async fn repair_table(
     options: RepairOptions,
 ) -> Result<TableRepair> {
     let started = Instant::now();
-    let mapping = {
-        let (source, target) = (pools.source().await?, pools.target().await?);
-        load_mapping(&**source, &**target, table).await?
-    };
+    let mapping = load_mapping_pooled(pools, table).await?;
     let name = mapping.name();
     if options.dry_run {
         let mut listing = Listing::new(options.keys, false)?;
@@ -182,6 +179,7 @@ async fn fix(
         });
     };
     let applied_by = apply(settings, pools, table, mapping, &txid).await?;
+    let key_check = KeyCheck::new(pools, mapping).await?;
     let (mut remaining, mut remaining_first) = (0, Vec::new());
     let mut reader = listing.reader()?;
     loop {
@@ -189,7 +187,9 @@ async fn fix(
         if window.is_empty() {
             break;
         }
-        let still = diff::still_differing(pools, mapping, window, checks(options.attempts)).await?;
+        let still = key_check
+            .still_differing(pools, window, checks(options.attempts))
+            .await?;
         remaining += still.len() as u64;
         let room = options.keys.saturating_sub(remaining_first.len());
         remaining_first.extend(still.into_iter().take(room));

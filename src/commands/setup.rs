@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::load_mapping;
+use crate::catalog::mapping::{load_mapping, load_mapping_pooled};
 use crate::config::{ConfigError, Settings};
 use crate::connection::Pools;
 use crate::error::Result;
@@ -138,7 +138,7 @@ pub(crate) async fn setup_tables(
         // Check the mapping before touching the source: a table the target cannot take gets no
         // triggers.
         let mapping = transient(retry, "reading the table definitions", || async {
-            load_mapping(&**pools.source().await?, &**pools.target().await?, table).await
+            load_mapping_pooled(pools, table).await
         })
         .await?;
         let status = transient(retry, "installing capture", || async {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::ident::quote;
-use crate::catalog::mapping::{TableMapping, load_mapping};
+use crate::catalog::mapping::{TableMapping, load_mapping_pooled};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
 use crate::error::{Error, Result, SqlContext};
@@ -58,10 +58,7 @@ pub async fn verify(settings: &Settings, options: VerifyOptions) -> Result<Vec<T
     let result = async {
         let mut verdicts = Vec::new();
         for table in &settings.tables {
-            let mapping = {
-                let (source, target) = (pools.source().await?, pools.target().await?);
-                load_mapping(&**source, &**target, table).await?
-            };
+            let mapping = load_mapping_pooled(&pools, table).await?;
             let mut listing = Listing::new(options.keys, options.all_keys)?;
             let summary =
                 diff::diff(&pools, &mapping, checks(options.attempts), &mut listing).await?;
@@ -193,18 +190,22 @@ impl ListingReader {
                 Self::File(lines) => match lines.next() {
                     None => None,
                     Some(line) => {
-                        let line = line.map_err(|source| Error::Io {
+                        let io = |source| Error::Io {
                             action: "reading the differing keys back".into(),
                             source,
-                        })?;
-                        line.split_once('\t').map(|(kind, key)| Difference {
-                            kind: match kind {
-                                "missing" => Kind::Missing,
-                                "extra" => Kind::Extra,
-                                _ => Kind::Different,
-                            },
-                            key: key.to_string(),
-                        })
+                        };
+                        let line = line.map_err(io)?;
+                        // Every line is one this listing wrote: one that does not read back
+                        // means the file was damaged, not that the list ended.
+                        let parsed = line.split_once('\t').and_then(|(kind, key)| {
+                            Some(Difference {
+                                kind: Kind::from_name(kind)?,
+                                key: key.to_string(),
+                            })
+                        });
+                        Some(parsed.ok_or_else(|| {
+                            io(std::io::Error::other(format!("unreadable line {line:?}")))
+                        })?)
                     }
                 },
             };
@@ -221,7 +222,7 @@ impl Sink for Listing {
     async fn found(&mut self, differences: Vec<Difference>) -> Result<()> {
         for difference in differences {
             if let Some(all) = self.all.as_mut() {
-                writeln!(all, "{}\t{}", kind_name(difference.kind), difference.key).map_err(
+                writeln!(all, "{}\t{}", difference.kind.as_str(), difference.key).map_err(
                     |source| Error::Io {
                         action: "writing the differing keys to a temporary file".into(),
                         source,
@@ -233,14 +234,6 @@ impl Sink for Listing {
             }
         }
         Ok(())
-    }
-}
-
-pub(crate) fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Missing => "missing",
-        Kind::Extra => "extra",
-        Kind::Different => "different",
     }
 }
 
@@ -325,7 +318,7 @@ pub(crate) fn keys_report(table: &str, what: &str, total: u64, first: &[Differen
         let _ = writeln!(
             text,
             "  {:<9}  {}",
-            kind_name(difference.kind),
+            difference.kind.as_str(),
             difference.key
         );
     }
@@ -381,7 +374,7 @@ pub fn report_json(verdicts: &mut [TableVerdict], out: &mut impl Write) -> Resul
                     out,
                     "{}{{\"kind\":\"{}\",\"key\":{}}}",
                     if first { "" } else { "," },
-                    kind_name(difference.kind),
+                    difference.kind.as_str(),
                     difference.key
                 )
                 .map_err(io)?;
@@ -392,4 +385,35 @@ pub fn report_json(verdicts: &mut [TableVerdict], out: &mut impl Write) -> Resul
     }
     writeln!(out, "]}}").map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn difference(kind: Kind, key: &str) -> Difference {
+        Difference {
+            kind,
+            key: key.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_keeps_the_first_in_memory_and_reads_every_one_back_in_windows() {
+        let all = vec![
+            difference(Kind::Missing, r#"{"id": 1}"#),
+            difference(Kind::Extra, r#"{"id": "a\tb"}"#),
+            difference(Kind::Different, r#"{"id": 3}"#),
+        ];
+        let mut listing = Listing::new(1, true).unwrap();
+        listing.found(all[..2].to_vec()).await.unwrap();
+        listing.found(all[2..].to_vec()).await.unwrap();
+        assert_eq!(listing.first, all[..1]);
+        let mut reader = listing.reader().unwrap();
+        let mut read = reader.next_window(2).unwrap();
+        assert_eq!(read.len(), 2);
+        read.extend(reader.next_window(2).unwrap());
+        assert!(reader.next_window(2).unwrap().is_empty());
+        assert_eq!(read, all);
+    }
 }

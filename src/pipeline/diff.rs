@@ -75,6 +75,24 @@ pub(crate) enum Kind {
     Different,
 }
 
+impl Kind {
+    /// Its name in reports (as serde writes it).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Extra => "extra",
+            Self::Different => "different",
+        }
+    }
+
+    /// The kind [`Kind::as_str`] names.
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        [Self::Missing, Self::Extra, Self::Different]
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+    }
+}
+
 /// One differing row: how, and its key as a JSON object (`{"id": 7}`), as jsonb renders it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Difference {
@@ -136,31 +154,19 @@ pub(crate) async fn diff(
     let target = SideSql::new(mapping, TARGET, buckets, hasher);
 
     // Step 1: buckets. Each side's rows and hash digests (xor, or sum), the target's taken from
-    // the source's: a bucket matches when both come to zero. (The server aggregates before it sends a row, so
-    // the order the sides are drained in does not matter: both scan at once.)
+    // the source's: a bucket matches when both come to zero. (The server aggregates before it
+    // sends a row, so the order the sides are drained in does not matter: both scan at once.)
     let mut balance = vec![(0i64, 0i128); buckets as usize];
     let mut summary = Summary::default();
     let sides = [
         (
             SOURCE,
-            read(
-                pools.source().await?,
-                SOURCE,
-                source.buckets.clone(),
-                vec![],
-                checks.background,
-            ),
+            read(pools, SOURCE, &source.buckets, vec![], checks.background).await?,
             1,
         ),
         (
             TARGET,
-            read(
-                pools.target().await?,
-                TARGET,
-                target.buckets.clone(),
-                vec![],
-                checks.background,
-            ),
+            read(pools, TARGET, &target.buckets, vec![], checks.background).await?,
             -1,
         ),
     ];
@@ -202,22 +208,24 @@ pub(crate) async fn diff(
     // Step 2: the rows of the marked buckets.
     let mut src = Cursor::new(
         read(
-            pools.source().await?,
+            pools,
             SOURCE,
-            source.rows.clone(),
+            &source.rows,
             vec![Box::new(bitmap.clone())],
             checks.background,
-        ),
+        )
+        .await?,
         Keyed::from_row,
     );
     let mut tgt = Cursor::new(
         read(
-            pools.target().await?,
+            pools,
             TARGET,
-            target.rows.clone(),
+            &target.rows,
             vec![Box::new(bitmap)],
             checks.background,
-        ),
+        )
+        .await?,
         Keyed::from_row,
     );
     let mut recheck = Recheck {
@@ -273,7 +281,7 @@ async fn bucket_count(pools: &Pools, mapping: &TableMapping) -> Result<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hasher {
     /// `hash_record_extended` over the columns (PostgreSQL 14 and later): each value hashed by its
-    /// type's own hash function where that compares exactly what rowsync copies ([`exact_hash`]),
+    /// type's own hash function where that compares exactly what rowsync copies ([`EXACT_HASH`]),
     /// else as its text. Three to four times cheaper than rendering whole rows as text. Stable
     /// across versions (hash partitioning depends on that), not across byte orders: chosen only
     /// when both servers hash alike.
@@ -481,20 +489,21 @@ type Params = Vec<Box<dyn ToSql + Send + Sync>>;
 /// it means the reader failed).
 type Chunk = Result<Option<Vec<Row>>>;
 
-/// Runs `sql` on `session` in a read-only REPEATABLE READ transaction of its own, in a task of its
-/// own, sending its rows in chunks. At most two chunks wait to be taken.
-fn read(
-    session: Object,
+/// Runs `sql` on a session of `role` in a read-only REPEATABLE READ transaction of its own, in a
+/// task of its own, sending its rows in chunks. At most two chunks wait to be taken.
+async fn read(
+    pools: &Pools,
     role: DatabaseRole,
-    sql: String,
+    sql: &str,
     params: Params,
     background: bool,
-) -> Reader {
+) -> Result<Reader> {
     let (sender, receiver) = mpsc::channel::<Chunk>(2);
     // Out of the pool for good: a reader given up on ends its session with it, and the server
     // stops the query within a second (client_connection_check_interval, PostgreSQL 14+) rather
     // than finish a scan nobody reads.
-    let mut session = Object::take(session);
+    let mut session = Object::take(session(pools, role).await?);
+    let sql = sql.to_string();
     let task = tokio::spawn(async move {
         let result: Result<()> = async {
             let tx = session
@@ -550,7 +559,15 @@ fn read(
             let _ = sender.send(Err(err)).await;
         }
     });
-    Reader { receiver, task }
+    Ok(Reader { receiver, task })
+}
+
+/// A pooled session of `role`'s database.
+async fn session(pools: &Pools, role: DatabaseRole) -> Result<Object> {
+    match role {
+        DatabaseRole::Source => pools.source().await,
+        DatabaseRole::Target => pools.target().await,
+    }
 }
 
 /// A side's reader: its chunks, and its task, stopped when the reader is dropped.
@@ -859,37 +876,51 @@ async fn journaled(pools: &Pools, source: &SideSql, candidates: &[Candidate]) ->
         .collect())
 }
 
-/// Which of `differences` still stand: checked at once, then again a pause apart while any do, up
-/// to `checks.attempts` times in all (writes may be in flight).
-pub(crate) async fn still_differing(
-    pools: &Pools,
-    mapping: &TableMapping,
-    differences: Vec<Difference>,
-    checks: Checks,
-) -> Result<Vec<Difference>> {
-    let hasher = Hasher::common(pools).await?;
-    let source = SideSql::new(mapping, SOURCE, MIN_BUCKETS, hasher);
-    let target = SideSql::new(mapping, TARGET, MIN_BUCKETS, hasher);
-    let mut candidates: Vec<Candidate> = differences
-        .into_iter()
-        .map(|d| Candidate {
-            key: d.key,
-            seen: (None, None),
+/// Checks differences of one table again by key: its lookups, prepared once for any number of
+/// windows (`rowsync repair` checks every repaired row after applying them).
+pub(crate) struct KeyCheck {
+    source: SideSql,
+    target: SideSql,
+}
+
+impl KeyCheck {
+    pub(crate) async fn new(pools: &Pools, mapping: &TableMapping) -> Result<Self> {
+        let hasher = Hasher::common(pools).await?;
+        Ok(Self {
+            source: SideSql::new(mapping, SOURCE, MIN_BUCKETS, hasher),
+            target: SideSql::new(mapping, TARGET, MIN_BUCKETS, hasher),
         })
-        .collect();
-    for attempt in 0..checks.attempts.max(1) {
-        if candidates.is_empty() {
-            break;
-        }
-        if attempt > 0 {
-            tokio::time::sleep(checks.pause).await;
-        }
-        candidates = check(pools, &source, &target, candidates).await?;
     }
-    Ok(candidates
-        .into_iter()
-        .filter_map(Candidate::difference)
-        .collect())
+
+    /// Which of `differences` still stand: checked at once, then again a pause apart while any
+    /// do, up to `checks.attempts` times in all (writes may be in flight).
+    pub(crate) async fn still_differing(
+        &self,
+        pools: &Pools,
+        differences: Vec<Difference>,
+        checks: Checks,
+    ) -> Result<Vec<Difference>> {
+        let mut candidates: Vec<Candidate> = differences
+            .into_iter()
+            .map(|d| Candidate {
+                key: d.key,
+                seen: (None, None),
+            })
+            .collect();
+        for attempt in 0..checks.attempts.max(1) {
+            if candidates.is_empty() {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(checks.pause).await;
+            }
+            candidates = check(pools, &self.source, &self.target, candidates).await?;
+        }
+        Ok(candidates
+            .into_iter()
+            .filter_map(Candidate::difference)
+            .collect())
+    }
 }
 
 /// The row hash of each key on one side (None where the key has no row), by `sql` (a query of
@@ -902,10 +933,7 @@ async fn lookup(
     sql: &str,
     keys: &[&str],
 ) -> Result<Vec<Option<i64>>> {
-    let mut session = match role {
-        DatabaseRole::Source => pools.source().await?,
-        DatabaseRole::Target => pools.target().await?,
-    };
+    let mut session = session(pools, role).await?;
     let mut hashes = vec![None; keys.len()];
     match positions(&mut session, sql, keys).await {
         Ok(found) => {

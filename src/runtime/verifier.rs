@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::load_mapping;
+use crate::catalog::mapping::load_mapping_pooled;
 use crate::commands::repair::Journaler;
-use crate::commands::verify::Listing;
+use crate::commands::verify::{Listing, checks};
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::ops::telemetry::Verification;
@@ -65,19 +65,15 @@ pub(crate) async fn run(context: Context, stop: CancellationToken) {
 }
 
 async fn verify_table(context: &Context, pools: &Pools, table: &TableRef) -> Result<()> {
-    let mapping = {
-        let (source, target) = (pools.source().await?, pools.target().await?);
-        load_mapping(&**source, &**target, table).await?
-    };
+    let mapping = load_mapping_pooled(pools, table).await?;
     let name = mapping.name();
     if !context.telemetry.figures().tables.contains_key(&name) {
         debug!(table = %name, "not verified: another process applies it");
         return Ok(());
     }
     let checks = Checks {
-        attempts: 3,
-        pause: Duration::from_secs(1),
         background: true,
+        ..checks(3)
     };
     let repair = context.settings.repair_automatically;
     let summary = if repair {
