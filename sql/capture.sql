@@ -62,6 +62,9 @@ ALTER TABLE rowsync.captured_tables
     ADD COLUMN IF NOT EXISTS lost_at      timestamptz,
     ADD COLUMN IF NOT EXISTS lost_reason  text,
     ADD COLUMN IF NOT EXISTS former_names text[];
+-- Whether the key is one rowsync was told to use (a unique index whose columns are NOT NULL,
+-- found by its columns, key_attnums) rather than the primary key.
+ALTER TABLE rowsync.captured_tables ADD COLUMN IF NOT EXISTS key_chosen boolean NOT NULL DEFAULT false;
 -- Rows written by earlier versions name their table only.
 UPDATE rowsync.captured_tables ct
    SET relid = c.oid
@@ -212,6 +215,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
      LIMIT 1
 $$;
 
+-- The index a captured table's key is now: its primary key, or for a chosen key the unique index
+-- on those columns (in that order) usable as one (no predicate, no expressions, not deferred).
+CREATE OR REPLACE FUNCTION rowsync.key_index(rel oid, chosen boolean, attnums int2[]) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT i.indexrelid FROM pg_index i
+     WHERE i.indrelid = rel
+       AND CASE WHEN chosen
+                THEN i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
+                     AND i.indexprs IS NULL AND ARRAY(SELECT unnest(i.indkey::int2[])) = attnums
+                ELSE i.indisprimary END
+     ORDER BY i.indisprimary DESC, i.indexrelid
+     LIMIT 1
+$$;
+
 -- The statement journaling the keys of a write by dynamic SQL, for a capture function whose static
 -- SQL no longer fits the table (a migration renamed or retyped a key column, and capture has not
 -- been adapted yet: see adapt_capture) and for TRUNCATE. `rel` is the captured table or one of its
@@ -230,9 +247,10 @@ BEGIN
     IF v_ct.journal_name IS NULL THEN
         RAISE EXCEPTION 'rowsync: % is not captured', rel;
     END IF;
-    SELECT ARRAY(SELECT unnest(i.indkey::int2[])) INTO v_pk FROM pg_index i WHERE i.indrelid = v_ct.relid AND i.indisprimary;
+    SELECT ARRAY(SELECT unnest(i.indkey::int2[])) INTO v_pk FROM pg_index i
+     WHERE i.indexrelid = rowsync.key_index(v_ct.relid, v_ct.key_chosen, v_ct.key_attnums);
     IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
-        RAISE EXCEPTION 'the primary key of % is no longer the one captured', v_ct.relid::regclass;
+        RAISE EXCEPTION 'the key of % is no longer the one captured', v_ct.relid::regclass;
     END IF;
     SELECT string_agg(format('%I', j.attname), ', ' ORDER BY k.ord),
            string_agg(format('%I::%s', a.attname, format_type(j.atttypid, j.atttypmod)), ', ' ORDER BY k.ord)
@@ -381,7 +399,7 @@ BEGIN
 
     -- (indkey counts from 0: unnest it to compare with arrays counted from 1)
     SELECT ARRAY(SELECT unnest(i.indkey::int2[])), i.indexrelid INTO v_pk, v_index
-      FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary;
+      FROM pg_index i WHERE i.indexrelid = rowsync.key_index(tbl, v_ct.key_chosen, v_ct.key_attnums);
     IF v_ct.key_attnums IS NULL AND v_pk IS NOT NULL
        AND v_ct.key_columns = ARRAY(SELECT a.attname FROM unnest(v_pk) WITH ORDINALITY AS k(attnum, ord)
                                       JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
@@ -392,9 +410,13 @@ BEGIN
     IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
         IF v_ct.lost_at IS NULL THEN
             UPDATE rowsync.captured_tables
-               SET lost_at = now(), lost_reason = 'the primary key changed: its journal no longer fits'
+               SET lost_at = now(),
+                   lost_reason = CASE WHEN v_ct.key_chosen
+                                      THEN 'the unique index of its key is gone: its journal no longer fits'
+                                      ELSE 'the primary key changed: its journal no longer fits' END
              WHERE journal_name = v_ct.journal_name;
-            v_done := v_done || format('the primary key of %s changed: changes are not captured until rowsync resync', tbl);
+            v_done := v_done || format('the %s of %s changed: changes are not captured until rowsync resync',
+                                       CASE WHEN v_ct.key_chosen THEN 'key index' ELSE 'primary key' END, tbl);
         END IF;
         RETURN v_done;
     END IF;
@@ -557,7 +579,10 @@ REVOKE EXECUTE ON FUNCTION rowsync.capture_partitions(regclass, boolean) FROM PU
 -- 'repaired' when something was missing or disabled and has been put back (changes made meanwhile
 -- were not journaled, so the table needs a fresh copy), 'upgraded' when triggers of an older
 -- definition were replaced without a gap, or 'unchanged'.
-CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass) RETURNS text
+-- `chosen_key` names the columns to key the journal by when they are not the primary key's: those of a
+-- unique index whose columns are NOT NULL (a table without a primary key can be captured so).
+DROP FUNCTION IF EXISTS rowsync.install_capture(regclass);
+CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass, chosen_key name[] DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $install$
 DECLARE
     v_schema     name;
@@ -590,11 +615,27 @@ BEGIN
       FROM pg_index i
      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = tbl AND i.indisprimary
-     GROUP BY i.indexrelid;
-    IF v_keys IS NULL THEN
+     WHERE i.indrelid = tbl
+       AND CASE WHEN chosen_key IS NULL THEN i.indisprimary
+                ELSE i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
+                     AND i.indexprs IS NULL
+                     AND (SELECT array_agg(ka.attname ORDER BY ka.attname)
+                            FROM unnest(i.indkey::int2[]) AS ki(attnum)
+                            JOIN pg_attribute ka ON ka.attrelid = tbl AND ka.attnum = ki.attnum)
+                         = (SELECT array_agg(kn ORDER BY kn) FROM unnest(chosen_key) AS kn) END
+     GROUP BY i.indexrelid, i.indisprimary
+     ORDER BY i.indisprimary DESC, i.indexrelid
+     LIMIT 1;
+    IF v_keys IS NULL AND chosen_key IS NULL THEN
         RAISE EXCEPTION 'rowsync: table %.% has no primary key', v_schema, v_table
-            USING HINT = 'rowsync identifies rows by the primary key; add one to the source table.';
+            USING HINT = 'rowsync identifies rows by the primary key; add one to the source table, or name a unique key.';
+    ELSIF v_keys IS NULL THEN
+        RAISE EXCEPTION 'rowsync: table %.% has no unique index on (%)', v_schema, v_table, array_to_string(chosen_key, ', ')
+            USING HINT = 'A key must be the columns of a unique index without WHERE or expressions.';
+    ELSIF chosen_key IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = tbl
+                                         AND attnum = ANY (v_attnums) AND NOT attnotnull) THEN
+        RAISE EXCEPTION 'rowsync: the key (%) of %.% has columns that may be NULL', array_to_string(chosen_key, ', '), v_schema, v_table
+            USING HINT = 'A key''s columns must be NOT NULL.';
     END IF;
 
     -- Serialise concurrent installs of the same table.
@@ -668,7 +709,8 @@ BEGIN
     EXECUTE format('REVOKE INSERT ON rowsync.%I FROM PUBLIC', v_journal);
     EXECUTE format('GRANT INSERT (%s) ON rowsync.%I TO PUBLIC', v_key_list, v_journal);
 
-    UPDATE rowsync.captured_tables SET key_index = v_index, key_attnums = v_attnums
+    UPDATE rowsync.captured_tables
+       SET key_index = v_index, key_attnums = v_attnums, key_chosen = chosen_key IS NOT NULL
      WHERE journal_name = v_journal;
     PERFORM rowsync.write_capture_function(tbl);
 

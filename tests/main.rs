@@ -17,6 +17,7 @@ mod http;
 mod isolation;
 mod journal;
 mod lifecycle;
+mod mapping;
 mod names;
 mod operations;
 mod ownership;

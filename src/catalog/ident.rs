@@ -23,7 +23,7 @@ pub fn quote(name: &str) -> String {
 /// A table name as the user wrote it in `SYNC_TABLES`, following SQL's rules: unquoted parts fold to
 /// lower case, double-quoted parts are kept exactly. The schema is optional; without one the name is
 /// resolved through each database's `search_path`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TableRef {
     pub schema: Option<String>,
     pub name: String,

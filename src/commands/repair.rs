@@ -13,10 +13,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::{TableMapping, join, key_record, load_mapping_pooled};
 use crate::commands::setup::configured;
 use crate::commands::verify::{Listing, checks, for_diffs, keys_report};
+use crate::config::TableSpec;
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::Pools;
 use crate::error::{Error, Result, SqlContext};
@@ -103,7 +103,7 @@ pub async fn repair(
 async fn repair_table(
     settings: &Settings,
     pools: &Pools,
-    table: &TableRef,
+    table: &TableSpec,
     options: RepairOptions,
 ) -> Result<TableRepair> {
     let started = Instant::now();
@@ -160,7 +160,7 @@ async fn repair_table(
 async fn fix(
     settings: &Settings,
     pools: &Pools,
-    table: &TableRef,
+    table: &TableSpec,
     mapping: &TableMapping,
     options: RepairOptions,
 ) -> Result<TableRepair> {
@@ -295,7 +295,7 @@ async fn journal_keys(
 async fn apply(
     settings: &Settings,
     pools: &Pools,
-    table: &TableRef,
+    table: &TableSpec,
     mapping: &TableMapping,
     txid: &str,
 ) -> Result<String> {

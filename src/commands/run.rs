@@ -8,7 +8,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::catalog::ident::TableRef;
+use crate::config::TableSpec;
 use crate::config::{Env, Settings};
 use crate::connection::Pools;
 use crate::error::{Error, Result};
@@ -28,6 +28,18 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
     let reloader = tokio::spawn(reload_on_signal(reload, tables_tx, settings.clone()));
     let telemetry = Arc::new(Telemetry::new());
     let pools = Pools::new(&settings)?;
+    // A mapping file that does not fit the databases stops the start (exit 2), before anything is
+    // written; databases out of reach are waited for as ever (the tables are checked as they load).
+    match crate::commands::setup::validate(&pools, &settings.tables).await {
+        Ok(_) => {}
+        Err(err @ Error::Config(_)) => {
+            pools.close();
+            return Err(err);
+        }
+        Err(err) => {
+            warn!(error = %crate::error::chain(&err), "could not check the mappings against the databases yet; each table is checked as it loads");
+        }
+    }
     info!(
         source = %settings.source.display(),
         target = %settings.target.display(),
@@ -195,7 +207,7 @@ fn log_final(telemetry: &Telemetry) {
 /// rejected and the running one kept.
 async fn reload_on_signal(
     reload: Arc<Notify>,
-    tables: watch::Sender<Vec<TableRef>>,
+    tables: watch::Sender<Vec<TableSpec>>,
     running: Arc<Settings>,
 ) {
     loop {

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use crate::catalog::ident::TableRef;
-use crate::catalog::mapping::{load_mapping, load_mapping_pooled};
-use crate::config::{ConfigError, Settings};
+use crate::catalog::mapping::{TableMapping, load_mapping, load_mapping_pooled};
+use crate::config::{ConfigError, SYNC_CONFIG, Settings, TableSpec};
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::pipeline::apply::Counts;
@@ -82,33 +82,76 @@ fn table_argument(name: &str) -> Result<TableRef> {
         .map_err(|problem| ConfigError::new("TABLE", format!("{name:?}: {problem}")).into())
 }
 
-/// The tables of `SYNC_TABLES` that `names` name (a name without a schema matches the table of
-/// that name in any schema it was configured with). A name that is not configured is an error.
+/// The configured tables that `names` name, by their source or target table (a name without a
+/// schema matches the table of that name in any schema it was configured with; a source synced
+/// into two targets names both). A name that is not configured is an error.
 pub(crate) fn configured(
     settings: &Settings,
     names: &[String],
     verb: &str,
-) -> Result<Vec<TableRef>> {
+) -> Result<Vec<TableSpec>> {
+    let matches = |configured: &TableRef, wanted: &TableRef| {
+        configured == wanted
+            || (configured.name == wanted.name
+                && (configured.schema.is_none() || wanted.schema.is_none()))
+    };
     let mut tables = Vec::new();
     for name in names {
         let wanted = table_argument(name)?;
-        let found = settings.tables.iter().find(|t| {
-            **t == wanted
-                || (t.name == wanted.name && (t.schema.is_none() || wanted.schema.is_none()))
-        });
-        match found {
-            Some(table) if !tables.contains(table) => tables.push(table.clone()),
-            Some(_) => {}
-            None => {
-                return Err(ConfigError::new(
-                    "SYNC_TABLES",
-                    format!("does not list {wanted}: only configured tables can be {verb}"),
-                )
-                .into());
+        let found: Vec<&TableSpec> = settings
+            .tables
+            .iter()
+            .filter(|t| matches(&t.source, &wanted) || matches(t.target_ref(), &wanted))
+            .collect();
+        if found.is_empty() {
+            let variable = if settings.tables.iter().any(|t| t.origin.is_some()) {
+                SYNC_CONFIG
+            } else {
+                "SYNC_TABLES"
+            };
+            return Err(ConfigError::new(
+                variable,
+                format!("does not list {wanted}: only configured tables can be {verb}"),
+            )
+            .into());
+        }
+        for table in found {
+            if !tables.contains(table) {
+                tables.push(table.clone());
             }
         }
     }
     Ok(tables)
+}
+
+/// Checks every mapping against both catalogs before anything is written: a problem with what
+/// the mapping file says is a configuration error (exit 2). Tables listed in `SYNC_TABLES` are
+/// checked as they are set up, as before.
+pub(crate) async fn validate(pools: &Pools, tables: &[TableSpec]) -> Result<Vec<TableMapping>> {
+    let mut mappings: Vec<TableMapping> = Vec::new();
+    for spec in tables.iter().filter(|t| t.origin.is_some()) {
+        let mapping = load_mapping_pooled(pools, spec).await?;
+        // One journal per source table, keyed one way.
+        if let Some(other) = mappings.iter().find(|m| m.source == mapping.source) {
+            let names =
+                |m: &TableMapping| m.key_columns().map(|c| c.name.clone()).collect::<Vec<_>>();
+            let (mut mine, mut theirs) = (names(&mapping), names(other));
+            mine.sort();
+            theirs.sort();
+            if mine != theirs {
+                return Err(spec
+                    .problem(format!(
+                        "its key ({}) differs from the key ({}) of {}; the entries of one source table must use the same key",
+                        names(&mapping).join(", "),
+                        names(other).join(", "),
+                        other.name()
+                    ))
+                    .into());
+            }
+        }
+        mappings.push(mapping);
+    }
+    Ok(mappings)
 }
 
 /// Setup for `tables` (of `SYNC_TABLES`): `copy_anyway` copies even tables whose capture is
@@ -116,10 +159,11 @@ pub(crate) fn configured(
 pub(crate) async fn setup_tables(
     settings: &Settings,
     pools: &Pools,
-    tables: &[TableRef],
+    tables: &[TableSpec],
     copy_anyway: bool,
 ) -> Result<Vec<TableSetup>> {
     let retry = &settings.retry;
+    transient(retry, "checking the mappings", || validate(pools, tables)).await?;
     let applied = transient(retry, "migrating the target", || async {
         let mut target = pools.target().await?;
         migrate::migrate(&mut target).await
@@ -142,7 +186,12 @@ pub(crate) async fn setup_tables(
         })
         .await?;
         let status = transient(retry, "installing capture", || async {
-            capture::install_table(&**pools.source().await?, &mapping.source).await
+            capture::install_table(
+                &**pools.source().await?,
+                &mapping.source,
+                table.key.as_ref().map(|_| mapping.key_names()).as_deref(),
+            )
+            .await
         })
         .await?;
         let (mapping, copied_before) = transient(retry, "reading the table's state", || async {

@@ -10,6 +10,7 @@
 
 mod database;
 mod env;
+mod tables;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,11 +18,10 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::catalog::ident::TableRef;
-
 use self::database::database;
 pub use self::database::{DatabaseRole, DatabaseSettings, SslMode, describe_pg_config};
 pub use self::env::{DOTENV, Env, parse_dotenv};
+pub use self::tables::{SYNC_CONFIG, TableSpec};
 
 /// A configuration problem: which variable, and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +45,7 @@ impl ConfigError {
 pub struct Settings {
     pub source: DatabaseSettings,
     pub target: DatabaseSettings,
-    pub tables: Vec<TableRef>,
+    pub tables: Vec<TableSpec>,
     /// Time between the end of one sweep and the start of the next.
     pub sync_interval: Duration,
     /// How far back a sweep looks: `SYNC_WINDOW_MULTIPLIER` × `sync_interval`.
@@ -196,7 +196,7 @@ impl Settings {
         Ok(Self {
             source,
             target,
-            tables: tables(env)?,
+            tables: tables::tables(env)?,
             sync_interval,
             sweep_lookback,
             retry: RetrySettings::from_env(env)?,
@@ -469,30 +469,6 @@ fn target_pool_size(env: &Env) -> Result<usize, ConfigError> {
     }
 }
 
-fn tables(env: &Env) -> Result<Vec<TableRef>, ConfigError> {
-    let text = env.get("SYNC_TABLES")?.unwrap_or("users");
-    let mut tables: Vec<TableRef> = Vec::new();
-    for entry in TableRef::split_list(text) {
-        let table = TableRef::parse(entry).map_err(|problem| {
-            ConfigError::new(
-                "SYNC_TABLES",
-                format!(
-                    "expected a comma-separated list of table or schema.table names; {:?}: {problem}",
-                    entry.trim()
-                ),
-            )
-        })?;
-        if tables.contains(&table) {
-            return Err(ConfigError::new(
-                "SYNC_TABLES",
-                format!("lists {table} twice"),
-            ));
-        }
-        tables.push(table);
-    }
-    Ok(tables)
-}
-
 /// A whole number of `unit` within `range`.
 fn whole<T>(
     env: &Env,
@@ -600,7 +576,12 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_table() {
         let settings = Settings::from_env(&env(&[])).unwrap();
-        assert_eq!(settings.tables, vec![TableRef::parse("users").unwrap()]);
+        assert_eq!(
+            settings.tables,
+            vec![TableSpec::plain(
+                crate::catalog::ident::TableRef::parse("users").unwrap()
+            )]
+        );
         assert_eq!(settings.sync_interval, Duration::from_secs(60));
         assert_eq!(settings.sweep_lookback, Duration::from_secs(180));
         assert_eq!(settings.source.pool_size, 10);

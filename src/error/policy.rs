@@ -88,7 +88,7 @@ pub(crate) fn decide(error: &Error) -> Decision {
         Error::Timeout { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
         Error::Pool { .. } => Decision::new(Action::Retry, ErrorType::ConnectionError),
         Error::RowSecurity { .. } => Decision::new(Action::GiveUp, ErrorType::PermissionDenied),
-        Error::Schema { .. } | Error::NotSetUp { .. } => {
+        Error::Schema { .. } | Error::NotSetUp { .. } | Error::Config(_) => {
             Decision::new(Action::GiveUp, ErrorType::SchemaMismatch)
         }
         other => match other.postgres() {

@@ -69,11 +69,13 @@ impl ChangeQueries {
     }
 }
 
-/// How a column is selected so that the target can take it (see [`Transfer`]).
+/// How a column of the source table as `alias` is selected so that the target can take it (see
+/// [`Transfer`]; a computed column's value is already cast).
 fn select_expr(alias: &str, column: &Column) -> String {
+    let value = column.source_ref(alias);
     match column.transfer {
-        Transfer::Binary => format!("{alias}.{}", column.quoted()),
-        Transfer::Text => format!("{alias}.{}::text", column.quoted()),
+        Transfer::Text if column.expression.is_none() => format!("{value}::text"),
+        _ => value,
     }
 }
 
@@ -135,14 +137,24 @@ pub(crate) fn change_query(mapping: &TableMapping, journal: &Journal, keyed: boo
     // LATERAL with OFFSET 0 (which keeps the planner from flattening it back into a plain join):
     // one primary-key lookup per changed key, whatever the estimates. A plain join let it pick a
     // hash join over a scan of the whole table (the journal's statistics are always stale: it is
-    // emptied continuously), which cost ~100 µs per change on a 1M-row table.
+    // emptied continuously), which cost ~100 µs per change on a 1M-row table. The lookup computes
+    // the mapped values and applies the filter over the source row alone: a row the filter
+    // leaves out is absent, so it leaves the target.
+    let projection = join(
+        mapping
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(j, c)| format!("{} AS c{j}", select_expr("s", c))),
+    );
     format!(
         "WITH c AS ({changed}) \
-         SELECT t.{first_key} IS NOT NULL, {key_json}, {key_values}, {columns} \
-           FROM c LEFT JOIN LATERAL (SELECT * FROM {source} s WHERE {join_on} OFFSET 0) t ON true",
-        first_key = keys[0].quoted(),
+         SELECT t.rowsync_present IS NOT NULL, {key_json}, {key_values}, {columns} \
+           FROM c LEFT JOIN LATERAL (SELECT true AS rowsync_present, {projection} FROM {source} s \
+                                     WHERE {join_on}{filter} OFFSET 0) t ON true",
         key_values = join(keys.iter().map(|k| select_expr("c", k))),
-        columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
+        columns = join((0..mapping.columns.len()).map(|j| format!("t.c{j}"))),
+        filter = mapping.and_filter(),
     )
 }
 
@@ -155,10 +167,12 @@ pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
             .map(|k| format!("{}, t.{}", quote_literal(&k.name), k.quoted())),
     );
     format!(
-        "SELECT true, pg_catalog.jsonb_build_object({key_json}), {key_values}, {columns} FROM {source} t",
+        "SELECT true, pg_catalog.jsonb_build_object({key_json}), {key_values}, {columns} \
+           FROM {source} t WHERE true{filter}",
         key_values = join(keys.iter().map(|k| select_expr("t", k))),
         columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
         source = mapping.source.quoted(),
+        filter = mapping.and_filter(),
     )
 }
 
@@ -169,11 +183,18 @@ pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
 /// cannot have written them (a row the statement sees was committed before it started, by a
 /// transaction below its snapshot's xmax), so they were written by hand and would never become
 /// visible, never be consumed, and keep the journal from ever being emptied.
+///
+/// `$2` text[]: the applied snapshots of the other mappings of the same source table, which read
+/// the same journal (see [`crate::target::progress::others`]): a row goes only once it is visible
+/// in every one of them too.
 pub(crate) fn journal_cleanup(journal: &Journal) -> String {
     format!(
         "DELETE FROM {journal} \
           WHERE ({txid} < (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
-                 AND pg_catalog.pg_visible_in_snapshot({txid}, (SELECT $1::text::pg_snapshot))) \
+                 AND pg_catalog.pg_visible_in_snapshot({txid}, (SELECT $1::text::pg_snapshot)) \
+                 AND ((SELECT pg_catalog.cardinality($2::text[])) = 0 \
+                      OR NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS o(snapshot) \
+                                      WHERE NOT pg_catalog.pg_visible_in_snapshot({txid}, o.snapshot::pg_snapshot)))) \
              OR {txid} >= (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()))",
         journal = journal.quoted(),
         txid = journal.txid(),
@@ -205,6 +226,8 @@ mod tests {
             columns: vec![
                 Column {
                     name: "id".into(),
+                    target_name: "id".into(),
+                    expression: None,
                     target_type: "uuid".into(),
                     source_type: "uuid".into(),
                     transfer: Transfer::Binary,
@@ -214,6 +237,8 @@ mod tests {
                 },
                 Column {
                     name: "it's".into(),
+                    target_name: "it's".into(),
+                    expression: None,
                     target_type: "text[]".into(),
                     source_type: "text[]".into(),
                     transfer: Transfer::Text,
@@ -223,6 +248,7 @@ mod tests {
                 },
             ],
             key: vec![0],
+            filter: None,
             updated_at: None,
             copy_binary: false,
             target_partitioned: false,
@@ -234,7 +260,7 @@ mod tests {
     #[test]
     fn change_query_quotes_names_and_casts_text_columns() {
         let sql = change_query(&mapping(), &journal(), true);
-        assert!(sql.contains(r#"t."it's"::text"#), "{sql}");
+        assert!(sql.contains(r#"s."it's"::text AS c1"#), "{sql}");
         assert!(sql.contains(r#"'id', c."id""#), "{sql}");
         assert!(!sql.contains("$2"), "no lookback without updated_at: {sql}");
         let plain = change_query(&mapping(), &journal(), false);

@@ -355,7 +355,7 @@ impl Hasher {
         columns: impl Iterator<Item = &'a Column>,
     ) -> String {
         let as_text = |c: &Column| {
-            let value = format!("{alias}.{}", c.quoted());
+            let value = side_ref(side, alias, c);
             let pair = (
                 Column::plain_type(&c.source_type),
                 Column::plain_type(&c.target_type),
@@ -377,8 +377,10 @@ impl Hasher {
                     let ty = Column::plain_type(&c.target_type);
                     let exact = c.transfer == Transfer::Binary && EXACT_HASH.contains(&ty.as_str());
                     match (exact, COLLATABLE.contains(&ty.as_str())) {
-                        (true, false) => format!("{alias}.{}", c.quoted()),
-                        (true, true) => format!("{alias}.{} COLLATE pg_catalog.\"C\"", c.quoted()),
+                        (true, false) => side_ref(side, alias, c),
+                        (true, true) => {
+                            format!("{} COLLATE pg_catalog.\"C\"", side_ref(side, alias, c))
+                        }
                         (false, _) => format!("{} COLLATE pg_catalog.\"C\"", as_text(c)),
                     }
                 }));
@@ -391,6 +393,15 @@ impl Hasher {
                 )
             }
         }
+    }
+}
+
+/// A column's value in `side`'s table as `alias`: the source's column or computed expression, or
+/// the target's column.
+fn side_ref(side: DatabaseRole, alias: &str, column: &Column) -> String {
+    match side {
+        DatabaseRole::Source => column.source_ref(alias),
+        DatabaseRole::Target => column.target_ref(alias),
     }
 }
 
@@ -415,7 +426,12 @@ impl SideSql {
         let qualified = |alias: &str, columns: &mut dyn Iterator<Item = String>| {
             join(columns.map(|c| format!("{alias}.{c}")))
         };
-        let keys = qualified("t", &mut mapping.key_columns().map(|c| c.quoted()));
+        let keys = join(mapping.key_columns().map(|c| side_ref(side, "t", c)));
+        // The source's rows are those the filter keeps.
+        let filter = match side {
+            DatabaseRole::Source => mapping.and_filter(),
+            DatabaseRole::Target => String::new(),
+        };
         // bit_xor (PostgreSQL 14, as the native hash) keeps a fixed-size state per bucket, which
         // makes the aggregate a third cheaper than sum's numeric one.
         let digest = match hasher {
@@ -426,11 +442,11 @@ impl SideSql {
         let row_hash = hasher.hash(side, "t", mapping.columns.iter());
         let key_json = format!(
             "pg_catalog.jsonb_build_object({})::text",
-            join(
-                mapping
-                    .key_columns()
-                    .map(|c| format!("{}, t.{}", literal(&c.name), c.quoted()))
-            )
+            join(mapping.key_columns().map(|c| format!(
+                "{}, {}",
+                literal(&c.name),
+                side_ref(side, "t", c)
+            )))
         );
         let mask = buckets - 1;
         let table = table.quoted();
@@ -441,12 +457,12 @@ impl SideSql {
             buckets: format!(
                 "SELECT b, count(*), {digest}(h)::text \
                    FROM (SELECT ({key_hash} & {mask})::int4 AS b, {row_hash} AS h \
-                           FROM {table} t OFFSET 0) s \
+                           FROM {table} t WHERE true{filter} OFFSET 0) s \
                   GROUP BY b"
             ),
             rows: format!(
                 "SELECT {key_hash}, {row_hash}, {key_json} FROM {table} t \
-                  WHERE pg_catalog.get_bit($1::bytea, ({key_hash} & {mask})::int4) = 1 \
+                  WHERE pg_catalog.get_bit($1::bytea, ({key_hash} & {mask})::int4) = 1{filter} \
                   ORDER BY 1"
             ),
             lookup: format!(
@@ -454,7 +470,7 @@ impl SideSql {
                    FROM unnest($1::text[]) WITH ORDINALITY AS r(key, o) \
                   CROSS JOIN LATERAL {key_record} \
                   CROSS JOIN LATERAL (SELECT {row_hash} AS h FROM {table} t \
-                                       WHERE ({keys}) = ({p_keys}) OFFSET 0) x"
+                                       WHERE ({keys}) = ({p_keys}){filter} OFFSET 0) x"
             ),
             journaled: mapping
                 .journal

@@ -11,8 +11,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::catalog::ident::TableRef;
 use crate::config::Settings;
+use crate::config::TableSpec;
 use crate::connection::Pools;
 use crate::error::policy;
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ pub(crate) struct Context {
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) requests: Arc<SweepRequests>,
     /// The tables to sync, as the configuration says now (a reload may change them).
-    pub(crate) tables: watch::Receiver<Vec<TableRef>>,
+    pub(crate) tables: watch::Receiver<Vec<TableSpec>>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled: standing by, or active, as the leader lock says.
@@ -94,7 +94,7 @@ pub(crate) struct Ownership {
 impl Ownership {
     /// The configured tables this process may apply now, in the configuration's order, and the
     /// version of the list of held tables that says so.
-    pub(crate) fn applicable(&self, configured: &[TableRef]) -> (u64, Vec<TableRef>) {
+    pub(crate) fn applicable(&self, configured: &[TableSpec]) -> (u64, Vec<TableSpec>) {
         let owned = self.owned.borrow();
         let tables = configured
             .iter()
@@ -106,7 +106,7 @@ impl Ownership {
 
     /// Tells the lock session which tables the sync loop applies now, having seen `version`:
     /// the locks of tables handed back go once they are not among them.
-    pub(crate) fn applying(&self, version: u64, tables: Vec<TableRef>) {
+    pub(crate) fn applying(&self, version: u64, tables: Vec<TableSpec>) {
         self.applied
             .send_replace(leader::Tables { version, tables });
     }

@@ -33,7 +33,7 @@ use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::catalog::ident::TableRef;
+use crate::config::TableSpec;
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{
     Connector, SessionLimits, Within, instance, session_config, with_server_keepalives,
@@ -71,7 +71,7 @@ pub(crate) struct Leadership {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Tables {
     pub(crate) version: u64,
-    pub(crate) tables: Vec<TableRef>,
+    pub(crate) tables: Vec<TableSpec>,
 }
 
 /// A server session: its pid and start time (together they never name another session).
@@ -119,7 +119,7 @@ impl Drop for Leadership {
 pub(crate) async fn acquire(
     settings: &Settings,
     telemetry: &std::sync::Arc<Telemetry>,
-    configured: &watch::Receiver<Vec<TableRef>>,
+    configured: &watch::Receiver<Vec<TableSpec>>,
     shutdown: &CancellationToken,
     mut abandoned: Option<Backend>,
 ) -> Result<Option<Leadership>> {
@@ -194,7 +194,7 @@ pub(crate) async fn acquire(
 #[derive(Default)]
 struct Claims {
     /// Held: the table and the second half of its key.
-    owned: Vec<(TableRef, i32)>,
+    owned: Vec<(TableSpec, i32)>,
     /// Held, but handed back: the sync loop is stopping it; the lock goes when it has (from
     /// the version of the published list that first left it out, see [`Watched::publish`]).
     handing_back: HashMap<i32, Option<u64>>,
@@ -209,7 +209,7 @@ struct Claims {
 
 /// One configured table as the lock session sees it.
 struct Seen {
-    table: TableRef,
+    table: TableSpec,
     key: i32,
     holder: Option<i32>,
     holder_name: Option<String>,
@@ -224,7 +224,7 @@ impl Claims {
     }
 
     /// The tables held and not being handed back: what the sync loop may apply.
-    fn applying(&self) -> Vec<TableRef> {
+    fn applying(&self) -> Vec<TableSpec> {
         self.owned
             .iter()
             .filter(|(_, key)| !self.handing_back.contains_key(key))
@@ -236,11 +236,11 @@ impl Claims {
     async fn poll(
         &mut self,
         client: &Client,
-        tables: &[TableRef],
+        tables: &[TableSpec],
         me: i32,
         abandoned: &mut Option<Backend>,
     ) -> Result<()> {
-        let names: Vec<String> = tables.iter().map(TableRef::quoted).collect();
+        let names: Vec<String> = tables.iter().map(TableSpec::quoted).collect();
         let rows = client
             .query(
                 "WITH t AS ( \
@@ -271,9 +271,15 @@ impl Claims {
                 key: row.get(0),
                 holder: row.get(1),
                 holder_name: row.get(2),
-                name: row
-                    .get::<_, Option<String>>(3)
-                    .unwrap_or_else(|| table.to_string()),
+                name: match (row.get::<_, Option<String>>(3), &table.target) {
+                    // Named as the mapping names itself: `source → target` (the source as
+                    // configured: this session sees only the target).
+                    (Some(target), Some(_)) if table.to_string() != table.source.to_string() => {
+                        format!("{} → {target}", table.source)
+                    }
+                    (Some(target), _) => target,
+                    (None, _) => table.to_string(),
+                },
             })
             .collect();
         let sessions: i64 = client
@@ -417,7 +423,7 @@ impl Claims {
     }
 
     /// Tables no longer configured are handed back like the others (stopped, then released).
-    fn forget_unconfigured(&mut self, configured: &[TableRef]) {
+    fn forget_unconfigured(&mut self, configured: &[TableSpec]) {
         for (table, key) in &self.owned {
             if !configured.contains(table) {
                 self.handing_back.entry(*key).or_insert(None);
@@ -430,7 +436,7 @@ impl Claims {
 /// applies a table itself (`rowsync repair` while no daemon does) holds it meanwhile, so that no
 /// process starts applying the table under it. Session-level: [`unlock_table`] it before the
 /// session serves anything else.
-pub(crate) async fn try_lock_table(client: &impl GenericClient, table: &TableRef) -> Result<bool> {
+pub(crate) async fn try_lock_table(client: &impl GenericClient, table: &TableSpec) -> Result<bool> {
     Ok(client
         .query_one(
             &table_lock_call("pg_try_advisory_lock"),
@@ -442,7 +448,7 @@ pub(crate) async fn try_lock_table(client: &impl GenericClient, table: &TableRef
 }
 
 /// Releases what [`try_lock_table`] took.
-pub(crate) async fn unlock_table(client: &impl GenericClient, table: &TableRef) -> Result<()> {
+pub(crate) async fn unlock_table(client: &impl GenericClient, table: &TableSpec) -> Result<()> {
     client
         .execute(
             &table_lock_call("pg_advisory_unlock"),
@@ -500,7 +506,7 @@ impl LockSession {
     fn lead(
         self,
         claims: Claims,
-        configured: watch::Receiver<Vec<TableRef>>,
+        configured: watch::Receiver<Vec<TableSpec>>,
         telemetry: std::sync::Arc<Telemetry>,
         limits: SessionLimits,
     ) -> Leadership {
@@ -534,7 +540,7 @@ struct Watched {
     client: Client,
     me: i32,
     claims: Claims,
-    configured: watch::Receiver<Vec<TableRef>>,
+    configured: watch::Receiver<Vec<TableSpec>>,
     owned: watch::Sender<Tables>,
     applied: watch::Receiver<Tables>,
     telemetry: std::sync::Arc<Telemetry>,

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::load_mapping_pooled;
 use crate::commands::repair::Journaler;
 use crate::commands::verify::{Listing, checks};
+use crate::config::TableSpec;
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::ops::telemetry::Verification;
@@ -64,7 +64,7 @@ pub(crate) async fn run(context: Context, stop: CancellationToken) {
     pools.close();
 }
 
-async fn verify_table(context: &Context, pools: &Pools, table: &TableRef) -> Result<()> {
+async fn verify_table(context: &Context, pools: &Pools, table: &TableSpec) -> Result<()> {
     let mapping = load_mapping_pooled(pools, table).await?;
     let name = mapping.name();
     if !context.telemetry.figures().tables.contains_key(&name) {

@@ -40,15 +40,18 @@ pub(crate) async fn install_objects(client: &impl GenericClient) -> Result<()> {
         .context(DatabaseRole::Source, || "installing sql/capture.sql".into())
 }
 
-/// Installs (or repairs) capture on one table.
+/// Installs (or repairs) capture on one table, journaling the columns of `key` (those of a
+/// unique index whose columns are NOT NULL) or, when None, of the primary key.
 pub(crate) async fn install_table(
     client: &impl GenericClient,
     table: &QualifiedName,
+    key: Option<&[String]>,
 ) -> Result<InstallStatus> {
+    let key: Option<Vec<&str>> = key.map(|k| k.iter().map(String::as_str).collect());
     let status: String = client
         .query_one(
-            "SELECT rowsync.install_capture($1::text::regclass)",
-            &[&table.quoted()],
+            "SELECT rowsync.install_capture($1::text::regclass, $2::text[]::name[])",
+            &[&table.quoted(), &key],
         )
         .await
         .context(DatabaseRole::Source, || {

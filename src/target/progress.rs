@@ -76,10 +76,42 @@ pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Opt
     Ok(row.and_then(|row| row.get(0)))
 }
 
-/// `$1` table: the snapshot, locked until the transaction ends. (Public so the hot path can
-/// prepare it once per session and pass the statement to [`lock_with`].)
-pub(crate) const LOCK: &str =
-    "SELECT snapshot FROM rowsync_progress WHERE table_name = $1 FOR UPDATE";
+/// `$1` table, `$2` its source table's name: the snapshot, locked until the transaction ends, and
+/// [`OTHERS`]'. (Public so the hot path can prepare it once per session and pass the statement to
+/// [`lock_with`].)
+pub(crate) const LOCK: &str = "SELECT p.snapshot, ARRAY(SELECT coalesce(o.snapshot, $3) \
+                                   FROM rowsync_progress o \
+                                  WHERE o.table_name <> $1 \
+                                    AND (o.table_name = $2 \
+                                         OR pg_catalog.starts_with(o.table_name, $2 || ' → '))) \
+                                 FROM rowsync_progress p WHERE p.table_name = $1 FOR UPDATE OF p";
+
+/// What stands for a consumer that has not copied its table yet: a snapshot in which no
+/// transaction is visible, so nothing it still needs is deleted.
+const NOTHING_YET: &str = "1:1:";
+
+/// The applied snapshots of the other mappings of the same source table (`source`; named
+/// `source` or `source → target`), which read the same journal: its rows may go only once every
+/// one of them has applied them. A mapping not copied yet counts as having applied nothing.
+pub(crate) async fn others(
+    client: &impl GenericClient,
+    table: &str,
+    source: &str,
+) -> Result<Vec<String>> {
+    let row = client
+        .query_one(
+            "SELECT ARRAY(SELECT coalesce(o.snapshot, $3) FROM rowsync_progress o \
+                           WHERE o.table_name <> $1 \
+                             AND (o.table_name = $2 \
+                                  OR pg_catalog.starts_with(o.table_name, $2 || ' → ')))",
+            &[&table, &source, &NOTHING_YET],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("reading the progress of the other mappings of {source}")
+        })?;
+    Ok(row.get(0))
+}
 
 /// `$1` table, `$2` snapshot, `$3` whether this is a (re)copy. (See [`advance_with`].)
 pub(crate) const ADVANCE: &str = "UPDATE rowsync_progress \
@@ -87,9 +119,16 @@ pub(crate) const ADVANCE: &str = "UPDATE rowsync_progress \
             copied_at = CASE WHEN $3 THEN now() ELSE copied_at END \
       WHERE table_name = $1";
 
+/// A locked progress row: the snapshot, and the [`others`] of its source.
+#[derive(Debug, Default)]
+pub(crate) struct Locked {
+    pub snapshot: Option<PgSnapshot>,
+    pub others: Vec<String>,
+}
+
 /// Like [`load`], but locks the row until the transaction ends: nobody else moves it meanwhile.
-pub(crate) async fn lock(client: &impl GenericClient, table: &str) -> Result<Option<PgSnapshot>> {
-    lock_with(client, LOCK, table).await
+pub(crate) async fn lock(client: &impl GenericClient, table: &str, source: &str) -> Result<Locked> {
+    lock_with(client, LOCK, table, source).await
 }
 
 /// [`lock`] with `statement`: [`LOCK`] as text or prepared.
@@ -97,17 +136,23 @@ pub(crate) async fn lock_with<S>(
     client: &impl GenericClient,
     statement: &S,
     table: &str,
-) -> Result<Option<PgSnapshot>>
+    source: &str,
+) -> Result<Locked>
 where
     S: ?Sized + ToStatement + Sync + Send,
 {
     let row = client
-        .query_opt(statement, &[&table])
+        .query_opt(statement, &[&table, &source, &NOTHING_YET])
         .await
         .context(DatabaseRole::Target, || {
             format!("locking the progress of {table}")
         })?;
-    Ok(row.and_then(|row| row.get(0)))
+    Ok(row
+        .map(|row| Locked {
+            snapshot: row.get(0),
+            others: row.get(1),
+        })
+        .unwrap_or_default())
 }
 
 /// Records `snapshot` as applied. Call only in the transaction that applied it, after [`lock`].

@@ -46,8 +46,8 @@ fn array_param(n: usize, column: &Column) -> String {
 
 fn value_expr(alias: &str, column: &Column) -> String {
     match column.transfer {
-        Transfer::Binary => format!("{alias}.{}", column.quoted()),
-        Transfer::Text => format!("{alias}.{}::{}", column.quoted(), column.target_type),
+        Transfer::Binary => format!("{alias}.{}", column.target_quoted()),
+        Transfer::Text => format!("{alias}.{}::{}", column.target_quoted(), column.target_type),
     }
 }
 
@@ -73,7 +73,7 @@ fn upsert(mapping: &TableMapping) -> String {
          SELECT {values} FROM unnest({params}) AS s({column_list}) \
          {conflict}",
         target = mapping.target.quoted(),
-        column_list = mapping.column_list(),
+        column_list = mapping.target_column_list(),
         overriding = overriding(mapping),
         values = join(columns.iter().map(|c| value_expr("s", c))),
         conflict = on_conflict(mapping),
@@ -88,13 +88,13 @@ fn upsert(mapping: &TableMapping) -> String {
     let keys: Vec<&Column> = mapping.key_columns().collect();
     let matches = keys
         .iter()
-        .map(|c| format!("b.{0} = w.{0}", c.quoted()))
+        .map(|c| format!("b.{0} = w.{0}", c.target_quoted()))
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
         "WITH w AS ({insert} RETURNING {returned}) \
          SELECT NOT EXISTS (SELECT 1 FROM {target} AS b WHERE {matches}) FROM w",
-        returned = join(keys.iter().map(|c| format!("t.{}", c.quoted()))),
+        returned = join(keys.iter().map(|c| format!("t.{}", c.target_quoted()))),
         target = mapping.target.quoted(),
     )
 }
@@ -119,7 +119,7 @@ pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
         .filter(|(i, c)| !mapping.key.contains(i) && !c.identity_always)
         .map(|(_, c)| c)
         .collect();
-    let key_list = mapping.key_list();
+    let key_list = mapping.target_key_list();
     if non_key.is_empty() {
         return format!("ON CONFLICT ({key_list}) DO NOTHING");
     }
@@ -131,10 +131,14 @@ pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
         join(
             non_key
                 .iter()
-                .map(|c| format!("{0} = EXCLUDED.{0}", c.quoted()))
+                .map(|c| format!("{0} = EXCLUDED.{0}", c.target_quoted()))
         ),
-        join(non_key.iter().map(|c| format!("t.{}", c.quoted()))),
-        join(non_key.iter().map(|c| format!("EXCLUDED.{}", c.quoted()))),
+        join(non_key.iter().map(|c| format!("t.{}", c.target_quoted()))),
+        join(
+            non_key
+                .iter()
+                .map(|c| format!("EXCLUDED.{}", c.target_quoted()))
+        ),
     )
 }
 
@@ -157,7 +161,7 @@ fn update_only(mapping: &TableMapping) -> Option<String> {
     );
     let matches = mapping
         .key_columns()
-        .map(|k| format!("t.{} = {}", k.quoted(), key_expr("s", k)))
+        .map(|k| format!("t.{} = {}", k.target_quoted(), key_expr("s", k)))
         .collect::<Vec<_>>()
         .join(" AND ");
     // (No "unless identical" filter: the count must tell whether the target has the row.)
@@ -166,12 +170,12 @@ fn update_only(mapping: &TableMapping) -> Option<String> {
            FROM unnest({params}) AS s({column_list}) \
           WHERE {matches}",
         target = mapping.target.quoted(),
-        sets = join(
-            non_key
-                .iter()
-                .map(|c| format!("{} = {}", c.quoted(), value_expr("s", c)))
-        ),
-        column_list = mapping.column_list(),
+        sets = join(non_key.iter().map(|c| format!(
+            "{} = {}",
+            c.target_quoted(),
+            value_expr("s", c)
+        ))),
+        column_list = mapping.target_column_list(),
     ))
 }
 
@@ -180,13 +184,13 @@ fn delete(mapping: &TableMapping) -> String {
     let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
     let matches = keys
         .iter()
-        .map(|k| format!("t.{} = {}", k.quoted(), key_expr("d", k)))
+        .map(|k| format!("t.{} = {}", k.target_quoted(), key_expr("d", k)))
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
         "DELETE FROM {target} AS t USING unnest({params}) AS d({key_list}) WHERE {matches}",
         target = mapping.target.quoted(),
-        key_list = mapping.key_list(),
+        key_list = mapping.target_key_list(),
     )
 }
 
@@ -194,7 +198,7 @@ fn stage_keys(mapping: &TableMapping) -> String {
     let keys: Vec<&Column> = mapping.key_columns().collect();
     format!(
         "INSERT INTO rowsync_stage_keys ({key_list}) SELECT {values} FROM unnest({params}) AS d({key_list})",
-        key_list = mapping.key_list(),
+        key_list = mapping.target_key_list(),
         values = join(keys.iter().map(|k| value_expr("d", k))),
         params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c))),
     )
@@ -205,7 +209,7 @@ fn locked(mapping: &TableMapping) -> String {
     let params = join(keys.iter().enumerate().map(|(i, c)| array_param(i + 1, c)));
     let on = |left: &str, right: &str| {
         keys.iter()
-            .map(|k| format!("{left}.{} = {}", k.quoted(), key_expr(right, k)))
+            .map(|k| format!("{left}.{} = {}", k.target_quoted(), key_expr(right, k)))
             .collect::<Vec<_>>()
             .join(" AND ")
     };
@@ -215,12 +219,12 @@ fn locked(mapping: &TableMapping) -> String {
          SELECT d.rowsync_n FROM d JOIN {target} t ON {t_d} \
           WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE {m_t})",
         target = mapping.target.quoted(),
-        key_list = mapping.key_list(),
-        mine_keys = join(keys.iter().map(|k| format!("t.{}", k.quoted()))),
+        key_list = mapping.target_key_list(),
+        mine_keys = join(keys.iter().map(|k| format!("t.{}", k.target_quoted()))),
         t_d = on("t", "d"),
         m_t = keys
             .iter()
-            .map(|k| format!("m.{0} = t.{0}", k.quoted()))
+            .map(|k| format!("m.{0} = t.{0}", k.target_quoted()))
             .collect::<Vec<_>>()
             .join(" AND "),
     )
@@ -240,6 +244,8 @@ mod tests {
                 .iter()
                 .map(|(name, ty, transfer)| Column {
                     name: name.to_string(),
+                    target_name: name.to_string(),
+                    expression: None,
                     target_type: ty.to_string(),
                     source_type: ty.to_string(),
                     transfer: *transfer,
@@ -249,6 +255,7 @@ mod tests {
                 })
                 .collect(),
             key,
+            filter: None,
             updated_at: None,
             copy_binary: true,
             target_partitioned: false,
@@ -310,5 +317,36 @@ mod tests {
             statements.delete,
             r#"DELETE FROM "chat"."t" AS t USING unnest($1::text[], $2::integer[]) AS d("b", "a") WHERE t."b" = d."b" AND t."a" = d."a""#
         );
+    }
+
+    #[test]
+    fn target_statements_use_the_target_names() {
+        let mut m = mapping(
+            &[
+                ("id", "integer", Transfer::Binary),
+                ("first_name", "text", Transfer::Binary),
+            ],
+            vec![0],
+        );
+        m.columns[0].target_name = "user_id".into();
+        m.columns[1].target_name = "given_name".into();
+        let statements = ApplyStatements::new(&m);
+        assert!(
+            statements.upsert.contains(
+                r#"("user_id", "given_name") SELECT s."user_id", s."given_name" FROM unnest($1::integer[], $2::text[]) AS s("user_id", "given_name") ON CONFLICT ("user_id")"#
+            ),
+            "{}",
+            statements.upsert
+        );
+        for sql in [
+            &statements.delete,
+            &statements.locked,
+            &statements.stage_keys,
+        ] {
+            assert!(
+                sql.contains(r#""user_id""#) && !sql.contains(r#""id""#),
+                "{sql}"
+            );
+        }
     }
 }

@@ -37,8 +37,8 @@ use tracing::{debug, info, warn};
 
 use self::capture_watch::CaptureWatch;
 use self::retry_queue::RetryQueue;
-use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::{Column, TableMapping, load_mapping};
+use crate::config::TableSpec;
 use crate::config::{DatabaseRole, RetrySettings, Settings};
 use crate::connection::{Pools, SessionLimits, Within, end_abandoned_sessions};
 use crate::error::{Error, Result, policy};
@@ -88,6 +88,9 @@ pub(crate) struct TableSync {
     journal: JournalUpkeep,
     /// The applied snapshot as last read or written; None means "reload from the target".
     progress: Option<PgSnapshot>,
+    /// The applied snapshots of the other mappings of this source table, as the last progress
+    /// lock saw them: journal rows go once all have applied them.
+    others: Vec<String>,
     /// Rows the target rejected, waiting for their retry.
     retries: RetryQueue,
     capture: CaptureWatch,
@@ -159,7 +162,7 @@ impl TableSync {
     /// Loads the mapping and state of a table that `setup` has prepared.
     pub(crate) async fn load(
         pools: &Pools,
-        table: &TableRef,
+        table: &TableSpec,
         settings: &Settings,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self> {
@@ -192,6 +195,7 @@ impl TableSync {
             journal: upkeep,
             mapping,
             progress,
+            others: Vec::new(),
             retries: RetryQueue::from_records(open),
             capture: CaptureWatch::new(settings.lookback),
             partitions_due: false,
@@ -278,13 +282,24 @@ impl TableSync {
             .mapping
             .columns
             .iter()
-            .filter(|c| !before.columns.iter().any(|b| b.name == c.name))
+            .filter(|c| {
+                !before
+                    .columns
+                    .iter()
+                    .any(|b| b.target_name == c.target_name)
+            })
             .collect();
         let dropped: Vec<&str> = before
             .columns
             .iter()
-            .filter(|b| !self.mapping.columns.iter().any(|c| c.name == b.name))
-            .map(|b| b.name.as_str())
+            .filter(|b| {
+                !self
+                    .mapping
+                    .columns
+                    .iter()
+                    .any(|c| c.target_name == b.target_name)
+            })
+            .map(|b| b.target_name.as_str())
             .collect();
         if !dropped.is_empty() {
             info!(table = %name, columns = ?dropped, "columns no longer on both sides are not written any more");
@@ -296,14 +311,14 @@ impl TableSync {
         let keys = self.mapping.key_list();
         let condition = added
             .iter()
-            .map(|c| format!("{} IS NOT NULL", c.quoted()))
+            .map(|c| format!("{} IS NOT NULL", c.source_ref("s")))
             .collect::<Vec<_>>()
             .join(" OR ");
         let source = pools.source().await?;
         let journaled = source
             .execute(
                 &format!(
-                    "INSERT INTO {journal} ({keys}) SELECT {keys} FROM {table} WHERE {condition}",
+                    "INSERT INTO {journal} ({keys}) SELECT {keys} FROM {table} s WHERE {condition}",
                     journal = journal.quoted(),
                     table = self.mapping.source.quoted(),
                 ),
@@ -315,7 +330,7 @@ impl TableSync {
             .await?;
         info!(
             table = %name,
-            columns = ?added.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            columns = ?added.iter().map(|c| c.target_name.as_str()).collect::<Vec<_>>(),
             rows = journaled,
             "columns now synced; rows with values in them are read again"
         );
@@ -344,7 +359,7 @@ impl TableSync {
         self.progress = Some(read.cur.clone());
         // The target has the batch; the journal rows behind it can go. If this fails they are
         // skipped by later batches anyway (visible in the recorded snapshot) and deleted next time.
-        match delete_consumed(read, &self.queries.cleanup, self.limit).await {
+        match delete_consumed(read, &self.queries.cleanup, &self.others, self.limit).await {
             Ok(deleted) => self.journal.consumed(deleted, &mut source).await,
             Err(err) => {
                 warn!(table = %name, error = %crate::error::chain(&err), "could not delete consumed journal rows; will retry");
@@ -492,7 +507,7 @@ impl TableSync {
 
     /// Step 3: locks the table's progress row. False when it no longer says `prev` (another
     /// process moved it): the progress is reloaded before the next batch.
-    async fn lock_progress(&self, ttx: &Transaction<'_>, prev: &PgSnapshot) -> Result<bool> {
+    async fn lock_progress(&mut self, ttx: &Transaction<'_>, prev: &PgSnapshot) -> Result<bool> {
         let name = self.name();
         let statement = ttx
             .prepare_cached(progress::LOCK)
@@ -500,10 +515,12 @@ impl TableSync {
                 format!("locking the progress of {name}")
             })
             .await?;
-        let locked = progress::lock_with(&**ttx, &statement, &name)
+        let source = self.mapping.source.to_string();
+        let locked = progress::lock_with(&**ttx, &statement, &name, &source)
             .within(self.limit, TARGET, || "locking progress".into())
             .await?;
-        Ok(locked.as_ref() == Some(prev))
+        self.others = locked.others;
+        Ok(locked.snapshot.as_ref() == Some(prev))
     }
 
     /// The progress lock could not be had: most likely a session of ours that hung and was given
@@ -623,10 +640,13 @@ impl TableSync {
         let Some(snapshot) = snapshot else {
             return Ok(0);
         };
+        let others = progress::others(&**target, &self.name(), &self.mapping.source.to_string())
+            .within(self.limit, TARGET, || "reading progress".into())
+            .await?;
         drop(target);
         let source = pools.source().await?;
         let deleted = source
-            .execute(&self.queries.cleanup, &[&snapshot])
+            .execute(&self.queries.cleanup, &[&snapshot, &others])
             .within(self.limit, SOURCE, || {
                 "deleting consumed journal rows".into()
             })
@@ -664,7 +684,12 @@ async fn open_read<'a>(
 
 /// Step 5: deletes the journal rows of every transaction visible in the batch's snapshot (all are
 /// applied now) and ends the source transaction. Returns how many rows went.
-async fn delete_consumed(read: SourceRead<'_>, cleanup: &str, limit: Duration) -> Result<u64> {
+async fn delete_consumed(
+    read: SourceRead<'_>,
+    cleanup: &str,
+    others: &[String],
+    limit: Duration,
+) -> Result<u64> {
     let SourceRead { stx, cur, .. } = read;
     let cleanup = stx
         .prepare_cached(cleanup)
@@ -673,7 +698,7 @@ async fn delete_consumed(read: SourceRead<'_>, cleanup: &str, limit: Duration) -
     // Losing this commit in a crash is harmless (the recorded progress makes the next batch skip
     // these rows and delete them again), so it need not wait for the WAL flush. The two statements
     // are pipelined: one round trip.
-    let params: [&(dyn ToSql + Sync); 1] = [&cur];
+    let params: [&(dyn ToSql + Sync); 2] = [&cur, &others];
     let ((), deleted) = tokio::try_join!(
         stx.batch_execute("SET LOCAL synchronous_commit TO off")
             .within(limit, SOURCE, || "relaxing the cleanup's commit".into()),

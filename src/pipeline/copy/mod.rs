@@ -29,7 +29,7 @@ use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 
 use self::progress_line::{CopyProgress, estimate_rows};
-use crate::catalog::mapping::{Journal, TableMapping};
+use crate::catalog::mapping::{Journal, TableMapping, join};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{APP_COPY, Pools, SessionLimits, Within};
 use crate::error::policy::{self, Action};
@@ -115,6 +115,9 @@ struct CopyTransactions<'a> {
     source: Transaction<'a>,
     snapshot: PgSnapshot,
     table: String,
+    /// The applied snapshots of the other mappings of the source table (see
+    /// [`progress::others`]), as the lock saw them.
+    others: Vec<String>,
     limit: Duration,
 }
 
@@ -146,7 +149,9 @@ impl CopySessions {
             .batch_execute(&copy_session())
             .within(limit, TARGET, || "lifting the statement timeout".into())
             .await?;
-        progress::lock(&*target, &table).await?;
+        let others = progress::lock(&*target, &table, &mapping.source.to_string())
+            .await?
+            .others;
         let source = self
             .source
             .build_transaction()
@@ -168,6 +173,7 @@ impl CopySessions {
             source,
             snapshot,
             table,
+            others,
             limit,
         })
     }
@@ -182,6 +188,7 @@ impl CopyTransactions<'_> {
             source,
             snapshot,
             table,
+            others,
             limit,
         } = self;
         progress::advance(&*target, &table, &snapshot, true).await?;
@@ -190,7 +197,7 @@ impl CopyTransactions<'_> {
             .within(limit, TARGET, || format!("committing the copy of {table}"))
             .await?;
         source
-            .execute(&journal_cleanup(journal), &[&snapshot])
+            .execute(&journal_cleanup(journal), &[&snapshot, &others])
             .await
             .context(SOURCE, || {
                 "deleting journal rows covered by the copy".into()
@@ -236,7 +243,7 @@ async fn copy_streaming(
             .batch_execute(&format!(
                 "CREATE TEMPORARY TABLE rowsync_stage ON COMMIT DROP AS \
                  SELECT {} FROM {target_table} WITH NO DATA",
-                mapping.column_list()
+                mapping.target_column_list()
             ))
             .await
             .context(TARGET, || "creating the staging table".into())?;
@@ -259,23 +266,27 @@ async fn pipe(
     progress: &mut CopyProgress,
 ) -> Result<u64> {
     let table = &tx.table;
-    let columns = mapping.column_list();
     let format = if mapping.copy_binary {
         " (FORMAT binary)"
     } else {
         ""
     };
+    let selected = join(mapping.columns.iter().map(|c| c.source_ref("s")));
     let rows: CopyOutStream = tx
         .source
         .copy_out(&format!(
-            "COPY (SELECT {columns} FROM {}) TO STDOUT{format}",
-            mapping.source.quoted()
+            "COPY (SELECT {selected} FROM {} s WHERE true{}) TO STDOUT{format}",
+            mapping.source.quoted(),
+            mapping.and_filter()
         ))
         .await
         .context(SOURCE, || format!("reading {}", mapping.source))?;
     let sink: CopyInSink<Bytes> = tx
         .target
-        .copy_in(&format!("COPY {into} ({columns}) FROM STDIN{format}"))
+        .copy_in(&format!(
+            "COPY {into} ({}) FROM STDIN{format}",
+            mapping.target_column_list()
+        ))
         .await
         .context(TARGET, || format!("writing {}", mapping.target))?;
     pin_mut!(rows);
@@ -305,7 +316,7 @@ async fn pipe(
 fn key_match(mapping: &TableMapping) -> String {
     mapping
         .key_columns()
-        .map(|k| format!("s.{0} = t.{0}", k.quoted()))
+        .map(|k| format!("s.{0} = t.{0}", k.target_quoted()))
         .collect::<Vec<_>>()
         .join(" AND ")
 }
@@ -330,7 +341,7 @@ async fn delete_missing(tx: &Transaction<'_>, mapping: &TableMapping, staged: &s
 /// Merges `rowsync_stage` into the target: delete what the source lacks, upsert the rest.
 async fn merge(tx: &Transaction<'_>, mapping: &TableMapping, rows: u64) -> Result<Counts> {
     let target = mapping.target.quoted();
-    let columns = mapping.column_list();
+    let columns = mapping.target_column_list();
     tx.batch_execute("ANALYZE rowsync_stage")
         .await
         .context(TARGET, || "analyzing the staging table".into())?;
@@ -376,7 +387,7 @@ async fn copy_careful(
         .batch_execute(&format!(
             "CREATE TEMPORARY TABLE rowsync_stage_keys ON COMMIT DROP AS \
              SELECT {} FROM {} WITH NO DATA",
-            mapping.key_list(),
+            mapping.target_key_list(),
             mapping.target.quoted()
         ))
         .await

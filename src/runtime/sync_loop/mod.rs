@@ -31,8 +31,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::catalog::ident::TableRef;
 use crate::config::DatabaseRole;
+use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
 use crate::error::Result;
 use crate::pipeline::batch::{BatchKind, BatchOutcome};
@@ -65,16 +65,16 @@ pub(crate) struct SyncLoop {
     yielder: Yielder,
     next_sweep: Instant,
     /// The configured table list, which a reload may change (see [`configuration`]).
-    configured: watch::Receiver<Vec<TableRef>>,
+    configured: watch::Receiver<Vec<TableSpec>>,
     /// The tables whose locks this process holds, which may change too.
     ownership: Ownership,
     /// The table list before the last change.
-    configured_before: Vec<TableRef>,
+    configured_before: Vec<TableSpec>,
     /// Tables a reload added that are not set up yet: set up first when this process holds them
     /// (a table this process takes over is only loaded).
-    to_set_up: Vec<TableRef>,
+    to_set_up: Vec<TableSpec>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
-    adding: Vec<(TableRef, JoinHandle<Result<()>>)>,
+    adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
 }
 
 /// What one pass (or several) did.

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::catalog::ident::TableRef;
 use crate::catalog::mapping::TableMapping;
 use crate::config::DatabaseRole;
+use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
 use crate::error::Result;
 use crate::pipeline::batch::TableSync;
@@ -17,7 +17,7 @@ use crate::source::capture;
 
 /// One table of the configuration.
 pub(crate) struct Table {
-    pub(crate) reference: TableRef,
+    pub(crate) reference: TableSpec,
     /// Its name in figures, records and logs (the configured name until it is loaded).
     pub(crate) name: String,
     /// Loaded: its batches run. None until a load succeeds (setup not run, a schema problem, a
@@ -32,7 +32,7 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    pub(crate) fn new(reference: TableRef, context: &Context) -> Self {
+    pub(crate) fn new(reference: TableSpec, context: &Context) -> Self {
         Self {
             name: reference.to_string(),
             reference,
@@ -120,11 +120,11 @@ impl Table {
 /// renamed table) where the event trigger has not already, so that writes are journaled by the
 /// capture function's static SQL again rather than its dynamic fallback. Best effort: without
 /// EXECUTE on `rowsync.adapt_capture` writes stay on the fallback, slower but captured.
-async fn adapt_capture(context: &Context, table: &TableRef) {
+async fn adapt_capture(context: &Context, table: &TableSpec) {
     let limit = SessionLimits::from_settings(&context.settings).client_timeout();
     let adapted = async {
         let mut source = context.pools.source().await?;
-        capture::adapt(&mut source, table).await
+        capture::adapt(&mut source, &table.source).await
     }
     .within(limit, DatabaseRole::Source, || {
         format!("adapting the capture of {table}")

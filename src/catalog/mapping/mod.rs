@@ -9,8 +9,10 @@
 
 use tokio_postgres::GenericClient;
 
+mod spec;
+
 use crate::catalog::ident::{QualifiedName, TableRef, quote};
-use crate::config::DatabaseRole;
+use crate::config::{DatabaseRole, TableSpec};
 use crate::error::{Error, Result, SqlContext};
 
 /// Type OIDs below this are built into PostgreSQL and identical in every database.
@@ -29,7 +31,13 @@ pub(crate) enum Transfer {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Column {
+    /// The source column's name (a computed column's: its target name, never read from the
+    /// source). Keys keep it in the journal and in their JSON form (`{"id": 7}`) on both sides.
     pub name: String,
+    /// The target column's name: `name`, unless renamed.
+    pub target_name: String,
+    /// A computed column: SQL over the source row (see [`Column::source_ref`]).
+    pub expression: Option<String>,
     /// The target's type by its catalog name, schema-qualified and without a modifier
     /// (`pg_catalog.bpchar`, `pg_catalog._varchar`, `app.mood`), for casts. Not SQL's spelling
     /// (`character`, `bit`): those mean `character(1)` and `bit(1)`, and a cast to them cuts
@@ -52,8 +60,32 @@ pub(crate) struct Column {
 }
 
 impl Column {
+    /// The quoted source name (journal columns and key JSON use it too).
     pub(crate) fn quoted(&self) -> String {
         quote(&self.name)
+    }
+
+    /// The quoted target name.
+    pub(crate) fn target_quoted(&self) -> String {
+        quote(&self.target_name)
+    }
+
+    /// The column's value in a query whose only FROM item is the source table as `alias`:
+    /// `alias."name"`, or a computed column's expression, in parentheses and on lines of its own
+    /// (a `--` comment in it ends there), cast to what the target takes.
+    pub(crate) fn source_ref(&self, alias: &str) -> String {
+        match &self.expression {
+            Some(expression) => match self.transfer {
+                Transfer::Binary => format!("((\n{expression}\n)::{})", self.source_type),
+                Transfer::Text => format!("((\n{expression}\n)::pg_catalog.text)"),
+            },
+            None => format!("{alias}.{}", self.quoted()),
+        }
+    }
+
+    /// The column's value in the target table as `alias`: `alias."target_name"`.
+    pub(crate) fn target_ref(&self, alias: &str) -> String {
+        format!("{alias}.{}", self.target_quoted())
     }
 
     /// The type name without quotes (`pg_catalog.varchar`, not `pg_catalog."varchar"`), to
@@ -92,8 +124,10 @@ pub(crate) struct TableMapping {
     pub journal: Option<Journal>,
     /// Synced columns, in the source's column order.
     pub columns: Vec<Column>,
-    /// Positions in `columns` of the key, in primary-key order.
+    /// Positions in `columns` of the key, in primary-key order (or as configured).
     pub key: Vec<usize>,
+    /// Only source rows for which this SQL condition holds are in the target.
+    pub filter: Option<String>,
     /// The source's `updated_at` column, if it has one: sweeps look back over it.
     pub updated_at: Option<String>,
     /// Whether the initial copy can use COPY's binary format (every column the same built-in type).
@@ -165,23 +199,50 @@ impl Shapes {
 }
 
 impl TableMapping {
-    /// Stable name of the table in progress records, sync_errors and logs: the source's `schema.table`.
+    /// Stable name of the mapping in progress records, sync_errors, metrics and logs: the source's
+    /// `schema.table`, or `source → target` when the target table is named otherwise.
     pub(crate) fn name(&self) -> String {
-        self.source.to_string()
+        if self.source == self.target {
+            self.source.to_string()
+        } else {
+            format!("{} → {}", self.source, self.target)
+        }
+    }
+
+    /// ` AND (<filter>)` for a WHERE clause whose only FROM item is the source table, or nothing.
+    pub(crate) fn and_filter(&self) -> String {
+        match &self.filter {
+            Some(filter) => format!(
+                " AND (
+{filter}
+)"
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// `"a", "b"` for the key columns' target names.
+    pub(crate) fn target_key_list(&self) -> String {
+        join(self.key_columns().map(Column::target_quoted))
+    }
+
+    /// `"a", "b", …` for all synced columns' target names.
+    pub(crate) fn target_column_list(&self) -> String {
+        join(self.columns.iter().map(Column::target_quoted))
     }
 
     pub(crate) fn key_columns(&self) -> impl Iterator<Item = &Column> {
         self.key.iter().map(|&i| &self.columns[i])
     }
 
+    /// The key columns' source names.
+    pub(crate) fn key_names(&self) -> Vec<String> {
+        self.key_columns().map(|c| c.name.clone()).collect()
+    }
+
     /// `"a", "b"` for the key columns.
     pub(crate) fn key_list(&self) -> String {
         join(self.key_columns().map(Column::quoted))
-    }
-
-    /// `"a", "b", …` for all synced columns.
-    pub(crate) fn column_list(&self) -> String {
-        join(self.columns.iter().map(Column::quoted))
     }
 
     pub(crate) fn journal(&self) -> Result<&Journal> {
@@ -210,26 +271,39 @@ struct CatalogColumn {
     identity_always: bool,
     /// Non-default collation, quoted and qualified.
     collation: Option<String>,
+    not_null: bool,
 }
 
 /// [`load_mapping`] on a session of each pool.
 pub(crate) async fn load_mapping_pooled(
     pools: &crate::connection::Pools,
-    table: &TableRef,
+    spec: &TableSpec,
 ) -> Result<TableMapping> {
     let (source, target) = (pools.source().await?, pools.target().await?);
-    load_mapping(&**source, &**target, table).await
+    load_mapping(&**source, &**target, spec).await
 }
 
-/// Resolves `table` in both databases and builds its mapping.
+/// Resolves `spec`'s tables in both databases and builds its mapping. A problem with what a
+/// mapping file configured is a configuration error naming the file and the entry (exit 2).
 pub(crate) async fn load_mapping(
     source: &impl GenericClient,
     target: &impl GenericClient,
-    table: &TableRef,
+    spec: &TableSpec,
 ) -> Result<TableMapping> {
-    let (source_name, source_oid, _) = resolve(source, DatabaseRole::Source, table).await?;
+    match (load(source, target, spec).await, &spec.origin) {
+        (Err(Error::Schema { problem, .. }), Some(_)) => Err(spec.problem(problem).into()),
+        (loaded, _) => loaded,
+    }
+}
+
+async fn load(
+    source: &impl GenericClient,
+    target: &impl GenericClient,
+    spec: &TableSpec,
+) -> Result<TableMapping> {
+    let (source_name, source_oid, _) = resolve(source, DatabaseRole::Source, &spec.source).await?;
     let (target_name, target_oid, target_partitioned) =
-        resolve(target, DatabaseRole::Target, table).await?;
+        resolve(target, DatabaseRole::Target, spec.target_ref()).await?;
     let schema_error = |problem: String| Error::Schema {
         table: source_name.to_string(),
         problem,
@@ -237,29 +311,58 @@ pub(crate) async fn load_mapping(
 
     let source_columns = columns(source, DatabaseRole::Source, source_oid).await?;
     let target_columns = columns(target, DatabaseRole::Target, target_oid).await?;
-    let key_names = primary_key(source, source_oid).await?;
+    let tables = spec::Tables {
+        spec,
+        source: &source_name,
+        target: &target_name,
+        source_columns: &source_columns,
+        target_columns: &target_columns,
+    };
+    let (mut columns, source_only) = tables.match_columns().map_err(schema_error)?;
+    tables.compute(source, target, &mut columns).await?;
+    tables.check_filter(source).await?;
+    let key_names = match &spec.key {
+        Some(key) => {
+            let unique = unique_indexes(source, DatabaseRole::Source, source_oid).await?;
+            tables.chosen_key(key, &unique).map_err(schema_error)?
+        }
+        None => primary_key(source, source_oid).await?,
+    };
     if key_names.is_empty() {
-        return Err(schema_error(
-            "the source table has no primary key; rowsync identifies rows by it".into(),
-        ));
+        let hint = if spec.origin.is_some() {
+            "; name the columns of a unique index whose columns are NOT NULL as its key"
+        } else {
+            ""
+        };
+        return Err(schema_error(format!(
+            "the source table has no primary key; rowsync identifies rows by it{hint}"
+        )));
     }
-    let (columns, source_only) = match_columns(&source_columns, &target_columns);
     let mut key = Vec::new();
     for name in &key_names {
-        let position = columns.iter().position(|c| &c.name == name).ok_or_else(|| {
-            schema_error(format!(
-                "key column {name} is missing in the target table {target_name} (or generated there)"
-            ))
-        })?;
+        let position = columns
+            .iter()
+            .position(|c| &c.name == name && c.expression.is_none())
+            .ok_or_else(|| {
+                schema_error(format!(
+                    "key column {name} is missing in the target table {target_name} (or generated there)"
+                ))
+            })?;
         key.push(position);
     }
-    let unique_sets = unique_indexes(target, target_oid).await?;
-    let mut sorted_key = key_names.clone();
+    let unique_sets = unique_indexes(target, DatabaseRole::Target, target_oid).await?;
+    let mut sorted_key: Vec<String> = key
+        .iter()
+        .map(|&i| columns[i].target_name.clone())
+        .collect();
     sorted_key.sort();
     if !unique_sets.iter().any(|set| set == &sorted_key) {
         return Err(schema_error(format!(
             "the target table {target_name} needs a primary key or unique index on ({}), the source's key",
-            key_names.join(", ")
+            key.iter()
+                .map(|&i| columns[i].target_name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let copy_binary = copy_binary(&source_columns, &target_columns, &columns);
@@ -270,6 +373,7 @@ pub(crate) async fn load_mapping(
         journal,
         columns,
         key,
+        filter: spec.filter.clone(),
         updated_at: updated_at(&source_columns),
         copy_binary,
         source_only,
@@ -283,49 +387,21 @@ pub(crate) async fn load_mapping(
     Ok(mapping)
 }
 
-/// The synced columns (same name on both sides, not generated in the target), and the source
-/// columns that are not synced.
-fn match_columns(source: &[CatalogColumn], target: &[CatalogColumn]) -> (Vec<Column>, Vec<String>) {
-    let mut columns = Vec::new();
-    let mut source_only = Vec::new();
-    for column in source {
-        match target.iter().find(|t| t.name == column.name) {
-            Some(target) if !target.generated => {
-                let same_builtin =
-                    column.type_oid == target.type_oid && column.type_oid < FIRST_NORMAL_OBJECT_ID;
-                let transfer = if same_builtin && !column.is_array && column.is_base {
-                    Transfer::Binary
-                } else {
-                    Transfer::Text
-                };
-                columns.push(Column {
-                    name: column.name.clone(),
-                    target_type: target.base_type.clone(),
-                    source_type: column.base_type.clone(),
-                    transfer,
-                    identity_always: target.identity_always,
-                    collation: column.collation.clone(),
-                    target_collation: target.collation.clone(),
-                });
-            }
-            _ => source_only.push(column.name.clone()),
-        }
-    }
-    (columns, source_only)
-}
-
 /// Whether the initial copy can use COPY's binary format: every synced column has the same
-/// built-in type on both sides.
+/// built-in type on both sides (a computed column: is cast to its target column's built-in type).
 fn copy_binary(source: &[CatalogColumn], target: &[CatalogColumn], synced: &[Column]) -> bool {
-    source
-        .iter()
-        .filter(|c| synced.iter().any(|m| m.name == c.name))
-        .all(|c| {
-            c.type_oid < FIRST_NORMAL_OBJECT_ID
-                && target
-                    .iter()
-                    .any(|t| t.name == c.name && t.type_oid == c.type_oid)
-        })
+    synced.iter().all(|m| {
+        if m.expression.is_some() {
+            return m.transfer == Transfer::Binary;
+        }
+        let (Some(s), Some(t)) = (
+            source.iter().find(|c| c.name == m.name),
+            target.iter().find(|c| c.name == m.target_name),
+        ) else {
+            return false;
+        };
+        s.type_oid < FIRST_NORMAL_OBJECT_ID && t.type_oid == s.type_oid
+    })
 }
 
 /// The source's `updated_at` column, if it has one of a type a sweep can look back over.
@@ -410,7 +486,8 @@ async fn columns(
                     pg_catalog.quote_ident(tn.nspname) || '.' || pg_catalog.quote_ident(t.typname), \
                     a.attidentity = 'a', \
                     CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation \
-                         THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END \
+                         THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END, \
+                    a.attnotnull \
                FROM pg_catalog.pg_attribute a \
                JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace \
@@ -434,6 +511,7 @@ async fn columns(
             base_type: row.get(6),
             identity_always: row.get(7),
             collation: row.get(8),
+            not_null: row.get(9),
         })
         .collect())
 }
@@ -454,8 +532,12 @@ async fn primary_key(client: &impl GenericClient, oid: u32) -> Result<Vec<String
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// Column sets (sorted) of the target's unique indexes usable as ON CONFLICT arbiters.
-async fn unique_indexes(client: &impl GenericClient, oid: u32) -> Result<Vec<Vec<String>>> {
+/// Column sets (sorted) of a table's unique indexes usable as ON CONFLICT arbiters (and as a key).
+async fn unique_indexes(
+    client: &impl GenericClient,
+    role: DatabaseRole,
+    oid: u32,
+) -> Result<Vec<Vec<String>>> {
     let rows = client
         .query(
             "SELECT array_agg(a.attname::text ORDER BY a.attname) \
@@ -468,7 +550,7 @@ async fn unique_indexes(client: &impl GenericClient, oid: u32) -> Result<Vec<Vec
             &[&oid],
         )
         .await
-        .context(DatabaseRole::Target, || "reading unique indexes".into())?;
+        .context(role, || "reading unique indexes".into())?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
