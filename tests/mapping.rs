@@ -513,3 +513,70 @@ async fn every_mapping_error_is_a_configuration_error_before_anything_is_written
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_mapping_is_applied_to_the_rows_already_in_the_target() {
+    let target_ddl =
+        "CREATE TABLE users (id uuid PRIMARY KEY, name text, status text, label text);";
+    let pair = Pair::with_ddl(USERS, target_ddl).await;
+    let source = pair.source().await;
+    crate::harness::seed_users(&source, 60).await;
+    source
+        .batch_execute("UPDATE users SET status = 'gone' WHERE version % 2 = 0 OR name LIKE '%1%'")
+        .await
+        .unwrap();
+    let mapping = |filter: &str, label: &str| {
+        format!(
+            "[[table]]\nsource = \"users\"\nfilter = \"{filter}\"\n[table.compute]\nlabel = \"{label}\"\n"
+        )
+    };
+    let file = mapping_file(&pair, &mapping("status = 'active'", "'one: ' || name"));
+    // No sweep looks back over updated_at: only the changed mapping can bring the rows again.
+    let env = [("SYNC_CONFIG", file.as_str()), ("SYNC_LOOKBACK", "never")];
+    let setup = pair.rowsync(&["setup"], &env);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let view = |filter: &str, label: &str| {
+        format!("SELECT id, name, status, {label} AS label FROM users WHERE {filter} ORDER BY id")
+    };
+    let target_view = "SELECT id, name, status, label FROM users ORDER BY id";
+    wait_equal(
+        &pair,
+        &view("status = 'active'", "'one: ' || name"),
+        target_view,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // Changed while stopped: the daemon reads every row again when it starts.
+    mapping_file(&pair, &mapping("status <> 'active'", "'two: ' || name"));
+    let mut daemon = pair.spawn(&env);
+    wait_equal(
+        &pair,
+        &view("status <> 'active'", "'two: ' || name"),
+        target_view,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // Changed while running: a reload sets the table up again the new way.
+    mapping_file(&pair, &mapping("true", "'three: ' || name"));
+    daemon.signal(libc::SIGHUP);
+    wait_equal(
+        &pair,
+        &view("true", "'three: ' || name"),
+        target_view,
+        Duration::from_secs(20),
+    )
+    .await;
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
+}

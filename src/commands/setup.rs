@@ -198,7 +198,10 @@ pub(crate) async fn setup_tables(
             let target = pools.target().await?;
             let mapping = load_mapping(&**pools.source().await?, &**target, table).await?;
             progress::adopt_legacy(&**target, &mapping.source).await?;
-            let copied_before = progress::load(&**target, &mapping.name()).await?.is_some();
+            let name = mapping.name();
+            // Copied with this mapping (another filter or other columns: copied again).
+            let copied_before = progress::load(&**target, &name).await?.is_some()
+                && progress::mapping(&**target, &name).await? == mapping.definition;
             Ok((mapping, copied_before))
         })
         .await?;

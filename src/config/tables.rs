@@ -109,6 +109,26 @@ impl TableSpec {
             || !self.compute.is_empty()
     }
 
+    /// What the mapping says, as text to compare with the one a table was copied with: None for
+    /// a same-named table with same-named columns.
+    pub fn definition(&self) -> Option<String> {
+        let target = self.target.as_ref().filter(|t| **t != self.source);
+        if target.is_none() && !self.maps() {
+            return None;
+        }
+        Some(
+            serde_json::json!({
+                "target": target.map(ToString::to_string),
+                "filter": self.filter,
+                "exclude": self.exclude,
+                "key": self.key,
+                "rename": self.rename,
+                "compute": self.compute,
+            })
+            .to_string(),
+        )
+    }
+
     /// `problem` as an error about this entry: exit 2, naming the file and the entry.
     pub(crate) fn problem(&self, problem: impl Into<String>) -> ConfigError {
         let problem = problem.into();

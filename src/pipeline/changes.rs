@@ -249,6 +249,7 @@ mod tests {
             ],
             key: vec![0],
             filter: None,
+            definition: None,
             updated_at: None,
             copy_binary: false,
             target_partitioned: false,

@@ -33,6 +33,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "005_sync_runs_repair",
         include_str!("../../migrations/005_sync_runs_repair.sql"),
     ),
+    (
+        6,
+        "006_progress_mapping",
+        include_str!("../../migrations/006_progress_mapping.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded, in one transaction. Returns the names applied.

@@ -184,3 +184,38 @@ where
         })?;
     Ok(())
 }
+
+/// The mapping the table was copied with or last re-read for (see [`TableSpec::definition`]),
+/// None for a same-named table, or when the row is missing.
+///
+/// [`TableSpec::definition`]: crate::config::TableSpec::definition
+pub(crate) async fn mapping(client: &impl GenericClient, table: &str) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT mapping FROM rowsync_progress WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("reading the mapping of {table}")
+        })?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// Records the mapping the table's rows now follow.
+pub(crate) async fn set_mapping(
+    client: &impl GenericClient,
+    table: &str,
+    mapping: Option<&str>,
+) -> Result<()> {
+    client
+        .execute(
+            "UPDATE rowsync_progress SET mapping = $2 WHERE table_name = $1",
+            &[&table, &mapping],
+        )
+        .await
+        .context(DatabaseRole::Target, || {
+            format!("recording the mapping of {table}")
+        })?;
+    Ok(())
+}

@@ -128,6 +128,8 @@ pub(crate) struct TableMapping {
     pub key: Vec<usize>,
     /// Only source rows for which this SQL condition holds are in the target.
     pub filter: Option<String>,
+    /// The configured mapping as text ([`TableSpec::definition`]), recorded with the progress.
+    pub definition: Option<String>,
     /// The source's `updated_at` column, if it has one: sweeps look back over it.
     pub updated_at: Option<String>,
     /// Whether the initial copy can use COPY's binary format (every column the same built-in type).
@@ -374,6 +376,7 @@ async fn load(
         columns,
         key,
         filter: spec.filter.clone(),
+        definition: spec.definition(),
         updated_at: updated_at(&source_columns),
         copy_binary,
         source_only,

@@ -256,6 +256,7 @@ mod tests {
                 .collect(),
             key,
             filter: None,
+            definition: None,
             updated_at: None,
             copy_binary: true,
             target_partitioned: false,

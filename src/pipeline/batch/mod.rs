@@ -307,15 +307,65 @@ impl TableSync {
         if added.is_empty() {
             return Ok(());
         }
-        let journal = self.mapping.journal()?;
-        let keys = self.mapping.key_list();
         let condition = added
             .iter()
             .map(|c| format!("{} IS NOT NULL", c.source_ref("s")))
             .collect::<Vec<_>>()
             .join(" OR ");
-        let source = pools.source().await?;
-        let journaled = source
+        let journaled = self
+            .journal_rows(pools, &condition, "with values in new columns")
+            .await?;
+        info!(
+            table = %name,
+            columns = ?added.iter().map(|c| c.target_name.as_str()).collect::<Vec<_>>(),
+            rows = journaled,
+            "columns now synced; rows with values in them are read again"
+        );
+        Ok(())
+    }
+
+    /// The configured mapping (filter, columns, key, target) differs from the one the target's
+    /// rows were written with, as the progress row records it: every source row is journaled, so
+    /// the next batches read each again the new way (rows the filter now leaves out leave the
+    /// target, computed columns are recomputed), without a copy. Recorded once journaled.
+    pub(crate) async fn mapping_changed(&self, pools: &Pools) -> Result<()> {
+        let name = self.name();
+        let target = pools.target().await?;
+        let recorded = match progress::mapping(&**target, &name)
+            .within(self.limit, TARGET, || "reading the recorded mapping".into())
+            .await
+        {
+            Ok(recorded) => recorded,
+            Err(err)
+                if err.postgres().and_then(|e| e.code())
+                    == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) =>
+            {
+                warn!(table = %name, "the target lacks migration 006 (run rowsync setup): a changed mapping is not noticed");
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        if recorded == self.mapping.definition {
+            return Ok(());
+        }
+        let journaled = self
+            .journal_rows(pools, "true", "for its new mapping")
+            .await?;
+        progress::set_mapping(&**target, &name, self.mapping.definition.as_deref())
+            .within(self.limit, TARGET, || "recording the mapping".into())
+            .await?;
+        info!(table = %name, rows = journaled, "the mapping changed since the target's rows were written: every row is read again");
+        Ok(())
+    }
+
+    /// Journals the keys of the source rows (as `s`) for which `condition` holds, so that they are
+    /// read again; `why` says what for, in errors.
+    async fn journal_rows(&self, pools: &Pools, condition: &str, why: &str) -> Result<u64> {
+        let journal = self.mapping.journal()?;
+        let keys = self.mapping.key_list();
+        pools
+            .source()
+            .await?
             .execute(
                 &format!(
                     "INSERT INTO {journal} ({keys}) SELECT {keys} FROM {table} s WHERE {condition}",
@@ -325,16 +375,9 @@ impl TableSync {
                 &[],
             )
             .within(self.limit, SOURCE, || {
-                format!("journaling the rows of {name} with values in new columns")
+                format!("journaling the rows of {} {why}", self.name())
             })
-            .await?;
-        info!(
-            table = %name,
-            columns = ?added.iter().map(|c| c.target_name.as_str()).collect::<Vec<_>>(),
-            rows = journaled,
-            "columns now synced; rows with values in them are read again"
-        );
-        Ok(())
+            .await
     }
 
     async fn batch(&mut self, pools: &Pools, kind: BatchKind) -> Result<BatchOutcome> {

@@ -29,7 +29,7 @@ use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{CopyInSink, CopyOutStream, IsolationLevel};
 
 use self::progress_line::{CopyProgress, estimate_rows};
-use crate::catalog::mapping::{Journal, TableMapping, join};
+use crate::catalog::mapping::{TableMapping, join};
 use crate::config::{DatabaseRole, Settings};
 use crate::connection::{APP_COPY, Pools, SessionLimits, Within};
 use crate::error::policy::{self, Action};
@@ -182,7 +182,8 @@ impl CopySessions {
 impl CopyTransactions<'_> {
     /// Records the copy's snapshot as the table's progress and commits the copied rows with it;
     /// then deletes the journal rows of transactions visible in the snapshot (they are in the copy).
-    async fn finish(self, journal: &Journal) -> Result<()> {
+    async fn finish(self, mapping: &TableMapping) -> Result<()> {
+        let journal = mapping.journal()?;
         let Self {
             target,
             source,
@@ -192,6 +193,7 @@ impl CopyTransactions<'_> {
             limit,
         } = self;
         progress::advance(&*target, &table, &snapshot, true).await?;
+        progress::set_mapping(&*target, &table, mapping.definition.as_deref()).await?;
         target
             .commit()
             .within(limit, TARGET, || format!("committing the copy of {table}"))
@@ -217,7 +219,7 @@ async fn copy_streaming(
     mapping: &TableMapping,
     progress: &mut CopyProgress,
 ) -> Result<Copied> {
-    let journal = mapping.journal()?;
+    mapping.journal()?;
     let limit = SessionLimits::from_settings(settings).client_timeout();
     let mut sessions = CopySessions::open(pools).await?;
     let tx = sessions.begin(mapping, limit).await?;
@@ -251,7 +253,7 @@ async fn copy_streaming(
         let counts = merge(&tx.target, mapping, rows).await?;
         Copied { rows, counts }
     };
-    tx.finish(journal).await?;
+    tx.finish(mapping).await?;
     Ok(copied)
 }
 
@@ -379,7 +381,7 @@ async fn copy_careful(
     mapping: &TableMapping,
     progress: &mut CopyProgress,
 ) -> Result<Copied> {
-    let journal = mapping.journal()?;
+    mapping.journal()?;
     let limit = SessionLimits::from_settings(settings).client_timeout();
     let mut sessions = CopySessions::open(pools).await?;
     let tx = sessions.begin(mapping, limit).await?;
@@ -397,7 +399,7 @@ async fn copy_careful(
     for failure in &failures {
         sync_errors::record_rejected(&*tx.target, &tx.table, failure, 0, &settings.retry).await?;
     }
-    tx.finish(journal).await?;
+    tx.finish(mapping).await?;
     Ok(Copied { rows, counts })
 }
 

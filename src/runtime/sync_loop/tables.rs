@@ -75,6 +75,7 @@ impl Table {
                 warn!(table = %sync.name(), error = %crate::error::chain(&err), "could not delete journal rows applied before a restart");
             }
         }
+        sync.mapping_changed(pools).await?;
         if let Some(before) = &self.changed_from {
             sync.columns_changed(pools, before).await?;
             self.changed_from = None;
