@@ -580,3 +580,55 @@ async fn a_changed_mapping_is_applied_to_the_rows_already_in_the_target() {
         daemon.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn choosing_another_key_for_a_captured_table_needs_setup_and_then_keys_by_it() {
+    let ddl = "CREATE TABLE members (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text);";
+    let pair = Pair::new(ddl).await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO members SELECT i, 'm' || i || '@x.org', 'n' FROM generate_series(1, 20) i",
+        )
+        .await
+        .unwrap();
+    let setup = pair.rowsync(&["setup"], &[("SYNC_TABLES", "members")]);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let file = mapping_file(
+        &pair,
+        "[[table]]\nsource = \"members\"\nkey = [\"email\"]\n",
+    );
+    let env = [("SYNC_CONFIG", file.as_str())];
+
+    // The journal is keyed by id: the daemon says what to do instead of failing every batch.
+    let daemon = pair.spawn(&env);
+    pair.wait(
+        "the daemon to ask for setup",
+        Duration::from_secs(10),
+        || async {
+            daemon
+                .log_text()
+                .contains("capture journals the key (id) but the mapping keys rows by (email)")
+        },
+    )
+    .await;
+    drop(daemon);
+
+    let setup = pair.rowsync(&["setup"], &env);
+    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
+    assert!(
+        setup.status.success() && printed.contains("copied"),
+        "{printed}"
+    );
+    let daemon = pair.spawn(&env);
+    source
+        .batch_execute("UPDATE members SET email = 'changed-' || email, name = 'x' WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.wait_synced("members", Duration::from_secs(20)).await;
+    drop(daemon);
+}

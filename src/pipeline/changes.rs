@@ -215,6 +215,7 @@ mod tests {
         Journal {
             table: QualifiedName::new("rowsync", "public_users_journal"),
             txid: "txid".into(),
+            keys: vec!["id".into()],
         }
     }
 

@@ -252,6 +252,28 @@ impl TableMapping {
             .as_ref()
             .ok_or_else(|| Error::NotSetUp { table: self.name() })
     }
+
+    /// The journal, once it is known to journal this mapping's key: a key chosen (or given up)
+    /// since capture was installed needs `rowsync setup`, which captures the table afresh.
+    pub(crate) fn journal_for_key(&self) -> Result<&Journal> {
+        let journal = self.journal()?;
+        let mut journaled = journal.keys.clone();
+        let mut key = self.key_names();
+        journaled.sort();
+        key.sort();
+        if journaled != key {
+            return Err(Error::Schema {
+                table: self.name(),
+                problem: format!(
+                    "capture journals the key ({}) but the mapping keys rows by ({}); run rowsync \
+                     setup (it captures the table for the new key and copies it again)",
+                    journal.keys.join(", "),
+                    self.key_names().join(", ")
+                ),
+            });
+        }
+        Ok(journal)
+    }
 }
 
 pub(crate) fn join(parts: impl Iterator<Item = String>) -> String {
@@ -564,6 +586,8 @@ pub(crate) struct Journal {
     /// The name of its first column, the writer's transaction id: `txid`, unless the table has a
     /// key column of that name.
     pub txid: String,
+    /// Its key columns, as capture journals them.
+    pub keys: Vec<String>,
 }
 
 impl Journal {
@@ -633,7 +657,10 @@ async fn journal_of(client: &impl GenericClient, table: &QualifiedName) -> Resul
     }
     let row = client
         .query_opt(
-            "SELECT ct.journal_name::text, coalesce(a.attname::text, 'txid') \
+            "SELECT ct.journal_name::text, coalesce(a.attname::text, 'txid'), \
+                    ARRAY(SELECT k.attname::text FROM pg_catalog.pg_attribute k \
+                           WHERE k.attrelid = a.attrelid AND k.attnum > 1 AND NOT k.attisdropped \
+                           ORDER BY k.attnum) \
                FROM rowsync.captured_tables ct \
                LEFT JOIN pg_catalog.pg_attribute a \
                  ON a.attrelid = pg_catalog.to_regclass(pg_catalog.format('rowsync.%I', ct.journal_name)) \
@@ -648,5 +675,6 @@ async fn journal_of(client: &impl GenericClient, table: &QualifiedName) -> Resul
     Ok(row.map(|row| Journal {
         table: QualifiedName::new("rowsync", row.get::<_, String>(0)),
         txid: row.get(1),
+        keys: row.get(2),
     }))
 }

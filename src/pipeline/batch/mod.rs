@@ -172,7 +172,7 @@ impl TableSync {
         let mapping = load_mapping(&**source, &**target, table)
             .within(limit, SOURCE, || "reading the table definitions".into())
             .await?;
-        let journal = mapping.journal()?.clone();
+        let journal = mapping.journal_for_key()?.clone();
         let name = mapping.name();
         let upkeep = JournalUpkeep::new(&source, &name, &journal.quoted(), limit).await?;
         progress::adopt_legacy(&**target, &mapping.source)
