@@ -223,7 +223,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
      WHERE i.indrelid = rel
        AND CASE WHEN chosen
                 THEN i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
-                     AND i.indexprs IS NULL AND ARRAY(SELECT unnest(i.indkey::int2[])) = attnums
+                     AND i.indexprs IS NULL AND ARRAY(SELECT unnest((i.indkey::int2[])[0:i.indnkeyatts - 1])) = attnums
                 ELSE i.indisprimary END
      ORDER BY i.indisprimary DESC, i.indexrelid
      LIMIT 1
@@ -247,7 +247,7 @@ BEGIN
     IF v_ct.journal_name IS NULL THEN
         RAISE EXCEPTION 'rowsync: % is not captured', rel;
     END IF;
-    SELECT ARRAY(SELECT unnest(i.indkey::int2[])) INTO v_pk FROM pg_index i
+    SELECT ARRAY(SELECT unnest((i.indkey::int2[])[0:i.indnkeyatts - 1])) INTO v_pk FROM pg_index i
      WHERE i.indexrelid = rowsync.key_index(v_ct.relid, v_ct.key_chosen, v_ct.key_attnums);
     IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
         RAISE EXCEPTION 'the key of % is no longer the one captured', v_ct.relid::regclass;
@@ -398,7 +398,7 @@ BEGIN
     END IF;
 
     -- (indkey counts from 0: unnest it to compare with arrays counted from 1)
-    SELECT ARRAY(SELECT unnest(i.indkey::int2[])), i.indexrelid INTO v_pk, v_index
+    SELECT ARRAY(SELECT unnest((i.indkey::int2[])[0:i.indnkeyatts - 1])), i.indexrelid INTO v_pk, v_index
       FROM pg_index i WHERE i.indexrelid = rowsync.key_index(tbl, v_ct.key_chosen, v_ct.key_attnums);
     IF v_ct.key_attnums IS NULL AND v_pk IS NOT NULL
        AND v_ct.key_columns = ARRAY(SELECT a.attname FROM unnest(v_pk) WITH ORDINALITY AS k(attnum, ord)
@@ -406,6 +406,17 @@ BEGIN
                                      ORDER BY k.ord) THEN
         v_ct.key_attnums := v_pk;
         UPDATE rowsync.captured_tables SET key_attnums = v_pk WHERE journal_name = v_ct.journal_name;
+    END IF;
+    IF v_ct.key_chosen AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = tbl
+                                      AND attnum = ANY (v_ct.key_attnums) AND NOT attnotnull) THEN
+        -- Rows whose key is NULL cannot be told apart: their changes cannot be applied.
+        IF v_ct.lost_at IS NULL THEN
+            UPDATE rowsync.captured_tables
+               SET lost_at = now(), lost_reason = 'a column of its key may be NULL now'
+             WHERE journal_name = v_ct.journal_name;
+            v_done := v_done || format('a key column of %s may be NULL now: changes are not captured until it is NOT NULL again and rowsync resync', tbl);
+        END IF;
+        RETURN v_done;
     END IF;
     IF v_pk IS DISTINCT FROM v_ct.key_attnums THEN
         IF v_ct.lost_at IS NULL THEN
@@ -581,8 +592,9 @@ REVOKE EXECUTE ON FUNCTION rowsync.capture_partitions(regclass, boolean) FROM PU
 -- definition were replaced without a gap, or 'unchanged'.
 -- `chosen_key` names the columns to key the journal by when they are not the primary key's: those of a
 -- unique index whose columns are NOT NULL (a table without a primary key can be captured so).
-DROP FUNCTION IF EXISTS rowsync.install_capture(regclass);
-CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass, chosen_key name[] DEFAULT NULL) RETURNS text
+-- (No default: the one-argument form below stays its own function, so that an older rowsync's
+-- file or binary, and the psql line at the top, keep working.)
+CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass, chosen_key name[]) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $install$
 DECLARE
     v_schema     name;
@@ -608,19 +620,22 @@ BEGIN
 
     SELECT array_agg(a.attname ORDER BY k.ord), array_agg(a.attnum ORDER BY k.ord), i.indexrelid,
            -- The key as the table has it: type, modifier and collation.
-           string_agg(format('%I %s NOT NULL', a.attname, rowsync.column_type(tbl, a.attnum)),
+           -- A chosen key's columns are NOT NULL now, but a migration may change that: its journal
+           -- must take a NULL rather than fail the write (adapt_capture records the table lost).
+           string_agg(format('%I %s%s', a.attname, rowsync.column_type(tbl, a.attnum),
+                             CASE WHEN chosen_key IS NULL THEN ' NOT NULL' ELSE '' END),
                       ', ' ORDER BY k.ord),
            string_agg(format('%I', a.attname), ', ' ORDER BY k.ord)
       INTO v_keys, v_attnums, v_index, v_key_defs, v_key_list
       FROM pg_index i
-     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+     CROSS JOIN LATERAL unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
      WHERE i.indrelid = tbl
        AND CASE WHEN chosen_key IS NULL THEN i.indisprimary
                 ELSE i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
                      AND i.indexprs IS NULL
                      AND (SELECT array_agg(ka.attname ORDER BY ka.attname)
-                            FROM unnest(i.indkey::int2[]) AS ki(attnum)
+                            FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) AS ki(attnum)
                             JOIN pg_attribute ka ON ka.attrelid = tbl AND ka.attnum = ki.attnum)
                          = (SELECT array_agg(kn ORDER BY kn) FROM unnest(chosen_key) AS kn) END
      GROUP BY i.indexrelid, i.indisprimary
@@ -786,6 +801,10 @@ BEGIN
     RETURN v_status;
 END
 $install$;
+
+-- Capture keyed by the primary key (the form earlier versions and the psql line at the top use).
+CREATE OR REPLACE FUNCTION rowsync.install_capture(tbl regclass) RETURNS text
+LANGUAGE sql AS $$ SELECT rowsync.install_capture(tbl, NULL::name[]) $$;
 
 -- Drops what was left of the capture of a table that no longer exists (dropped: its triggers went
 -- with it): its functions, journal and rows.

@@ -317,6 +317,33 @@ filter = "status = 'active'"
     )
     .await;
     drop(daemon);
+
+    // Writes that bypass capture (triggers disabled): setup repairs capture and copies both
+    // mappings of the source again, not only the first one it looks at.
+    source
+        .batch_execute(
+            "ALTER TABLE users DISABLE TRIGGER USER;
+             UPDATE users SET name = 'bypassed', status = 'active' WHERE id IN (SELECT id FROM users LIMIT 10);
+             DELETE FROM users WHERE id IN (SELECT id FROM users WHERE name <> 'bypassed' LIMIT 5);",
+        )
+        .await
+        .unwrap();
+    let setup = pair.rowsync(&["setup"], &env);
+    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
+    assert!(
+        setup.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    assert_eq!(printed.matches("copied").count(), 2, "{printed}");
+    pair.assert_synced("users").await;
+    wait_equal(
+        &pair,
+        "SELECT id, name, email FROM users WHERE status = 'active' ORDER BY id",
+        "SELECT id, name, email FROM active_users ORDER BY id",
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,6 +389,85 @@ async fn a_table_without_a_primary_key_syncs_by_a_unique_key() {
         0,
         "the old key of a changed key stayed behind"
     );
+    // A migration lets the key be NULL: writes still go through (capture never fails one), and
+    // capture says it cannot follow.
+    source
+        .batch_execute(
+            "ALTER TABLE accounts ALTER COLUMN email DROP NOT NULL;
+             INSERT INTO accounts VALUES (NULL, 'no key', 'free');
+             UPDATE accounts SET plan = 'team' WHERE email IS NULL;",
+        )
+        .await
+        .unwrap();
+    let lost: Option<String> = source
+        .query_one("SELECT lost_reason FROM rowsync.captured_tables", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        lost.is_some_and(|r| r.contains("NULL")),
+        "capture did not say it lost the key"
+    );
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn computed_values_of_other_types_are_cast_on_the_target_and_one_that_does_not_fit_is_isolated()
+ {
+    let pair = Pair::with_ddl(
+        "CREATE TABLE items (id int PRIMARY KEY, price numeric NOT NULL, happy boolean NOT NULL);
+         INSERT INTO items SELECT i, i * 1.25, i % 2 = 0 FROM generate_series(1, 30) i;
+         INSERT INTO items VALUES (31, 1e12, true);",
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE TABLE items (id int PRIMARY KEY, cents integer, mood mood, label varchar(8));",
+    )
+    .await;
+    let file = mapping_file(
+        &pair,
+        r#"
+[[table]]
+source = "items"
+exclude = ["price", "happy"]
+[table.compute]
+cents = "price * 100"
+mood = "CASE WHEN happy THEN 'happy' ELSE 'sad' END"
+label = "'#' || id"
+"#,
+    );
+    let env = [("SYNC_CONFIG", file.as_str())];
+    let setup = pair.rowsync(&["setup"], &env);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let daemon = pair.spawn(&env);
+    pair.source()
+        .await
+        .batch_execute("UPDATE items SET price = price + 0.004 WHERE id <= 10")
+        .await
+        .unwrap();
+    // numeric into integer rounds as an assignment does; the one too large for an integer is
+    // recorded, the others are synced.
+    let view = "SELECT id, round(price * 100)::int AS cents, \
+                       (CASE WHEN happy THEN 'happy' ELSE 'sad' END) AS mood, '#' || id AS label \
+                  FROM items WHERE id <= 30 ORDER BY id";
+    let target_view = "SELECT id, cents, mood::text, label FROM items ORDER BY id";
+    wait_equal(&pair, view, target_view, Duration::from_secs(20)).await;
+    let target = pair.target().await;
+    pair.wait(
+        "the row that does not fit to be recorded",
+        Duration::from_secs(10),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM sync_errors WHERE NOT resolved AND record_id = '31'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
     drop(daemon);
 }
 

@@ -31,7 +31,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
     // A mapping file that does not fit the databases stops the start (exit 2), before anything is
     // written; databases out of reach are waited for as ever (the tables are checked as they load).
     match crate::commands::setup::validate(&pools, &settings.tables).await {
-        Ok(_) => {}
+        Ok(mappings) => crate::commands::setup::warn_unconfigured(&pools, &mappings).await,
         Err(err @ Error::Config(_)) => {
             pools.close();
             return Err(err);

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::catalog::ident::TableRef;
+use crate::catalog::ident::{QualifiedName, TableRef};
 use crate::catalog::mapping::{TableMapping, load_mapping, load_mapping_pooled};
 use crate::config::{ConfigError, SYNC_CONFIG, Settings, TableSpec};
 use crate::connection::Pools;
@@ -178,7 +178,14 @@ pub(crate) async fn setup_tables(
     .await?;
 
     let mut done = Vec::new();
-    for table in tables {
+    // Sources whose capture was made afresh in this run: its journal went with the old one, so
+    // every mapping of the source is copied again, also those not named here.
+    let mut recaptured: Vec<QualifiedName> = Vec::new();
+    let mut queue: Vec<TableSpec> = tables.to_vec();
+    let mut next = 0;
+    while let Some(table) = queue.get(next).cloned() {
+        next += 1;
+        let table = &table;
         // Check the mapping before touching the source: a table the target cannot take gets no
         // triggers.
         let mapping = transient(retry, "reading the table definitions", || async {
@@ -208,7 +215,15 @@ pub(crate) async fn setup_tables(
         let name = mapping.name();
         tracing::info!(table = %name, capture = ?status, "capture in place");
         let intact = matches!(status, InstallStatus::Unchanged | InstallStatus::Upgraded);
-        let copy = if intact && copied_before && !copy_anyway {
+        if !intact && !recaptured.contains(&mapping.source) {
+            recaptured.push(mapping.source.clone());
+            for other in siblings(pools, settings, &mapping, &queue).await? {
+                tracing::info!(table = %other, "its source was captured afresh: copying it too");
+                queue.push(other);
+            }
+        }
+        let recopy = recaptured.contains(&mapping.source);
+        let copy = if intact && copied_before && !copy_anyway && !recopy {
             None
         } else {
             tracing::info!(table = %name, "copying existing rows");
@@ -246,6 +261,61 @@ pub(crate) async fn setup_tables(
         });
     }
     Ok(done)
+}
+
+/// Says which progress rows of mappings no longer configured hold the journal of a source that
+/// configured mappings share (its rows go only once every mapping with progress applied them).
+/// Best effort: the progress table may not be there yet.
+pub(crate) async fn warn_unconfigured(pools: &Pools, mappings: &[TableMapping]) {
+    let Ok(target) = pools.target().await else {
+        return;
+    };
+    let mut sources: Vec<&QualifiedName> = mappings.iter().map(|m| &m.source).collect();
+    sources.dedup();
+    for source in sources {
+        let source = source.to_string();
+        let Ok(rows) = target
+            .query(
+                "SELECT table_name FROM rowsync_progress \
+                  WHERE table_name = $1 OR pg_catalog.starts_with(table_name, $1 || ' → ')",
+                &[&source],
+            )
+            .await
+        else {
+            return;
+        };
+        for row in rows {
+            let name: String = row.get(0);
+            if !mappings.iter().any(|m| m.name() == name) {
+                tracing::warn!(
+                    mapping = %name,
+                    "no longer configured, but its progress keeps the shared journal of {source} from being emptied behind it; if it is gone for good: DELETE FROM rowsync_progress WHERE table_name = '{}'",
+                    name.replace('\'', "''")
+                );
+            }
+        }
+    }
+}
+
+/// The other configured mappings of `mapping`'s source table that `queue` does not hold yet.
+async fn siblings(
+    pools: &Pools,
+    settings: &Settings,
+    mapping: &TableMapping,
+    queue: &[TableSpec],
+) -> Result<Vec<TableSpec>> {
+    let mut found = Vec::new();
+    for other in &settings.tables {
+        if queue.contains(other) || other.source.name != mapping.source.name {
+            continue;
+        }
+        if let Ok(theirs) = load_mapping_pooled(pools, other).await
+            && theirs.source == mapping.source
+        {
+            found.push(other.clone());
+        }
+    }
+    Ok(found)
 }
 
 /// The summary `rowsync setup` prints.

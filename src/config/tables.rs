@@ -344,16 +344,23 @@ fn check(spec: &TableSpec) -> Result<(), ConfigError> {
 /// string literals, quoted names and comments, parentheses balanced, and every literal and
 /// comment closed. rowsync puts it between parentheses (and line breaks, which end a `--`
 /// comment) inside its own statements, so such a piece cannot end the statement or reach past
-/// its parentheses.
+/// its parentheses. The scan follows PostgreSQL's lexer (`scan.l`) where they could disagree:
+/// names take `$` and every non-ASCII character, `E'…'` strings take backslash escapes also in
+/// their continuations (`E'a'` newline `'b'`), dollar-quote tags take non-ASCII characters.
+/// rowsync's sessions set `standard_conforming_strings = on`, as this scan assumes.
 pub(crate) fn self_contained(sql: &str) -> Result<(), String> {
     if sql.trim().is_empty() {
         return Err("is empty".into());
     }
     let chars: Vec<char> = sql.chars().collect();
-    let (mut i, mut depth) = (0usize, 0i64);
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$' || !c.is_ascii();
+    let tag_start = |c: char| c.is_alphabetic() || c == '_' || !c.is_ascii();
+    let tag_char = |c: char| tag_start(c) || c.is_ascii_digit();
     let at = |i: usize| chars.get(i).copied();
+    let (mut i, mut depth) = (0usize, 0i64);
     while i < chars.len() {
         let c = chars[i];
+        let after_ident = i > 0 && ident(chars[i - 1]);
         match c {
             ';' => return Err("contains `;`: write one expression, not statements".into()),
             '(' => depth += 1,
@@ -364,77 +371,50 @@ pub(crate) fn self_contained(sql: &str) -> Result<(), String> {
                 }
             }
             '-' if at(i + 1) == Some('-') => {
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
+                i = line_end(&chars, i);
                 continue;
             }
             '/' if at(i + 1) == Some('*') => {
-                // Block comments nest in PostgreSQL.
-                let mut nesting = 1;
-                i += 2;
-                while nesting > 0 {
-                    match (at(i), at(i + 1)) {
-                        (None, _) => return Err("has a /* comment that is not closed".into()),
-                        (Some('/'), Some('*')) => {
-                            nesting += 1;
-                            i += 1;
-                        }
-                        (Some('*'), Some('/')) => {
-                            nesting -= 1;
-                            i += 1;
-                        }
-                        _ => {}
-                    }
-                    i += 1;
-                }
+                i = comment_end(&chars, i).ok_or("has a /* comment that is not closed")?;
                 continue;
             }
-            '\'' | '"' => {
-                // E'…' strings take backslash escapes; the others double their quote.
-                let escapes = c == '\''
-                    && i > 0
-                    && matches!(chars[i - 1], 'e' | 'E')
-                    && (i < 2 || !(chars[i - 2].is_alphanumeric() || chars[i - 2] == '_'));
+            '"' => {
                 i += 1;
                 loop {
                     match at(i) {
-                        None => {
-                            return Err(format!(
-                                "has a {} that is not closed",
-                                if c == '"' {
-                                    "quoted name"
-                                } else {
-                                    "string literal"
-                                }
-                            ));
-                        }
-                        Some('\\') if escapes => i += 2,
-                        Some(q) if q == c && at(i + 1) == Some(c) => i += 2,
-                        Some(q) if q == c => break,
+                        None => return Err("has a quoted name that is not closed".into()),
+                        Some('"') if at(i + 1) == Some('"') => i += 2,
+                        Some('"') => break,
                         Some(_) => i += 1,
                     }
                 }
             }
-            '$' => {
-                // A dollar-quoted string: $tag$ … $tag$ (a $ after a name character is part of it).
-                let starts = i == 0 || !(chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
-                let tag_end = (i + 1..chars.len())
-                    .find(|&j| !(chars[j].is_alphanumeric() || chars[j] == '_'))
-                    .filter(|&j| chars[j] == '$');
-                if let (true, Some(end)) = (starts, tag_end)
-                    && !chars[i + 1..end]
-                        .first()
-                        .is_some_and(|c| c.is_ascii_digit())
-                {
-                    let tag: String = chars[i..=end].iter().collect();
-                    let rest: String = chars[end + 1..].iter().collect();
-                    match rest.find(&tag) {
-                        Some(offset) => {
-                            i = end + 1 + rest[..offset].chars().count() + tag.chars().count();
+            '\'' => {
+                // E'…' (e or E right before the quote, not ending a name) takes backslash escapes.
+                let escapes =
+                    i > 0 && matches!(chars[i - 1], 'e' | 'E') && !(i >= 2 && ident(chars[i - 2]));
+                i = string_end(&chars, i, escapes)
+                    .ok_or("has a string literal that is not closed")?;
+                continue;
+            }
+            '$' if !after_ident => {
+                // $tag$ … $tag$ (a $ inside a name, or $1, is not one).
+                let end = (i + 1..chars.len()).find(|&j| !tag_char(chars[j]));
+                let opens = end.is_some_and(|end| {
+                    chars[end] == '$' && (end == i + 1 || tag_start(chars[i + 1]))
+                });
+                if let (true, Some(end)) = (opens, end) {
+                    let tag = &chars[i..=end];
+                    let close = (end + 1..chars.len()).find(|&j| chars[j..].starts_with(tag));
+                    match close {
+                        Some(close) => {
+                            i = close + tag.len();
                             continue;
                         }
-                        None => return Err(format!("has a {tag} string that is not closed")),
+                        None => {
+                            let tag: String = tag.iter().collect();
+                            return Err(format!("has a {tag} string that is not closed"));
+                        }
                     }
                 }
             }
@@ -446,6 +426,76 @@ pub(crate) fn self_contained(sql: &str) -> Result<(), String> {
         return Err("has a `(` without its `)`".into());
     }
     Ok(())
+}
+
+/// The position after the string literal whose opening quote is at `open` (None: not closed),
+/// its continuations included: another literal after whitespace holding a line break (and `--`
+/// comments) continues it, in the same escape mode.
+fn string_end(chars: &[char], open: usize, escapes: bool) -> Option<usize> {
+    let mut i = open + 1;
+    loop {
+        match chars.get(i).copied()? {
+            '\\' if escapes => i += 2,
+            '\'' if chars.get(i + 1) == Some(&'\'') => i += 2,
+            '\'' => {
+                i += 1;
+                match continuation(chars, i) {
+                    Some(next) => i = next + 1,
+                    None => return Some(i),
+                }
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// Where a string continuation's quote is, if the text at `i` is one: horizontal whitespace, a
+/// line break, then whitespace and `--` comments, then `'`.
+fn continuation(chars: &[char], mut i: usize) -> Option<usize> {
+    while matches!(chars.get(i), Some(' ' | '\t' | '\x0c')) {
+        i += 1;
+    }
+    if !matches!(chars.get(i), Some('\n' | '\r')) {
+        return None;
+    }
+    loop {
+        match chars.get(i).copied()? {
+            ' ' | '\t' | '\x0c' | '\n' | '\r' => i += 1,
+            '-' if chars.get(i + 1) == Some(&'-') => i = line_end(chars, i),
+            '\'' => return Some(i),
+            _ => return None,
+        }
+    }
+}
+
+/// The position of the line break ending the `--` comment at `i` (or the end).
+fn line_end(chars: &[char], mut i: usize) -> usize {
+    while i < chars.len() && chars[i] != '\n' {
+        i += 1;
+    }
+    i
+}
+
+/// The position after the block comment opening at `i` (they nest in PostgreSQL); None when it
+/// is not closed.
+fn comment_end(chars: &[char], mut i: usize) -> Option<usize> {
+    let mut nesting = 0;
+    loop {
+        match (chars.get(i).copied()?, chars.get(i + 1).copied()) {
+            ('/', Some('*')) => {
+                nesting += 1;
+                i += 2;
+            }
+            ('*', Some('/')) => {
+                nesting -= 1;
+                i += 2;
+                if nesting == 0 {
+                    return Some(i);
+                }
+            }
+            _ => i += 1,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +517,10 @@ mod tests {
             "a -- a comment; with a semicolon\n AND b",
             "a /* nested /* ; */ still */ AND (b OR c)",
             "price$1 > 0",
+            "a$e'\\' = 'x'",
+            "x = 'a'\n'b' AND y",
+            "x = E'a\\'b'\n'c\\'d'",
+            "note = $€$ ; $€$",
         ] {
             assert_eq!(self_contained(ok), Ok(()), "{ok}");
         }
@@ -482,6 +536,11 @@ mod tests {
             "$x$ open",
             "x = E'\\\\'; DROP",
             "x = 'a\\'; DROP",
+            // What a reviewer found to reach outside the parentheses of a first version.
+            "'' = $€$ '$€$ ) OR (true -- '",
+            "'' = E'x'\n'\\' ' ) OR (true -- '",
+            "x = 'a'\n  -- c\n  'b'' ) OR (true",
+            "€e'\\' ) OR (true -- '",
         ] {
             assert!(self_contained(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -104,8 +104,10 @@ pub(crate) fn session_config(
     // as content), whatever the servers' defaults. row_security=off: a source read that
     // row-level security would filter fails instead, so rows hidden from rowsync's role are never
     // mistaken for deleted ones (and the target's writes are never silently filtered either).
+    // standard_conforming_strings=on: a mapping's filters and expressions were checked to be
+    // self-contained by that rule (see crate::config::tables).
     let ours = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=3 -c xmloption=content -c row_security=off -c rowsync.instance={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} -c jit=off -c plan_cache_mode=force_generic_plan -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=3 -c xmloption=content -c standard_conforming_strings=on -c row_security=off -c rowsync.instance={}",
         limits.statement_timeout.as_millis().max(1),
         limits.lock_timeout.as_millis().max(1),
         limits

@@ -398,10 +398,15 @@ impl Hasher {
 
 /// A column's value in `side`'s table as `alias`: the source's column or computed expression, or
 /// the target's column.
+/// (A computed value of another built-in type than its column's is compared as the target holds
+/// it: cast to the column's type.)
 fn side_ref(side: DatabaseRole, alias: &str, column: &Column) -> String {
-    match side {
-        DatabaseRole::Source => column.source_ref(alias),
-        DatabaseRole::Target => column.target_ref(alias),
+    match (side, &column.expression, &column.via) {
+        (DatabaseRole::Source, Some(expression), Some(_)) => {
+            format!("((\n{expression}\n)::{})", column.target_type)
+        }
+        (DatabaseRole::Source, _, _) => column.source_ref(alias),
+        (DatabaseRole::Target, _, _) => column.target_ref(alias),
     }
 }
 

@@ -263,7 +263,7 @@ pub(crate) async fn capture_state(
 
 /// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).
 pub(crate) async fn journal_depth(client: &impl GenericClient, journal: &Journal) -> Result<i64> {
-    Ok(journal_rows(client, journal, None).await?.rows)
+    Ok(journal_rows(client, journal, None, &[]).await?.rows)
 }
 
 /// What a journal holds.
@@ -278,10 +278,13 @@ pub(crate) struct JournalRows {
 }
 
 /// Counts the rows of `journal`; with `applied`, the snapshot applied so far, the stuck ones too.
+/// `others`: the applied snapshots of the other mappings of the source (a row they still need is
+/// not stuck).
 pub(crate) async fn journal_rows(
     client: &impl GenericClient,
     journal: &Journal,
     applied: Option<&PgSnapshot>,
+    others: &[String],
 ) -> Result<JournalRows> {
     let row = client
         .query_one(
@@ -289,12 +292,14 @@ pub(crate) async fn journal_rows(
                 "SELECT count(*), \
                         count(*) FILTER (WHERE {txid} >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) \
                             OR ({txid} < pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot) \
-                                AND pg_catalog.pg_visible_in_snapshot({txid}, $1::text::pg_snapshot))) \
+                                AND pg_catalog.pg_visible_in_snapshot({txid}, $1::text::pg_snapshot) \
+                                AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS o(snapshot) \
+                                                 WHERE NOT pg_catalog.pg_visible_in_snapshot({txid}, o.snapshot::pg_snapshot)))) \
                    FROM {journal}",
                 txid = journal.txid(),
                 journal = journal.quoted(),
             ),
-            &[&applied],
+            &[&applied, &others],
         )
         .await
         .context(DatabaseRole::Source, || format!("counting {journal}"))?;

@@ -38,6 +38,11 @@ pub(crate) struct Column {
     pub target_name: String,
     /// A computed column: SQL over the source row (see [`Column::source_ref`]).
     pub expression: Option<String>,
+    /// A computed column whose built-in type is not the target column's: the type its text is
+    /// read as on the target before the cast to the column's (`pg_catalog.numeric` into an
+    /// `integer` column rounds as an assignment would). The cast happens on the target, so a
+    /// value that does not fit fails that row alone (isolated and recorded), never the read.
+    pub via: Option<String>,
     /// The target's type by its catalog name, schema-qualified and without a modifier
     /// (`pg_catalog.bpchar`, `pg_catalog._varchar`, `app.mood`), for casts. Not SQL's spelling
     /// (`character`, `bit`): those mean `character(1)` and `bit(1)`, and a cast to them cuts
@@ -80,6 +85,15 @@ impl Column {
                 Transfer::Text => format!("((\n{expression}\n)::pg_catalog.text)"),
             },
             None => format!("{alias}.{}", self.quoted()),
+        }
+    }
+
+    /// What the target takes for this column, from the text `value` a [`Transfer::Text`] column
+    /// arrives as: cast to the column's type (through the computed value's own type, if any).
+    pub(crate) fn cast_text(&self, value: &str) -> String {
+        match &self.via {
+            Some(via) => format!("{value}::{via}::{}", self.target_type),
+            None => format!("{value}::{}", self.target_type),
         }
     }
 
@@ -368,9 +382,13 @@ async fn load(
             .iter()
             .position(|c| &c.name == name && c.expression.is_none())
             .ok_or_else(|| {
-                schema_error(format!(
-                    "key column {name} is missing in the target table {target_name} (or generated there)"
-                ))
+                schema_error(if spec.compute.contains_key(name) {
+                    format!("compute {name}: {name} is a key column, which is synced as it is")
+                } else {
+                    format!(
+                        "key column {name} is missing in the target table {target_name} (or generated there)"
+                    )
+                })
             })?;
         key.push(position);
     }
@@ -546,7 +564,7 @@ async fn primary_key(client: &impl GenericClient, oid: u32) -> Result<Vec<String
         .query(
             "SELECT a.attname::text \
                FROM pg_catalog.pg_index i \
-              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+              CROSS JOIN LATERAL unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord) \
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
               WHERE i.indrelid = $1 AND i.indisprimary \
               ORDER BY k.ord",
@@ -567,7 +585,7 @@ async fn unique_indexes(
         .query(
             "SELECT array_agg(a.attname::text ORDER BY a.attname) \
                FROM pg_catalog.pg_index i \
-              CROSS JOIN LATERAL unnest(i.indkey::int2[]) AS k(attnum) \
+              CROSS JOIN LATERAL unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) AS k(attnum) \
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
               WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate \
                 AND i.indpred IS NULL AND i.indexprs IS NULL \

@@ -85,6 +85,7 @@ impl Tables<'_> {
                 name: column.name.clone(),
                 target_name: target_name.clone(),
                 expression: None,
+                via: None,
                 target_type: target.base_type.clone(),
                 source_type: column.base_type.clone(),
                 transfer,
@@ -97,8 +98,8 @@ impl Tables<'_> {
     }
 
     /// Adds the computed columns, each checked on the source (it parses, names existing columns,
-    /// is a plain per-row expression, and casts to the target column's type) and on the target
-    /// (its type can be assigned to the column).
+    /// is a plain per-row expression) and on the target (a value of its built-in type can be
+    /// assigned to a built-in column type by PostgreSQL's assignment rules).
     pub(super) async fn compute(
         &self,
         source: &impl GenericClient,
@@ -132,7 +133,10 @@ impl Tables<'_> {
                 .await
                 .or_else(|e| rejected(e, DatabaseRole::Source, &problem))?;
             let produced = statement.columns()[0].type_().clone();
-            if produced.oid() < FIRST_NORMAL_OBJECT_ID {
+            let builtin = |oid: u32| oid < FIRST_NORMAL_OBJECT_ID;
+            let target_builtin = builtin(column.type_oid);
+            if builtin(produced.oid()) && target_builtin {
+                // PostgreSQL's assignment rules, as an INSERT of such a value would apply them.
                 let overriding = if column.identity_always {
                     "OVERRIDING SYSTEM VALUE "
                 } else {
@@ -149,19 +153,26 @@ impl Tables<'_> {
                     .await
                     .or_else(|e| rejected(e, DatabaseRole::Target, &problem))?;
             }
-            let builtin =
-                column.type_oid < FIRST_NORMAL_OBJECT_ID && !column.is_array && column.is_base;
+            // Passed through in binary when it is the column's own type; else as text, cast on
+            // the target (a value that does not fit fails its row there, not the read). A type
+            // the target does not have (an enum, a domain) takes the text as its input.
+            let same = produced.oid() == column.type_oid
+                && target_builtin
+                && !column.is_array
+                && column.is_base;
             let computed = Column {
                 name: name.clone(),
                 target_name: name.clone(),
                 expression: Some(expression.clone()),
+                via: (!same && target_builtin && builtin(produced.oid()))
+                    .then(|| format!("pg_catalog.{}", quote(produced.name()))),
                 target_type: column.base_type.clone(),
-                source_type: if builtin {
+                source_type: if same {
                     column.base_type.clone()
                 } else {
                     "pg_catalog.text".into()
                 },
-                transfer: if builtin {
+                transfer: if same {
                     Transfer::Binary
                 } else {
                     Transfer::Text
@@ -170,12 +181,6 @@ impl Tables<'_> {
                 collation: None,
                 target_collation: column.collation.clone(),
             };
-            // As rowsync will read it: cast on the source to what the target takes.
-            let cast = format!("SELECT {} FROM {table} {ROW}", computed.source_ref(ROW));
-            source
-                .prepare(&cast)
-                .await
-                .or_else(|e| rejected(e, DatabaseRole::Source, &problem))?;
             columns.push(computed);
         }
         Ok(())

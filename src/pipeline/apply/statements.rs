@@ -47,7 +47,7 @@ fn array_param(n: usize, column: &Column) -> String {
 fn value_expr(alias: &str, column: &Column) -> String {
     match column.transfer {
         Transfer::Binary => format!("{alias}.{}", column.target_quoted()),
-        Transfer::Text => format!("{alias}.{}::{}", column.target_quoted(), column.target_type),
+        Transfer::Text => column.cast_text(&format!("{alias}.{}", column.target_quoted())),
     }
 }
 
@@ -246,6 +246,7 @@ mod tests {
                     name: name.to_string(),
                     target_name: name.to_string(),
                     expression: None,
+                    via: None,
                     target_type: ty.to_string(),
                     source_type: ty.to_string(),
                     transfer: *transfer,

@@ -220,6 +220,11 @@ impl TableSync {
         self.progress.as_ref()
     }
 
+    /// The applied snapshots of the other mappings of this source, as last read.
+    pub(crate) fn others(&self) -> &[String] {
+        &self.others
+    }
+
     /// Rows of this table whose apply failed and that are waiting for a retry.
     pub(crate) fn unresolved_count(&self) -> usize {
         self.retries.len()
@@ -695,6 +700,7 @@ impl TableSync {
             })
             .await?;
         self.progress = Some(snapshot);
+        self.others = others;
         Ok(deleted)
     }
 }

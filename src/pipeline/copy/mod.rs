@@ -72,6 +72,17 @@ pub(crate) async fn copy_table(
     let started = Instant::now();
     let estimate = estimate_rows(&**pools.source().await?, &mapping.source).await;
     let mut progress = CopyProgress::start(&mapping.name(), estimate);
+    // A computed value of another type than its column's is cast on the target as the stream
+    // casts it (COPY would read its text with the column's input function instead).
+    if mapping.columns.iter().any(|c| c.via.is_some()) {
+        let copied = copy_careful(settings, pools, mapping, &mut progress).await?;
+        progress.finish(copied.rows);
+        return Ok(CopyReport {
+            rows: copied.rows,
+            counts: copied.counts,
+            duration: started.elapsed(),
+        });
+    }
     let copied = match copy_streaming(settings, pools, mapping, &mut progress).await {
         Err(Error::Sql {
             role: DatabaseRole::Target,

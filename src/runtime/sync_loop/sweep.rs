@@ -177,7 +177,10 @@ impl SyncLoop {
             if let Some(stuck) = journal.map(|j| j.stuck).filter(|&n| n > 0) {
                 match sync.clean_journal(pools).await {
                     Ok(deleted) => {
-                        warn!(table = %sync.name(), stuck, deleted, "deleted journal rows that no batch would consume (rows of applied changes left behind, or written by hand with a txid from the future)");
+                        if deleted > 0 {
+                            warn!(table = %sync.name(), stuck, deleted, "deleted journal rows that no batch would consume (rows of applied changes left behind, or written by hand with a txid from the future)");
+                        }
+                        // (Counted again with the other mappings' progress as it is now.)
                         journal = count_journal(pools, sync, limit).await;
                     }
                     Err(err) => {
@@ -194,7 +197,7 @@ impl SyncLoop {
 async fn count_journal(pools: &Pools, sync: &TableSync, limit: Duration) -> Option<JournalRows> {
     let journal = sync.mapping.journal.as_ref()?;
     let source = pools.source().await.ok()?;
-    capture::journal_rows(&**source, journal, sync.applied())
+    capture::journal_rows(&**source, journal, sync.applied(), sync.others())
         .within(limit, DatabaseRole::Source, || {
             "counting the journal".into()
         })
