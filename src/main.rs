@@ -8,9 +8,49 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use rowsync::commands::demo::{DemoOptions, DemoOutcome};
-use rowsync::commands::{demo, repair, run, setup, status, sync_now, verify};
+use rowsync::commands::{demo, errors, repair, run, setup, status, sync_now, verify};
 use rowsync::config::{Env, LogSettings, Settings};
 use rowsync::error::{Error, report};
+
+/// Which sync_errors rows an action is for.
+#[derive(clap::Args)]
+struct ErrorRows {
+    /// sync_errors ids.
+    #[arg(required_unless_present = "all")]
+    ids: Vec<i64>,
+    /// Every unresolved error (of --table, if given).
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    #[arg(long, requires = "all")]
+    table: Option<String>,
+}
+
+impl From<ErrorRows> for errors::Named {
+    fn from(rows: ErrorRows) -> Self {
+        Self {
+            ids: rows.ids,
+            all: rows.all,
+            table: rows.table,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ErrorsAction {
+    /// Make the next sweep retry these errors' rows now (instead of after their backoff).
+    Retry {
+        #[command(flatten)]
+        rows: ErrorRows,
+    },
+    /// Mark these errors resolved by hand; the note is recorded in their metadata.
+    Resolve {
+        #[command(flatten)]
+        rows: ErrorRows,
+        /// Why they are resolved (recorded in metadata.resolution).
+        #[arg(long, required = true)]
+        note: String,
+    },
+}
 
 /// Keeps tables in one PostgreSQL database in sync with another: capture triggers on the source,
 /// an initial copy, then real-time LISTEN/NOTIFY plus periodic sweeps. Configured through
@@ -76,6 +116,23 @@ enum Command {
     Status,
     /// Ask the running daemon for a sweep now (POST /sync on HEALTH_ADDR).
     SyncNow,
+    /// List the unresolved rows of sync_errors; `retry` and `resolve` act on them.
+    Errors {
+        #[command(subcommand)]
+        action: Option<ErrorsAction>,
+        /// Only errors of this table (`public.users`, or `users`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only errors of this type (CONSTRAINT_VIOLATION, SCHEMA_MISMATCH, …).
+        #[arg(long = "type")]
+        error_type: Option<String>,
+        /// Print a JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// List at most this many (newest first).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
+        limit: i64,
+    },
     /// Try rowsync on two throwaway local PostgreSQL servers; needs no database of your own.
     Demo {
         /// How long the stream of writes runs, in seconds.
@@ -221,6 +278,44 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             (Command::Status, Some(settings)) => {
                 print!("{}", status::status(&settings).await?);
                 Ok(ExitCode::SUCCESS)
+            }
+            (
+                Command::Errors {
+                    action,
+                    table,
+                    error_type,
+                    json,
+                    limit,
+                },
+                Some(settings),
+            ) => {
+                let acted = match action {
+                    None => {
+                        let options = errors::ListOptions {
+                            table,
+                            error_type,
+                            limit,
+                            json,
+                        };
+                        print!("{}", errors::list(&settings, &options).await?);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(ErrorsAction::Retry { rows }) => {
+                        let acted = errors::retry(&settings, rows.into()).await?;
+                        print!("{}", acted.report("will retry"));
+                        acted
+                    }
+                    Some(ErrorsAction::Resolve { rows, note }) => {
+                        let acted = errors::resolve(&settings, rows.into(), &note).await?;
+                        print!("{}", acted.report("resolved"));
+                        acted
+                    }
+                };
+                Ok(if acted.missing.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             (Command::SyncNow, Some(settings)) => {
                 println!("{}", sync_now::sync_now(&settings).await?);

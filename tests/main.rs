@@ -10,6 +10,7 @@ mod batches;
 mod behaviour;
 mod cli;
 mod config;
+mod dashboard;
 mod ddl;
 mod faults;
 mod guarantees;

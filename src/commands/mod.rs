@@ -2,6 +2,7 @@
 //! and exit codes are the binary's business.
 
 pub mod demo;
+pub mod errors;
 pub mod repair;
 pub mod run;
 pub mod setup;

@@ -8,9 +8,11 @@
 //! - `GET /metrics`: Prometheus text format (see [`crate::ops::metrics`]).
 //! - `POST /sync`: starts a sweep now and returns at once (202), or says one is already running or
 //!   queued (200); a standby answers 409.
+//! - `/`, `/api/…`: the dashboard (see [`crate::ops::dashboard`]), the one part that reads the
+//!   target (its `sync_runs` and `sync_errors` rows, bounded in time).
 //!
-//! It reads only the in-memory figures and pool counters: a request never touches a database, so
-//! the endpoints answer even when both databases are down.
+//! The others read only the in-memory figures and pool counters: such a request never touches a
+//! database, so they answer even when both databases are down.
 //!
 //! No client can wedge it, or keep the process from stopping:
 //! - a request's head must arrive within `HEADER_READ_TIMEOUT` (an idle keep-alive connection
@@ -50,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HealthToken;
 use crate::connection::Pools;
 use crate::error::{Error, Result};
+use crate::ops::dashboard;
 use crate::ops::health::{self, PoolUsage, Status};
 use crate::ops::status::StatusDocument;
 use crate::ops::telemetry::Role;
@@ -99,13 +102,18 @@ pub(crate) async fn serve(addr: SocketAddr, state: Context) -> Result<Server> {
     tracing::info!(
         addr = %addr,
         token = state.settings.health_token.is_some(),
-        "serving /health, /status, /metrics and POST /sync"
+        "serving the dashboard (/), /health, /status, /metrics and POST /sync"
     );
     let app = Router::new()
         .route("/health", get(health_handler))
         .route("/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
         .route("/sync", post(sync_handler))
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/api/dashboard", get(dashboard::document))
+        .route("/api/errors/retry", post(dashboard::retry))
+        .route("/api/errors/resolve", post(dashboard::resolve))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES as usize))
         .with_state(state);
@@ -173,6 +181,7 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
     }
     if let Some(token) = &state.settings.health_token
         && request.uri().path() != "/health"
+        && !dashboard::is_public(request.uri().path())
         && !bearer_matches(headers, token)
     {
         let mut response = refuse(
@@ -252,7 +261,7 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn pool_usage(pools: &Pools) -> [(&'static str, PoolUsage); 2] {
+pub(crate) fn pool_usage(pools: &Pools) -> [(&'static str, PoolUsage); 2] {
     let usage = |pool: &deadpool_postgres::Pool| {
         let status = pool.status();
         PoolUsage {

@@ -40,6 +40,8 @@ pub const YIELDED_SECONDS: &str = "rowsync_yielded_seconds_total";
 pub const SOURCE_ACTIVE_SESSIONS: &str = "rowsync_source_active_sessions";
 pub const DIVERGENT_ROWS: &str = "rowsync_divergent_rows";
 pub const LAST_VERIFICATION: &str = "rowsync_last_verification_timestamp_seconds";
+pub const CAPTURE_INTACT: &str = "rowsync_capture_intact";
+pub const LAST_SWEEP: &str = "rowsync_last_sweep_timestamp_seconds";
 
 /// Upper bounds (seconds) of the sweep duration histogram's buckets.
 const SWEEP_BUCKETS: [f64; 11] = [
@@ -69,6 +71,8 @@ pub(crate) struct Metrics {
     yielding: IntGauge,
     source_sessions: Gauge,
     divergent_rows: IntGaugeVec,
+    capture_intact: IntGaugeVec,
+    last_sweep: Gauge,
     last_verification: prometheus::GaugeVec,
 }
 
@@ -188,6 +192,17 @@ impl Metrics {
                 SOURCE_ACTIVE_SESSIONS,
                 "Active sessions on the source other than rowsync's, at the last look (NaN before one).",
             ),
+            capture_intact: gauge_vec(
+                &r,
+                CAPTURE_INTACT,
+                "1 while every capture trigger of the table is in place and enabled and capture could follow every migration, else 0 (as of the last sweep).",
+                &["table"],
+            ),
+            last_sweep: gauge(
+                &r,
+                LAST_SWEEP,
+                "When the last sweep finished, as a Unix timestamp (NaN before the first).",
+            ),
             divergent_rows: gauge_vec(
                 &r,
                 DIVERGENT_ROWS,
@@ -266,6 +281,11 @@ impl Metrics {
             self.unresolved
                 .with_label_values(&[table])
                 .set(i64::try_from(t.unresolved).unwrap_or(i64::MAX));
+            if let Some(intact) = t.capture_intact {
+                self.capture_intact
+                    .with_label_values(&[table])
+                    .set(i64::from(intact && t.capture_lost.is_none()));
+            }
             if let Some(verified) = &t.verified {
                 self.divergent_rows
                     .with_label_values(&[table])
@@ -290,6 +310,13 @@ impl Metrics {
                 .with_label_values(&[database])
                 .set(as_i64(usage.max_size));
         }
+        self.last_sweep
+            .set(figures.last_sweep.as_ref().map_or(f64::NAN, |sweep| {
+                sweep
+                    .finished_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(f64::NAN, |d| d.as_secs_f64())
+            }));
         self.realtime
             .set(i64::from(figures.listener == ListenerState::Listening));
         self.active.set(i64::from(figures.role == Role::Active));

@@ -1,6 +1,7 @@
 //! What operators see and use: the figures the daemon keeps, health checks, Prometheus metrics,
 //! the HTTP listener and its client, systemd notifications and the log.
 
+pub(crate) mod dashboard;
 pub(crate) mod health;
 pub mod http;
 pub mod logging;

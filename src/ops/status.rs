@@ -76,6 +76,12 @@ pub(crate) struct TableStatus {
     /// The last background verification (`VERIFY_INTERVAL_MINUTES`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) verified: Option<VerifiedStatus>,
+    /// Seconds since the newest source snapshot fully applied to this table was taken.
+    #[serde(default)]
+    pub(crate) lag_seconds: Option<f64>,
+    /// Rows written per minute over the last hour, oldest first.
+    #[serde(default)]
+    pub(crate) applied_per_minute: Vec<u64>,
 }
 
 /// What the last background verification of a table found.
@@ -122,6 +128,10 @@ impl StatusDocument {
                         different: v.different,
                         repaired: v.repaired,
                     }),
+                    lag_seconds: t
+                        .applied_as_of
+                        .map(|at| now.duration_since(at).unwrap_or_default().as_secs_f64()),
+                    applied_per_minute: t.per_minute.last_hour(now),
                 };
                 (name.clone(), status)
             })

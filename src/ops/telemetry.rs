@@ -65,6 +65,59 @@ pub(crate) struct TableFigures {
     pub applied_as_of: Option<SystemTime>,
     #[serde(skip)]
     pub last_batch_at: Option<SystemTime>,
+    /// Rows written (created, updated, deleted) per minute, the last hour.
+    #[serde(skip)]
+    pub per_minute: PerMinute,
+}
+
+/// Counts per wall-clock minute over the last [`PerMinute::MINUTES`] minutes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PerMinute {
+    /// (minute since the Unix epoch, count), oldest first.
+    minutes: VecDeque<(u64, u64)>,
+}
+
+impl PerMinute {
+    pub(crate) const MINUTES: u64 = 60;
+
+    fn minute(at: SystemTime) -> u64 {
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            / 60
+    }
+
+    /// Adds `count` to the minute of `at`.
+    pub(crate) fn add(&mut self, at: SystemTime, count: u64) {
+        let minute = Self::minute(at);
+        match self.minutes.back_mut() {
+            Some((last, total)) if *last == minute => *total += count,
+            _ => self.minutes.push_back((minute, count)),
+        }
+        while self
+            .minutes
+            .front()
+            .is_some_and(|(m, _)| *m + Self::MINUTES <= minute)
+        {
+            self.minutes.pop_front();
+        }
+    }
+
+    /// One count per minute of the last hour up to the minute of `now`, oldest first (0 for a
+    /// minute without any).
+    pub(crate) fn last_hour(&self, now: SystemTime) -> Vec<u64> {
+        let current = Self::minute(now);
+        (0..Self::MINUTES)
+            .rev()
+            .map(|ago| {
+                let minute = current.saturating_sub(ago);
+                self.minutes
+                    .iter()
+                    .find(|(m, _)| *m == minute)
+                    .map_or(0, |(_, count)| *count)
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -315,7 +368,11 @@ impl Telemetry {
         let figures = state.figures.tables.entry(table.to_string()).or_default();
         figures.counts += counts;
         figures.applied_as_of = Some(snapshot_at);
-        figures.last_batch_at = Some(SystemTime::now());
+        let now = SystemTime::now();
+        figures.last_batch_at = Some(now);
+        figures
+            .per_minute
+            .add(now, counts.created + counts.updated + counts.deleted);
         record_recent(&mut state.recent, second, counts.total(), counts.failed);
         self.metrics.applied(table, counts);
         self.metrics.batch();
@@ -496,5 +553,22 @@ mod tests {
         telemetry.checked("b", now);
         let lag = telemetry.figures().lag_seconds.unwrap();
         assert!((5.0..6.0).contains(&lag), "{lag}");
+    }
+
+    #[test]
+    fn per_minute_counts_keep_the_last_hour_by_wall_clock_minute() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_000_000 * 60);
+        let mut counts = PerMinute::default();
+        counts.add(start, 5);
+        counts.add(start + Duration::from_secs(30), 2);
+        counts.add(start + Duration::from_secs(120), 1);
+        let hour = counts.last_hour(start + Duration::from_secs(120));
+        assert_eq!(hour.len(), 60);
+        assert_eq!(&hour[57..], &[7, 0, 1]);
+        // An hour on, the first minute has gone.
+        counts.add(start + Duration::from_secs(3600), 4);
+        let hour = counts.last_hour(start + Duration::from_secs(3600));
+        assert_eq!(hour.iter().sum::<u64>(), 5);
+        assert_eq!(hour[59], 4);
     }
 }

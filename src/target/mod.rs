@@ -3,5 +3,6 @@
 
 pub(crate) mod migrate;
 pub(crate) mod progress;
+pub(crate) mod queue;
 pub(crate) mod runs;
 pub(crate) mod sync_errors;

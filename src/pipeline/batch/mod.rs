@@ -389,6 +389,9 @@ impl TableSync {
         let started = Instant::now();
         let name = self.name();
         let prev = self.applied_snapshot(pools).await?;
+        if matches!(kind, BatchKind::Sweep { .. }) {
+            self.reload_retries(pools).await;
+        }
         let mut source = pools.source().await?;
         let read = open_read(&mut source, self.limit, &name).await?;
         let request = self.request(&read.stx, kind).await?;
@@ -423,6 +426,31 @@ impl TableSync {
             counts: outcome.counts,
             duration: started.elapsed(),
         }))
+    }
+
+    /// Reads the table's unresolved rows from `sync_errors` again, so that what operators did
+    /// there (`rowsync errors retry`, `resolve`, or SQL) counts from this sweep on: a retry asked
+    /// for is due now, a row resolved by hand is not retried any more. Best effort: when the
+    /// target cannot tell now, the queue stays as it is.
+    async fn reload_retries(&mut self, pools: &Pools) {
+        let name = self.name();
+        let open = async {
+            let target = pools.target().await?;
+            sync_errors::unresolved_rows(&**target, &name)
+                .within(self.limit, TARGET, || "reading sync_errors".into())
+                .await
+        }
+        .await;
+        match open {
+            Ok(open) => {
+                self.retries = RetryQueue::from_records(open);
+                self.telemetry
+                    .set_table_backlog(&name, None, self.retries.len());
+            }
+            Err(err) => {
+                debug!(table = %name, error = %crate::error::chain(&err), "could not read sync_errors again; retrying rows as known");
+            }
+        }
     }
 
     /// The snapshot applied so far: as last seen, or read from the target.
