@@ -117,6 +117,7 @@ enum Command {
     /// Ask the running daemon for a sweep now (POST /sync on HEALTH_ADDR).
     SyncNow,
     /// List the unresolved rows of sync_errors; `retry` and `resolve` act on them.
+    #[command(args_conflicts_with_subcommands = true)]
     Errors {
         #[command(subcommand)]
         action: Option<ErrorsAction>,

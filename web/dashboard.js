@@ -160,7 +160,8 @@ async function refresh() {
 async function act(path, body) {
   const response = await fetch(path, { method: "POST", headers: headers(true), body: JSON.stringify(body) });
   const answer = await response.json().catch(() => ({}));
-  notice(response.ok ? "" : (answer.error || "rowsync answered " + response.status));
+  if (response.status === 401) $("login").style.display = "block";
+  notice(response.ok ? "" : (answer.error || answer.message || "rowsync answered " + response.status));
   refresh();
 }
 

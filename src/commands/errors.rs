@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::connection::Pools;
 use crate::error::Result;
 use crate::target::queue::{self, ErrorFilter, OpenError, Selection};
@@ -59,7 +59,7 @@ fn table(rows: &[OpenError]) -> String {
     }
     let _ = writeln!(
         text,
-        "{} unresolved; `rowsync errors retry ID…` retries at the next sweep, `rowsync errors resolve ID… --note TEXT` marks them resolved",
+        "{} listed (newest first, at most --limit); `rowsync errors retry ID…` retries at the next sweep, `rowsync errors resolve ID… --note TEXT` marks them resolved",
         rows.len()
     );
     text
@@ -116,18 +116,23 @@ pub struct Named {
 }
 
 impl Named {
-    fn selection(self) -> Selection {
-        if self.all {
-            Selection::All { table: self.table }
-        } else {
-            Selection::Ids(self.ids)
+    /// Ids, or all (of a table); a table with ids is a usage error (exit 2), not a filter.
+    fn selection(self) -> Result<Selection> {
+        match (self.all, self.table) {
+            (true, table) => Ok(Selection::All { table }),
+            (false, None) => Ok(Selection::Ids(self.ids)),
+            (false, Some(_)) => Err(ConfigError::new(
+                "--table",
+                "goes with --all (name ids alone, or --all --table TABLE)",
+            )
+            .into()),
         }
     }
 }
 
 /// `rowsync errors retry`: the next sweep retries the rows.
 pub async fn retry(settings: &Settings, rows: Named) -> Result<Acted> {
-    let rows = rows.selection();
+    let rows = rows.selection()?;
     let pools = Pools::new(settings)?;
     let done = async { queue::retry_now(&**pools.target().await?, &rows).await }.await;
     pools.close();
@@ -136,7 +141,7 @@ pub async fn retry(settings: &Settings, rows: Named) -> Result<Acted> {
 
 /// `rowsync errors resolve`: marked resolved by hand, with `note`.
 pub async fn resolve(settings: &Settings, rows: Named, note: &str) -> Result<Acted> {
-    let rows = rows.selection();
+    let rows = rows.selection()?;
     let pools = Pools::new(settings)?;
     let done = async {
         queue::resolve_by_hand(

@@ -73,6 +73,11 @@ pub(crate) async fn script() -> Response {
     asset(SCRIPT, "text/javascript; charset=utf-8")
 }
 
+/// Paths a browser uses for the dashboard: the page, its script and its API.
+pub(crate) fn is_browser_facing(path: &str) -> bool {
+    is_public(path) || path.starts_with("/api/")
+}
+
 /// Paths served without the token: the page and its script, which hold no figures.
 pub(crate) fn is_public(path: &str) -> bool {
     matches!(path, "/" | "/dashboard.js")
@@ -188,6 +193,12 @@ pub(crate) async fn retry(State(state): State<Context>, Json(action): Json<Actio
         return bad_request(UNNAMED);
     };
     let done = async { queue::retry_now(&**state.pools.target().await?, &rows).await }.await;
+    // "Retry now": the sweep that retries them starts at once (on the active process).
+    if done.as_ref().is_ok_and(|ids| !ids.is_empty())
+        && state.telemetry.figures().role == crate::ops::telemetry::Role::Active
+    {
+        state.requests.request();
+    }
     acted(done, &rows)
 }
 

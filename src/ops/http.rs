@@ -195,6 +195,21 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         );
         return response;
     }
+    // Without a token, a page of another site could reach the dashboard's API through DNS
+    // rebinding (its name made to point at this listener: same origin to the browser). Such a
+    // request is addressed to that name: answer only requests addressed to an IP or localhost.
+    if state.settings.health_token.is_none()
+        && dashboard::is_browser_facing(request.uri().path())
+        && !addressed_by_ip(headers)
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "host",
+            "without HEALTH_TOKEN the dashboard answers only requests addressed to an IP address \
+             or localhost (set HEALTH_TOKEN to reach it by name)"
+                .into(),
+        );
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         if let Some(problem) = cross_site(headers) {
             return refuse(StatusCode::FORBIDDEN, "cross_site", problem.into());
@@ -251,6 +266,19 @@ fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// The request's `Host` is an IP address or `localhost` (with or without a port).
+fn addressed_by_ip(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        // [::1]:9393
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -152,7 +152,7 @@ impl Metrics {
             lag: gauge(
                 &r,
                 LAG_SECONDS,
-                "Upper bound of how far the target is behind the source, in seconds (NaN before the first batch).",
+                "Upper bound of how far the target is behind the source, in seconds (a table not applied yet counts from the process's start; NaN without tables).",
             ),
             journal_pending: gauge_vec(
                 &r,
@@ -201,7 +201,7 @@ impl Metrics {
             last_sweep: gauge(
                 &r,
                 LAST_SWEEP,
-                "When the last sweep finished, as a Unix timestamp (NaN before the first).",
+                "When the last sweep finished, as a Unix timestamp (when the process started, before the first).",
             ),
             divergent_rows: gauge_vec(
                 &r,
@@ -268,7 +268,33 @@ impl Metrics {
 
     /// Sets the gauges from `figures` and `pools`, and renders every metric.
     pub(crate) fn render(&self, figures: &Figures, pools: &[(&'static str, PoolUsage)]) -> String {
-        self.lag.set(figures.lag_seconds.unwrap_or(f64::NAN));
+        // A table not applied yet counts as behind since start (an alert must not wait for a
+        // first batch that never comes); /status keeps saying "not known yet".
+        let now = std::time::SystemTime::now();
+        let lag = figures
+            .tables
+            .values()
+            .map(|t| {
+                now.duration_since(t.applied_as_of.unwrap_or(figures.started_at))
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            })
+            .fold(None, |worst: Option<f64>, lag| {
+                Some(worst.map_or(lag, |w| w.max(lag)))
+            });
+        self.lag.set(lag.unwrap_or(f64::NAN));
+        // Per-table series of tables this process no longer applies go (another process, or no
+        // longer configured): an alert must not stay on an old value.
+        for vec in [
+            &self.journal_pending,
+            &self.journal_stuck,
+            &self.unresolved,
+            &self.divergent_rows,
+            &self.capture_intact,
+        ] {
+            vec.reset();
+        }
+        self.last_verification.reset();
         for (table, t) in &figures.tables {
             if let Some(pending) = t.pending {
                 self.journal_pending
@@ -310,13 +336,16 @@ impl Metrics {
                 .with_label_values(&[database])
                 .set(as_i64(usage.max_size));
         }
-        self.last_sweep
-            .set(figures.last_sweep.as_ref().map_or(f64::NAN, |sweep| {
-                sweep
-                    .finished_at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(f64::NAN, |d| d.as_secs_f64())
-            }));
+        // Before the first sweep: the start, so that "no sweep for N minutes" counts from it.
+        let last_sweep = figures
+            .last_sweep
+            .as_ref()
+            .map_or(figures.started_at, |sweep| sweep.finished_at);
+        self.last_sweep.set(
+            last_sweep
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(f64::NAN, |d| d.as_secs_f64()),
+        );
         self.realtime
             .set(i64::from(figures.listener == ListenerState::Listening));
         self.active.set(i64::from(figures.role == Role::Active));

@@ -70,11 +70,21 @@ pub(crate) struct TableFigures {
     pub per_minute: PerMinute,
 }
 
-/// Counts per wall-clock minute over the last [`PerMinute::MINUTES`] minutes.
-#[derive(Debug, Clone, Default)]
+/// Counts per wall-clock minute over the last [`PerMinute::MINUTES`] minutes: a ring indexed by
+/// the minute, each slot knowing which minute it holds (so a clock set back or forward never
+/// mixes minutes up, and nothing grows).
+#[derive(Debug, Clone)]
 pub(crate) struct PerMinute {
-    /// (minute since the Unix epoch, count), oldest first.
-    minutes: VecDeque<(u64, u64)>,
+    /// (minute since the Unix epoch, count) per `minute % MINUTES`.
+    slots: [(u64, u64); PerMinute::MINUTES as usize],
+}
+
+impl Default for PerMinute {
+    fn default() -> Self {
+        Self {
+            slots: [(u64::MAX, 0); Self::MINUTES as usize],
+        }
+    }
 }
 
 impl PerMinute {
@@ -90,16 +100,11 @@ impl PerMinute {
     /// Adds `count` to the minute of `at`.
     pub(crate) fn add(&mut self, at: SystemTime, count: u64) {
         let minute = Self::minute(at);
-        match self.minutes.back_mut() {
-            Some((last, total)) if *last == minute => *total += count,
-            _ => self.minutes.push_back((minute, count)),
-        }
-        while self
-            .minutes
-            .front()
-            .is_some_and(|(m, _)| *m + Self::MINUTES <= minute)
-        {
-            self.minutes.pop_front();
+        let slot = &mut self.slots[(minute % Self::MINUTES) as usize];
+        if slot.0 == minute {
+            slot.1 += count;
+        } else {
+            *slot = (minute, count);
         }
     }
 
@@ -111,10 +116,8 @@ impl PerMinute {
             .rev()
             .map(|ago| {
                 let minute = current.saturating_sub(ago);
-                self.minutes
-                    .iter()
-                    .find(|(m, _)| *m == minute)
-                    .map_or(0, |(_, count)| *count)
+                let (held, count) = self.slots[(minute % Self::MINUTES) as usize];
+                if held == minute { count } else { 0 }
             })
             .collect()
     }
@@ -570,5 +573,11 @@ mod tests {
         let hour = counts.last_hour(start + Duration::from_secs(3600));
         assert_eq!(hour.iter().sum::<u64>(), 5);
         assert_eq!(hour[59], 4);
+        // The clock set back a minute and forward again: each minute keeps its own count.
+        let now = start + Duration::from_secs(3600);
+        counts.add(now - Duration::from_secs(60), 3);
+        counts.add(now, 1);
+        let hour = counts.last_hour(now);
+        assert_eq!(&hour[58..], &[3, 5]);
     }
 }

@@ -48,7 +48,7 @@ pub(crate) async fn unresolved(
                     last_attempt_at, next_retry_at \
                FROM sync_errors \
               WHERE NOT resolved \
-                AND ($1::text IS NULL OR table_name = $1 OR table_name LIKE '%.' || $1) \
+                AND ($1::text IS NULL OR table_name = $1 OR right(table_name, length($1) + 1) = '.' || $1) \
                 AND ($2::text IS NULL OR error_type = upper($2)) \
               ORDER BY created_at DESC, id DESC \
               LIMIT $3",
@@ -116,7 +116,7 @@ pub(crate) async fn retry_now(client: &impl GenericClient, rows: &Selection) -> 
                                jsonb_build_object('retry_requested_at', now()) \
               WHERE NOT resolved \
                 AND ($1::int8[] IS NULL OR id = ANY ($1)) \
-                AND ($2::text IS NULL OR table_name = $2) \
+                AND ($2::text IS NULL OR table_name = $2 OR right(table_name, length($2) + 1) = '.' || $2) \
               RETURNING id",
             &[&ids, &table],
         )
@@ -146,7 +146,7 @@ pub(crate) async fn resolve_by_hand(
                                                   jsonb_build_object('at', now())) \
               WHERE NOT resolved \
                 AND ($1::int8[] IS NULL OR id = ANY ($1)) \
-                AND ($2::text IS NULL OR table_name = $2) \
+                AND ($2::text IS NULL OR table_name = $2 OR right(table_name, length($2) + 1) = '.' || $2) \
               RETURNING id",
             &[&ids, &table, &resolution],
         )
