@@ -311,7 +311,7 @@ async fn apply(
                 let telemetry = Arc::new(Telemetry::new());
                 let mut sync = TableSync::load(pools, table, settings, telemetry).await?;
                 while !applied(pools, &name, txid).await? {
-                    sync.run_batch(pools, BatchKind::Stream).await?;
+                    sync.run_batch(pools, BatchKind::Stream, None).await?;
                 }
                 Ok(())
             }

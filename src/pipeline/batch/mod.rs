@@ -91,6 +91,8 @@ pub(crate) struct TableSync {
     /// The applied snapshots of the other mappings of this source table, as the last progress
     /// lock saw them: journal rows go once all have applied them.
     others: Vec<String>,
+    /// See [`TableSync::was_quiet`].
+    was_quiet: bool,
     /// Rows the target rejected, waiting for their retry.
     retries: RetryQueue,
     capture: CaptureWatch,
@@ -196,6 +198,7 @@ impl TableSync {
             mapping,
             progress,
             others: Vec::new(),
+            was_quiet: false,
             retries: RetryQueue::from_records(open),
             capture: CaptureWatch::new(settings.lookback),
             partitions_due: false,
@@ -220,6 +223,12 @@ impl TableSync {
         self.progress.as_ref()
     }
 
+    /// The last batch found the journal empty without opening a transaction (see
+    /// [`TableSync::run_batch`]): it holds no row, pending or stuck, as of then.
+    pub(crate) fn was_quiet(&self) -> bool {
+        self.was_quiet
+    }
+
     /// The applied snapshots of the other mappings of this source, as last read.
     pub(crate) fn others(&self) -> &[String] {
         &self.others
@@ -232,12 +241,17 @@ impl TableSync {
 
     /// Runs one batch: the steps in the module's documentation. Then, when the batch's sweep found
     /// partitions (created or attached since) without capture, captures them.
+    ///
+    /// `quiet`: when the table's journal was seen empty (by one look at every journal), if it
+    /// was: a sweep then only checks capture and retries, and opens no batch when neither asks
+    /// for one.
     pub(crate) async fn run_batch(
         &mut self,
         pools: &Pools,
         kind: BatchKind,
+        quiet: Option<SystemTime>,
     ) -> Result<BatchOutcome> {
-        let outcome = self.batch(pools, kind).await;
+        let outcome = self.batch(pools, kind, quiet).await;
         if std::mem::take(&mut self.partitions_due) {
             self.capture_partitions(pools).await;
         }
@@ -385,16 +399,37 @@ impl TableSync {
             .await
     }
 
-    async fn batch(&mut self, pools: &Pools, kind: BatchKind) -> Result<BatchOutcome> {
+    async fn batch(
+        &mut self,
+        pools: &Pools,
+        kind: BatchKind,
+        quiet: Option<SystemTime>,
+    ) -> Result<BatchOutcome> {
         let started = Instant::now();
         let name = self.name();
+        self.was_quiet = false;
         let prev = self.applied_snapshot(pools).await?;
         if matches!(kind, BatchKind::Sweep { .. }) {
             self.reload_retries(pools).await;
         }
+        // An empty journal, no look-back wanted, no retry due: nothing for a batch to read.
+        let mut early = None;
+        if let (BatchKind::Sweep { .. }, Some(looked_at)) = (kind, quiet) {
+            let request = self.request(&**pools.source().await?, kind).await?;
+            if request.lookback.is_none() && request.retry_keys.is_empty() {
+                self.telemetry.checked(&name, looked_at);
+                self.progress = Some(prev);
+                self.was_quiet = true;
+                return Ok(BatchOutcome::Nothing);
+            }
+            early = Some(request);
+        }
         let mut source = pools.source().await?;
         let read = open_read(&mut source, self.limit, &name).await?;
-        let request = self.request(&read.stx, kind).await?;
+        let request = match early {
+            Some(request) => request,
+            None => self.request(&*read.stx, kind).await?,
+        };
         let outcome = match self.apply(pools, &read, &prev, &request).await? {
             Applied::Committed(outcome) => outcome,
             Applied::Nothing => {
@@ -467,7 +502,11 @@ impl TableSync {
 
     /// What this batch asks for besides the journal: for a sweep, the look-back (when capture may
     /// have been bypassed, see [`CaptureWatch`]) and the rejected rows whose retry is due.
-    async fn request(&mut self, stx: &Transaction<'_>, kind: BatchKind) -> Result<ChangeRequest> {
+    async fn request(
+        &mut self,
+        client: &impl tokio_postgres::GenericClient,
+        kind: BatchKind,
+    ) -> Result<ChangeRequest> {
         let BatchKind::Sweep { lookback } = kind else {
             return Ok(ChangeRequest {
                 lookback: None,
@@ -475,7 +514,7 @@ impl TableSync {
             });
         };
         let name = self.name();
-        let state = capture::capture_state(&**stx, &self.mapping.source)
+        let state = capture::capture_state(client, &self.mapping.source)
             .within(self.limit, SOURCE, || "checking capture".into())
             .await?;
         self.telemetry

@@ -239,6 +239,11 @@ impl SyncLoop {
     async fn pass(&mut self, kind: BatchKind) -> PassOutcome {
         let mut outcome = PassOutcome::default();
         let now = Instant::now();
+        // A stream batch reads only the journal: a table whose journal is empty has nothing for
+        // it. One look at every journal spares each idle table its own transaction (hundreds of
+        // idle tables cost next to nothing); a sweep still checks each table's capture and
+        // retries, and opens a batch only when they ask for one.
+        let quiet = self.quiet_tables().await;
         for index in 0..self.tables.len() {
             if self.shutdown.is_cancelled() {
                 break;
@@ -246,7 +251,22 @@ impl SyncLoop {
             if !self.tables[index].due(now) {
                 continue;
             }
-            match self.attempt(index, kind).await {
+            // (A table that has been failing gets its batch all the same: succeeding is how it
+            // is seen to have recovered.)
+            let quiet_since = quiet
+                .as_ref()
+                .filter(|(quiet, _)| quiet.get(index).copied().unwrap_or(false))
+                .filter(|_| self.tables[index].failures() == 0)
+                .map(|(_, looked_at)| *looked_at);
+            if let (Some(looked_at), BatchKind::Stream) = (quiet_since, kind) {
+                // Everything committed before the look is applied (journal rows go only once
+                // applied, by every mapping of their source).
+                self.context
+                    .telemetry
+                    .checked(&self.tables[index].name, looked_at);
+                continue;
+            }
+            match self.attempt(index, kind, quiet_since).await {
                 Ok(applied) => {
                     outcome.succeeded += 1;
                     if let Some(rows) = applied {
@@ -268,7 +288,12 @@ impl SyncLoop {
 
     /// The table's batch (after loading it if need be). Returns how many rows it applied, or
     /// None when nothing changed.
-    async fn attempt(&mut self, index: usize, kind: BatchKind) -> Result<Option<u64>> {
+    async fn attempt(
+        &mut self,
+        index: usize,
+        kind: BatchKind,
+        quiet: Option<std::time::SystemTime>,
+    ) -> Result<Option<u64>> {
         let table = &mut self.tables[index];
         if table.load(&self.context).await? {
             // Loaded just now: its first batch runs at once.
@@ -277,27 +302,90 @@ impl SyncLoop {
         let Some(sync) = &mut table.sync else {
             return Ok(None);
         };
-        Ok(match sync.run_batch(&self.context.pools, kind).await? {
-            BatchOutcome::Applied(report) => {
-                debug!(
-                    table = %report.table,
-                    created = report.counts.created,
-                    updated = report.counts.updated,
-                    deleted = report.counts.deleted,
-                    unchanged = report.counts.unchanged,
-                    failed = report.counts.failed,
-                    duration_ms = report.duration.as_millis() as u64,
-                    "batch applied"
-                );
-                Some(report.counts.total())
+        Ok(
+            match sync.run_batch(&self.context.pools, kind, quiet).await? {
+                BatchOutcome::Applied(report) => {
+                    debug!(
+                        table = %report.table,
+                        created = report.counts.created,
+                        updated = report.counts.updated,
+                        deleted = report.counts.deleted,
+                        unchanged = report.counts.unchanged,
+                        failed = report.counts.failed,
+                        duration_ms = report.duration.as_millis() as u64,
+                        "batch applied"
+                    );
+                    Some(report.counts.total())
+                }
+                BatchOutcome::Nothing => None,
+                BatchOutcome::ProgressMoved => {
+                    info!(table = %sync.name(), "progress was moved by another process; reloaded it");
+                    // Not idle: the table's batch runs again at once.
+                    Some(0)
+                }
+            },
+        )
+    }
+
+    /// For each table, whether it is loaded and its journal holds no row at all, from one query
+    /// over every journal; and when the look was taken. None when it cannot be told now (every
+    /// table then gets its batch, as without this).
+    async fn quiet_tables(&self) -> Option<(Vec<bool>, std::time::SystemTime)> {
+        let journals: Vec<Option<String>> = self
+            .tables
+            .iter()
+            .map(|t| {
+                let sync = t.sync.as_ref()?;
+                sync.mapping.journal.as_ref().map(|j| j.quoted())
+            })
+            .collect();
+        if journals.iter().all(Option::is_none) {
+            return None;
+        }
+        let sql = format!(
+            "SELECT ARRAY[{}]",
+            journals
+                .iter()
+                .map(|journal| match journal {
+                    Some(journal) => format!("NOT EXISTS (SELECT 1 FROM {journal})"),
+                    None => "false".to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let looked_at = std::time::SystemTime::now();
+        // Bounded as a whole (the session, the statement, the answer): a source that went away
+        // must not stall the loop here.
+        let looked =
+            async {
+                let source = self.context.pools.source().await?;
+                let statement = source.prepare_cached(&sql).await.map_err(|source| {
+                    crate::error::Error::Sql {
+                        role: DatabaseRole::Source,
+                        action: "looking at the journals".into(),
+                        source,
+                    }
+                })?;
+                source
+                    .query_one(&statement, &[])
+                    .await
+                    .map_err(|source| crate::error::Error::Sql {
+                        role: DatabaseRole::Source,
+                        action: "looking at the journals".into(),
+                        source,
+                    })
             }
-            BatchOutcome::Nothing => None,
-            BatchOutcome::ProgressMoved => {
-                info!(table = %sync.name(), "progress was moved by another process; reloaded it");
-                // Not idle: the table's batch runs again at once.
-                Some(0)
+            .within(self.limit(), DatabaseRole::Source, || {
+                "looking at the journals".into()
+            })
+            .await;
+        match looked {
+            Ok(row) => Some((row.get(0), looked_at)),
+            Err(err) => {
+                debug!(error = %crate::error::chain(&err), "could not look at the journals; every table gets its batch");
+                None
             }
-        })
+        }
     }
 
     async fn arm_doorbell(&self) -> Result<()> {
