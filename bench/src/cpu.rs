@@ -119,6 +119,21 @@ pub(crate) async fn consumer_ticks(fx: &Fixture<'_>, consumer: Consumer) -> Resu
     ))
 }
 
+/// CPU ticks of the backends that `source_sql` and `target_sql` name (each selects pids).
+pub(crate) async fn ticks_of(
+    fx: &Fixture<'_>,
+    source_sql: &str,
+    target_sql: &str,
+) -> Result<ConsumerTicks> {
+    let mut pids = pids_of(&fx.source, source_sql).await?;
+    pids.extend(pids_of(&fx.target, target_sql).await?);
+    Ok(ConsumerTicks(
+        pids.into_iter()
+            .filter_map(|pid| Some((pid, process_ticks(pid)?)))
+            .collect(),
+    ))
+}
+
 async fn pids_of(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<i32>> {
     Ok(client
         .query(sql, &[])

@@ -269,7 +269,7 @@ async fn sample_rss(pid: libc::pid_t, mut stop: tokio::sync::watch::Receiver<boo
 }
 
 /// A `kB` field of /proc/<pid>/status.
-fn status_kib(pid: libc::pid_t, field: &str) -> Result<u64> {
+pub(crate) fn status_kib(pid: libc::pid_t, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status

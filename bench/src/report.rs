@@ -7,6 +7,8 @@ use serde::Serialize;
 
 use crate::catchup::CatchUpFigures;
 use crate::copy::CopyFigures;
+use crate::huge::HugeFigures;
+use crate::idle::IdleFigures;
 use crate::lag::{LagFigures, StreamingRss};
 use crate::machine::Machine;
 use crate::stats;
@@ -60,10 +62,12 @@ pub(crate) struct Report {
     pub initial_copy: CopyFigures,
     pub throughput: ThroughputFigures,
     pub catch_up: CatchUpFigures,
+    pub huge_transaction: HugeFigures,
     pub lag: LagFigures,
     pub rss: Rss,
     pub empty_sweep: SweepFigures,
     pub verify: VerifyFigures,
+    pub idle_tables: IdleFigures,
     pub targets: Vec<Target>,
     pub all_pass: bool,
     /// What rowsync wrote to stderr (LOG_LEVEL=warn: warnings and errors only).
@@ -71,16 +75,20 @@ pub(crate) struct Report {
     pub wall_time_s: f64,
 }
 
-/// The targets, each judged on its figure.
-pub(crate) fn targets(
-    copy: &CopyFigures,
-    throughput: &ThroughputFigures,
-    catch_up: &CatchUpFigures,
-    lag: &LagFigures,
-    rss: &Rss,
-    sweep: &SweepFigures,
-    verify: &VerifyFigures,
-) -> Vec<Target> {
+/// The targets, each judged on its figure of `report` (whose own targets are not read).
+pub(crate) fn targets(report: &Report) -> Vec<Target> {
+    let Report {
+        initial_copy: copy,
+        throughput,
+        catch_up,
+        huge_transaction: huge,
+        lag,
+        rss,
+        empty_sweep: sweep,
+        verify,
+        idle_tables: idle,
+        ..
+    } = report;
     let at_most = |name, figure: f64, limit: f64, rule| Target {
         name,
         figure,
@@ -108,6 +116,12 @@ pub(crate) fn targets(
             catch_up.rowsync_s,
             catch_up.native_s,
             "rowsync catch-up <= native logical replication's",
+        ),
+        at_most(
+            "huge_transaction_ratio_to_source",
+            huge.rowsync_ratio_to_source,
+            1.5,
+            "one huge transaction reaches the target within 1.5 x the source's own time",
         ),
         at_most("lag_p50_ms", lag.p50_ms, 20.0, "lag p50 <= 20 ms"),
         at_most("lag_p99_ms", lag.p99_ms, 100.0, "lag p99 <= 100 ms"),
@@ -147,6 +161,30 @@ pub(crate) fn targets(
             64.0,
             "rowsync verify and repair RSS <= 64 MiB",
         ),
+        at_most(
+            "idle_tables_cpu_share",
+            idle.rowsync_cpu_share,
+            0.02,
+            "200 idle tables: daemon CPU < 2% of one core",
+        ),
+        at_most(
+            "idle_tables_rss_mib",
+            idle.rowsync_rss_mib,
+            64.0,
+            "200 idle tables: daemon RSS < 64 MiB",
+        ),
+        at_most(
+            "idle_tables_empty_sweep_ms",
+            idle.empty_sweep_median_ms,
+            200.0,
+            "200 idle tables: an empty sweep of all < 200 ms",
+        ),
+        at_most(
+            "idle_tables_change_ms",
+            idle.change_ms.iter().copied().fold(0.0, f64::max),
+            100.0,
+            "200 idle tables: one change arrives within 100 ms (the lag p99 target)",
+        ),
     ]
 }
 
@@ -157,9 +195,11 @@ pub(crate) fn table(report: &Report) -> String {
     let c = &r.initial_copy;
     let t = &r.throughput;
     let u = &r.catch_up;
+    let h = &r.huge_transaction;
     let l = &r.lag;
     let s = &r.empty_sweep;
     let v = &r.verify;
+    let i = &r.idle_tables;
     let verdict = |name: &str| r.targets.iter().find(|t| t.name == name).map(|t| t.pass);
     let list = |values: &[f64], decimals: usize| {
         values
@@ -334,6 +374,27 @@ pub(crate) fn table(report: &Report) -> String {
             None,
         ),
         (
+            format!("one UPDATE of {} rows: rowsync, after the commit", h.rows),
+            format!(
+                "{:.2} s = {:.2} x the source's {:.2} s   (peak RSS {:.1} MiB)",
+                h.rowsync_apply_s,
+                h.rowsync_ratio_to_source,
+                h.rowsync_source_s,
+                h.rowsync_peak_rss_mib
+            ),
+            "<= 1.5 x".into(),
+            verdict("huge_transaction_ratio_to_source"),
+        ),
+        (
+            "  the same UPDATE: native, after the commit".into(),
+            format!(
+                "{:.2} s = {:.2} x the source's {:.2} s",
+                h.native_apply_s, h.native_ratio_to_source, h.native_source_s
+            ),
+            String::new(),
+            None,
+        ),
+        (
             "catch-up: native (confirmed_flush_lsn)".into(),
             format!(
                 "{:.2} s   ({} updates, {:.1} MiB WAL)",
@@ -475,6 +536,46 @@ pub(crate) fn table(report: &Report) -> String {
             ),
             "<= 64 MiB".into(),
             verdict("rss_verify_mib"),
+        ),
+        (
+            format!(
+                "{} idle tables of {} rows: daemon CPU",
+                i.tables, i.rows_per_table
+            ),
+            format!(
+                "{:.2}% of a core   (native replication: {:.2}%; setup {:.1} s)",
+                i.rowsync_cpu_share * 100.0,
+                i.native_cpu_share * 100.0,
+                i.setup_s
+            ),
+            "< 2%".into(),
+            verdict("idle_tables_cpu_share"),
+        ),
+        (
+            "  daemon RSS".into(),
+            format!("{:.1} MiB", i.rowsync_rss_mib),
+            "< 64 MiB".into(),
+            verdict("idle_tables_rss_mib"),
+        ),
+        (
+            "  empty sweep of all of them (median)".into(),
+            format!(
+                "{:.0} ms   [{}]",
+                i.empty_sweep_median_ms,
+                list(&i.empty_sweep_ms, 0)
+            ),
+            "< 200 ms".into(),
+            verdict("idle_tables_empty_sweep_ms"),
+        ),
+        (
+            "  one change to one of them arrives".into(),
+            format!(
+                "{:.1} ms median   [{}]",
+                i.change_median_ms,
+                list(&i.change_ms, 1)
+            ),
+            "<= 100 ms".into(),
+            verdict("idle_tables_change_ms"),
         ),
     ];
 

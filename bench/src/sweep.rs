@@ -64,13 +64,13 @@ pub(crate) async fn measure(fx: &mut Fixture<'_>) -> Result<SweepFigures> {
 }
 
 /// A loopback address nobody listens on right now.
-fn free_addr() -> Result<SocketAddr> {
+pub(crate) fn free_addr() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     listener.local_addr().context("finding a free port")
 }
 
 /// Polls `/status` until it reports at least `count` finished sweeps; returns that document.
-async fn wait_for_sweeps(
+pub(crate) async fn wait_for_sweeps(
     fx: &mut Fixture<'_>,
     addr: SocketAddr,
     count: u64,
@@ -100,13 +100,13 @@ async fn wait_for_sweeps(
     .await
 }
 
-fn sweeps(status: &Value) -> Result<u64> {
+pub(crate) fn sweeps(status: &Value) -> Result<u64> {
     status["sweeps"]
         .as_u64()
         .ok_or_else(|| Error::msg(format!("/status has no sweeps count: {status}")))
 }
 
-fn last_duration_ms(status: &Value) -> Result<f64> {
+pub(crate) fn last_duration_ms(status: &Value) -> Result<f64> {
     status["lastSyncDuration"]
         .as_f64()
         .ok_or_else(|| Error::msg(format!("/status has no lastSyncDuration: {status}")))
