@@ -74,16 +74,16 @@ async fn moving_writes(url: String, stop: Arc<AtomicBool>) -> u64 {
     let statements = [
         "UPDATE users SET status = CASE WHEN status = 'deleted' THEN 'active' ELSE 'deleted' END, \
                 version = version + 1 \
-          WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1)",
+          WHERE id = (SELECT id FROM users WHERE phone IS DISTINCT FROM 'kept' ORDER BY random() LIMIT 1)",
         "UPDATE users SET name = 'n-' || md5(random()::text), email = NULLIF(md5(random()::text), '') \
-          WHERE id IN (SELECT id FROM users ORDER BY random() LIMIT 3)",
+          WHERE id IN (SELECT id FROM users WHERE phone IS DISTINCT FROM 'kept' ORDER BY random() LIMIT 3)",
         "INSERT INTO users (name, email, status, phone) \
          VALUES ('new', 'e-' || md5(random()::text), \
                  CASE WHEN random() < 0.5 THEN 'deleted' ELSE 'active' END, '555')",
-        "UPDATE users SET email = NULL WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1)",
-        "DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1)",
+        "UPDATE users SET email = NULL WHERE id = (SELECT id FROM users WHERE phone IS DISTINCT FROM 'kept' ORDER BY random() LIMIT 1)",
+        "DELETE FROM users WHERE id = (SELECT id FROM users WHERE phone IS DISTINCT FROM 'kept' ORDER BY random() LIMIT 1)",
         "UPDATE users SET bio = md5(random()::text), phone = '1' \
-          WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1)",
+          WHERE id = (SELECT id FROM users WHERE phone IS DISTINCT FROM 'kept' ORDER BY random() LIMIT 1)",
     ];
     let mut done = 0;
     let mut i = 0usize;
@@ -149,6 +149,15 @@ async fn a_mapped_table_follows_its_filter_renames_and_computed_columns_everywhe
     // one whose source row the filter leaves out, one the source lacks: the copy merges.
     let target = pair.target().await;
     let kept: String = one_id(&source, "active").await;
+    // The writers leave this row alone: leaving the filter and coming back would delete and
+    // insert it again, with the unmapped column's default.
+    source
+        .execute(
+            "UPDATE users SET phone = 'kept' WHERE id = $1::text::uuid",
+            &[&kept],
+        )
+        .await
+        .unwrap();
     let filtered: String = one_id(&source, "deleted").await;
     target
         .execute(
@@ -196,20 +205,19 @@ async fn a_mapped_table_follows_its_filter_renames_and_computed_columns_everywhe
     )
     .await;
     assert!(moved > 0, "no row came back into the filter");
-    let note: Option<String> = target
-        .query_opt(
+    // The row kept out of the writers' way was updated by the copy, its unmapped column not.
+    let note: String = target
+        .query_one(
             "SELECT note FROM chat_users WHERE id = $1::text::uuid",
             &[&kept],
         )
         .await
         .unwrap()
-        .map(|row| row.get(0));
-    if let Some(note) = note {
-        assert_eq!(
-            note, "by hand",
-            "a column rowsync does not map was overwritten"
-        );
-    }
+        .get(0);
+    assert_eq!(
+        note, "by hand",
+        "a column rowsync does not map was overwritten"
+    );
 
     // Verify compares the mapped rows; repair fixes what is changed by hand.
     let verify = pair.rowsync(&["verify"], &env);
