@@ -40,6 +40,17 @@ fn mapping_file(pair: &Pair, text: &str) -> String {
     path.display().to_string()
 }
 
+/// `rowsync setup` with `env`, which must succeed; what it printed.
+fn set_up(pair: &Pair, env: &[(&str, &str)]) -> String {
+    let setup = pair.rowsync(&["setup"], env);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    String::from_utf8_lossy(&setup.stdout).into_owned()
+}
+
 /// Waits until `target_sql` on the target gives what `source_sql` gives on the source.
 async fn wait_equal(pair: &Pair, source_sql: &str, target_sql: &str, timeout: Duration) {
     let (source, target) = (pair.source().await, pair.target().await);
@@ -172,13 +183,7 @@ async fn a_mapped_table_follows_its_filter_renames_and_computed_columns_everywhe
     let file = mapping_file(&pair, USERS_MAPPING);
     let env = [("SYNC_CONFIG", file.as_str())];
 
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
-    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
+    let printed = set_up(&pair, &env);
     assert!(
         printed.contains("public.users → public.chat_users"),
         "{printed}"
@@ -294,12 +299,7 @@ filter = "status = 'active'"
 "#,
     );
     let env = [("SYNC_CONFIG", file.as_str())];
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &env);
     let daemon = pair.spawn(&env);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(crate::harness::resilient_writes(
@@ -336,13 +336,7 @@ filter = "status = 'active'"
         )
         .await
         .unwrap();
-    let setup = pair.rowsync(&["setup"], &env);
-    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
-    assert!(
-        setup.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    let printed = set_up(&pair, &env);
     assert_eq!(printed.matches("copied").count(), 2, "{printed}");
     pair.assert_synced("users").await;
     wait_equal(
@@ -368,12 +362,7 @@ async fn a_table_without_a_primary_key_syncs_by_a_unique_key() {
         "[[table]]\nsource = \"accounts\"\nkey = [\"email\"]\n",
     );
     let env = [("SYNC_CONFIG", file.as_str())];
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &env);
     let daemon = pair.spawn(&env);
     let source = pair.source().await;
     source
@@ -443,12 +432,7 @@ label = "'#' || id"
 "#,
     );
     let env = [("SYNC_CONFIG", file.as_str())];
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &env);
     let daemon = pair.spawn(&env);
     pair.source()
         .await
@@ -647,12 +631,7 @@ async fn a_changed_mapping_is_applied_to_the_rows_already_in_the_target() {
     let file = mapping_file(&pair, &mapping("status = 'active'", "'one: ' || name"));
     // No sweep looks back over updated_at: only the changed mapping can bring the rows again.
     let env = [("SYNC_CONFIG", file.as_str()), ("SYNC_LOOKBACK", "never")];
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &env);
     let view = |filter: &str, label: &str| {
         format!("SELECT id, name, status, {label} AS label FROM users WHERE {filter} ORDER BY id")
     };
@@ -706,12 +685,7 @@ async fn choosing_another_key_for_a_captured_table_needs_setup_and_then_keys_by_
         )
         .await
         .unwrap();
-    let setup = pair.rowsync(&["setup"], &[("SYNC_TABLES", "members")]);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &[("SYNC_TABLES", "members")]);
     let file = mapping_file(
         &pair,
         "[[table]]\nsource = \"members\"\nkey = [\"email\"]\n",
@@ -732,12 +706,8 @@ async fn choosing_another_key_for_a_captured_table_needs_setup_and_then_keys_by_
     .await;
     drop(daemon);
 
-    let setup = pair.rowsync(&["setup"], &env);
-    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
-    assert!(
-        setup.status.success() && printed.contains("copied"),
-        "{printed}"
-    );
+    let printed = set_up(&pair, &env);
+    assert!(printed.contains("copied"), "{printed}");
     let daemon = pair.spawn(&env);
     source
         .batch_execute("UPDATE members SET email = 'changed-' || email, name = 'x' WHERE id <= 5")

@@ -217,7 +217,7 @@ pub(crate) async fn setup_tables(
         let intact = matches!(status, InstallStatus::Unchanged | InstallStatus::Upgraded);
         if !intact && !recaptured.contains(&mapping.source) {
             recaptured.push(mapping.source.clone());
-            for other in siblings(pools, settings, &mapping, &queue).await? {
+            for other in siblings(pools, settings, &mapping, &queue).await {
                 tracing::info!(table = %other, "its source was captured afresh: copying it too");
                 queue.push(other);
             }
@@ -303,7 +303,7 @@ async fn siblings(
     settings: &Settings,
     mapping: &TableMapping,
     queue: &[TableSpec],
-) -> Result<Vec<TableSpec>> {
+) -> Vec<TableSpec> {
     let mut found = Vec::new();
     for other in &settings.tables {
         if queue.contains(other) || other.source.name != mapping.source.name {
@@ -315,7 +315,7 @@ async fn siblings(
             found.push(other.clone());
         }
     }
-    Ok(found)
+    found
 }
 
 /// The summary `rowsync setup` prints.

@@ -188,16 +188,25 @@ pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
 /// the same journal (see [`crate::target::progress::others`]): a row goes only once it is visible
 /// in every one of them too.
 pub(crate) fn journal_cleanup(journal: &Journal) -> String {
+    let txid = journal.txid();
     format!(
         "DELETE FROM {journal} \
           WHERE ({txid} < (SELECT pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)) \
                  AND pg_catalog.pg_visible_in_snapshot({txid}, (SELECT $1::text::pg_snapshot)) \
-                 AND ((SELECT pg_catalog.cardinality($2::text[])) = 0 \
-                      OR NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS o(snapshot) \
-                                      WHERE NOT pg_catalog.pg_visible_in_snapshot({txid}, o.snapshot::pg_snapshot)))) \
+                 AND ((SELECT pg_catalog.cardinality($2::text[])) = 0 OR {others})) \
              OR {txid} >= (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()))",
         journal = journal.quoted(),
-        txid = journal.txid(),
+        others = applied_by_others(&txid, "$2"),
+    )
+}
+
+/// The journal row of transaction `txid` (quoted column) is visible in every snapshot of
+/// `snapshots` (a `text[]` parameter: the other mappings' applied snapshots, see
+/// [`crate::target::progress::others`]): every other mapping of the source has applied it.
+pub(crate) fn applied_by_others(txid: &str, snapshots: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM unnest({snapshots}::text[]) AS o(snapshot) \
+                      WHERE NOT pg_catalog.pg_visible_in_snapshot({txid}, o.snapshot::pg_snapshot))"
     )
 }
 

@@ -293,10 +293,10 @@ pub(crate) async fn journal_rows(
                         count(*) FILTER (WHERE {txid} >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) \
                             OR ({txid} < pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot) \
                                 AND pg_catalog.pg_visible_in_snapshot({txid}, $1::text::pg_snapshot) \
-                                AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS o(snapshot) \
-                                                 WHERE NOT pg_catalog.pg_visible_in_snapshot({txid}, o.snapshot::pg_snapshot)))) \
+                                AND {others})) \
                    FROM {journal}",
                 txid = journal.txid(),
+                others = crate::pipeline::changes::applied_by_others(&journal.txid(), "$2"),
                 journal = journal.quoted(),
             ),
             &[&applied, &others],

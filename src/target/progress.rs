@@ -76,15 +76,24 @@ pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Opt
     Ok(row.and_then(|row| row.get(0)))
 }
 
+/// The applied snapshots of the mappings of source `$2` other than `$1` (named `source` or
+/// `source → target`), `$3` for one not copied yet: see [`others`].
+macro_rules! others_sql {
+    () => {
+        "ARRAY(SELECT coalesce(o.snapshot, $3) FROM rowsync_progress o \
+                WHERE o.table_name <> $1 \
+                  AND (o.table_name = $2 OR pg_catalog.starts_with(o.table_name, $2 || ' → ')))"
+    };
+}
+
 /// `$1` table, `$2` its source table's name: the snapshot, locked until the transaction ends, and
-/// [`OTHERS`]'. (Public so the hot path can prepare it once per session and pass the statement to
-/// [`lock_with`].)
-pub(crate) const LOCK: &str = "SELECT p.snapshot, ARRAY(SELECT coalesce(o.snapshot, $3) \
-                                   FROM rowsync_progress o \
-                                  WHERE o.table_name <> $1 \
-                                    AND (o.table_name = $2 \
-                                         OR pg_catalog.starts_with(o.table_name, $2 || ' → '))) \
-                                 FROM rowsync_progress p WHERE p.table_name = $1 FOR UPDATE OF p";
+/// the [`others`]. (Public so the hot path can prepare it once per session and pass the statement
+/// to [`lock_with`].)
+pub(crate) const LOCK: &str = concat!(
+    "SELECT p.snapshot, ",
+    others_sql!(),
+    " FROM rowsync_progress p WHERE p.table_name = $1 FOR UPDATE OF p"
+);
 
 /// What stands for a consumer that has not copied its table yet: a snapshot in which no
 /// transaction is visible, so nothing it still needs is deleted.
@@ -100,10 +109,7 @@ pub(crate) async fn others(
 ) -> Result<Vec<String>> {
     let row = client
         .query_one(
-            "SELECT ARRAY(SELECT coalesce(o.snapshot, $3) FROM rowsync_progress o \
-                           WHERE o.table_name <> $1 \
-                             AND (o.table_name = $2 \
-                                  OR pg_catalog.starts_with(o.table_name, $2 || ' → ')))",
+            concat!("SELECT ", others_sql!()),
             &[&table, &source, &NOTHING_YET],
         )
         .await

@@ -34,7 +34,7 @@ use tracing::{debug, info};
 use crate::config::DatabaseRole;
 use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
-use crate::error::Result;
+use crate::error::{Result, SqlContext};
 use crate::pipeline::batch::{BatchKind, BatchOutcome};
 use crate::runtime::daemon::{Context, Ownership};
 use crate::runtime::yielding::{Yield, Yielder};
@@ -356,29 +356,20 @@ impl SyncLoop {
         let looked_at = std::time::SystemTime::now();
         // Bounded as a whole (the session, the statement, the answer): a source that went away
         // must not stall the loop here.
-        let looked =
-            async {
-                let source = self.context.pools.source().await?;
-                let statement = source.prepare_cached(&sql).await.map_err(|source| {
-                    crate::error::Error::Sql {
-                        role: DatabaseRole::Source,
-                        action: "looking at the journals".into(),
-                        source,
-                    }
-                })?;
-                source
-                    .query_one(&statement, &[])
-                    .await
-                    .map_err(|source| crate::error::Error::Sql {
-                        role: DatabaseRole::Source,
-                        action: "looking at the journals".into(),
-                        source,
-                    })
-            }
-            .within(self.limit(), DatabaseRole::Source, || {
-                "looking at the journals".into()
-            })
-            .await;
+        let looking = || "looking at the journals".to_string();
+        let looked = async {
+            let source = self.context.pools.source().await?;
+            let statement = source
+                .prepare_cached(&sql)
+                .await
+                .context(DatabaseRole::Source, looking)?;
+            source
+                .query_one(&statement, &[])
+                .await
+                .context(DatabaseRole::Source, looking)
+        }
+        .within(self.limit(), DatabaseRole::Source, looking)
+        .await;
         match looked {
             Ok(row) => Some((row.get(0), looked_at)),
             Err(err) => {
