@@ -110,6 +110,21 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
     }
 }
 
+/// Runs `sql` as a maintenance script bypassing every trigger of `table` might, and turns capture
+/// back on: it is intact again, and only the changed catalog rows of the triggers tell that it
+/// was off.
+async fn with_capture_bypassed(client: &tokio_postgres::Client, table: &str, sql: &str) {
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} DISABLE TRIGGER ALL; {sql};
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER rowsync_capture_insert,
+                 ENABLE ALWAYS TRIGGER rowsync_capture_update, ENABLE ALWAYS TRIGGER rowsync_capture_delete,
+                 ENABLE ALWAYS TRIGGER rowsync_capture_truncate;"
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_catches_changes_made_with_capture_disabled() {
     let (pair, _daemon) = Pair::running(50, &[("SYNC_INTERVAL_MINUTES", "0.02")]).await;
@@ -120,23 +135,71 @@ async fn sweep_catches_changes_made_with_capture_disabled() {
         crate::harness::finished_sweeps(&target).await >= 1
     })
     .await;
-    // A maintenance script bypasses every trigger and turns them all back on: capture is intact
-    // again, and only the changed catalog rows of the triggers tell that it was off.
-    source
-        .batch_execute(
-            "ALTER TABLE users DISABLE TRIGGER ALL;
-             UPDATE users SET status = 'bulk-fix', updated_at = now() WHERE name LIKE 'user-1%';
-             ALTER TABLE users ENABLE ALWAYS TRIGGER rowsync_capture_insert,
-                 ENABLE ALWAYS TRIGGER rowsync_capture_update, ENABLE ALWAYS TRIGGER rowsync_capture_delete,
-                 ENABLE ALWAYS TRIGGER rowsync_capture_truncate;",
-        )
-        .await
-        .unwrap();
+    with_capture_bypassed(
+        &source,
+        "users",
+        "UPDATE users SET status = 'bulk-fix', updated_at = now() WHERE name LIKE 'user-1%'",
+    )
+    .await;
     assert_eq!(
         count(&source, "SELECT count(*) FROM rowsync.public_users_journal").await,
         0
     );
     pair.wait_synced("users", Duration::from_secs(20)).await;
+}
+
+/// A sweep checks the capture of all its tables with one query: each table must get its own
+/// state. Capture is bypassed on the last of four tables only, so a table given another's state
+/// would look back in the wrong place and leave the bypassed rows behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_of_many_tables_looks_back_where_capture_was_bypassed() {
+    let tables = ["t1", "t2", "t3", "t4"];
+    let ddl: String = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "CREATE TABLE {t} (id int PRIMARY KEY, v text, \
+                 updated_at timestamptz NOT NULL DEFAULT now());"
+            )
+        })
+        .collect();
+    let seed: String = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "INSERT INTO {t} SELECT g, '{t}-' || g, now() - interval '1 day' \
+                 FROM generate_series(1, 20) g;"
+            )
+        })
+        .collect();
+    let pair = Pair::new(&ddl).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    source.batch_execute(&seed).await.unwrap();
+    let env = [
+        ("SYNC_TABLES", "t1,t2,t3,t4"),
+        ("SYNC_INTERVAL_MINUTES", "0.02"),
+    ];
+    let setup = pair.rowsync(&["setup"], &env);
+    assert!(setup.status.success(), "{setup:?}");
+    let _daemon = pair.spawn(&env);
+    wait_for("two sweeps", Duration::from_secs(30), || async {
+        crate::harness::finished_sweeps(&target).await >= 2
+    })
+    .await;
+    with_capture_bypassed(
+        &source,
+        "t4",
+        "UPDATE t4 SET v = 'bypassed', updated_at = now() WHERE id <= 5",
+    )
+    .await;
+    for table in tables {
+        pair.wait_synced(table, Duration::from_secs(30)).await;
+    }
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM t4 WHERE v = 'bypassed'").await,
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

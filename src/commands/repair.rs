@@ -22,7 +22,7 @@ use crate::connection::Pools;
 use crate::error::{Error, Result, SqlContext};
 use crate::ops::telemetry::Telemetry;
 use crate::pipeline::apply::Counts;
-use crate::pipeline::batch::{BatchKind, TableSync};
+use crate::pipeline::batch::{BatchKind, Look, TableSync};
 use crate::pipeline::diff::{self, Difference, KeyCheck, Sink, Summary};
 use crate::runtime::leader;
 use crate::target::{migrate, progress, runs};
@@ -311,7 +311,8 @@ async fn apply(
                 let telemetry = Arc::new(Telemetry::new());
                 let mut sync = TableSync::load(pools, table, settings, telemetry).await?;
                 while !applied(pools, &name, txid).await? {
-                    sync.run_batch(pools, BatchKind::Stream, None).await?;
+                    sync.run_batch(pools, BatchKind::Stream, Look::default())
+                        .await?;
                 }
                 Ok(())
             }

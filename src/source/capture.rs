@@ -9,7 +9,7 @@ use tokio_postgres::GenericClient;
 use crate::catalog::ident::{QualifiedName, TableRef};
 use crate::catalog::mapping::Journal;
 use crate::config::DatabaseRole;
-use crate::error::{Result, SqlContext};
+use crate::error::{Error, Result, SqlContext};
 use crate::source::snapshot::PgSnapshot;
 
 /// sql/capture.sql, as shipped.
@@ -152,19 +152,28 @@ const CAPTURE_TRIGGERS: [&str; 4] = [
     "rowsync_capture_truncate",
 ];
 
-/// The capture triggers a table needs (`$1`, given [`CAPTURE_TRIGGERS`] as `$2`): `rels` are the
-/// table and its partitions at every level (a write straight into a partition fires only the
-/// partition's statement triggers), `wanted` each of them with each trigger name, except TRUNCATE
-/// on partitioned ones (truncating them fires their partitions' triggers).
-const WANTED_TRIGGERS: &str = "\
-    WITH rels AS ( \
-        SELECT c.oid, c.relkind FROM pg_catalog.pg_class c \
-         WHERE c.oid = $1::text::regclass \
-            OR (c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::text::regclass)) \
-                AND c.relkind IN ('r', 'p'))), \
-    wanted AS ( \
-        SELECT rels.oid, t.name FROM rels, unnest($2::text[]) AS t(name) \
-         WHERE NOT (rels.relkind = 'p' AND t.name = 'rowsync_capture_truncate')) ";
+/// The relations a table's capture covers: the table given by the SQL expression `table` (a
+/// regclass) and its partitions at every level (a write straight into a partition fires only the
+/// partition's statement triggers).
+fn captured_relations(table: &str) -> String {
+    format!(
+        "SELECT c.oid, c.relkind FROM pg_catalog.pg_class c WHERE c.oid = {table} \
+         UNION \
+         SELECT c.oid, c.relkind FROM pg_catalog.pg_partition_tree({table}) AS p \
+           JOIN pg_catalog.pg_class c ON c.oid = p.relid \
+          WHERE c.relkind IN ('r', 'p')"
+    )
+}
+
+/// Of the relations `rels` (oid, relkind), each with each capture trigger name (`$2`, given
+/// [`CAPTURE_TRIGGERS`]) it needs: all but TRUNCATE on partitioned ones (truncating them fires
+/// their partitions' triggers).
+fn wanted_triggers(rels: &str) -> String {
+    format!(
+        "SELECT r.oid, t.name FROM ({rels}) AS r, unnest($2::text[]) AS t(name) \
+          WHERE NOT (r.relkind = 'p' AND t.name = 'rowsync_capture_truncate')"
+    )
+}
 
 /// Capture triggers of a table (and its partitions) that are missing or not `ENABLE ALWAYS` (a
 /// restore or an ALTER TABLE … DISABLE TRIGGER can silently switch them off).
@@ -175,12 +184,13 @@ pub(crate) async fn trigger_problems(
     let rows = client
         .query(
             &format!(
-                "{WANTED_TRIGGERS} \
+                "WITH wanted AS ({}) \
                  SELECT w.name, tg.tgenabled::text, \
                         CASE WHEN w.oid <> $1::text::regclass THEN w.oid::regclass::text END \
                    FROM wanted w \
                    LEFT JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = w.oid AND tg.tgname = w.name \
-                  ORDER BY w.oid, w.name"
+                  ORDER BY w.oid, w.name",
+                wanted_triggers(&captured_relations("$1::text::regclass"))
             ),
             &[&table.quoted(), &&CAPTURE_TRIGGERS[..]],
         )
@@ -228,37 +238,69 @@ pub(crate) async fn capture_state(
     client: &impl GenericClient,
     table: &QualifiedName,
 ) -> Result<CaptureState> {
-    let row = client
-        .query_one(
+    capture_states(client, &[table])
+        .await?
+        .pop()
+        .flatten()
+        .ok_or_else(|| Error::Schema {
+            table: table.to_string(),
+            problem: "the table does not exist on the source".into(),
+        })
+}
+
+/// The capture state of each of `tables`, in their order, from one query (a sweep of hundreds
+/// of tables asks once); None for a table that does not exist (its own batch reports that).
+pub(crate) async fn capture_states(
+    client: &impl GenericClient,
+    tables: &[&QualifiedName],
+) -> Result<Vec<Option<CaptureState>>> {
+    let quoted: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rels = captured_relations("s.oid");
+    let wanted = wanted_triggers(&rels);
+    let rows = client
+        .query(
             &format!(
-                "{WANTED_TRIGGERS} \
-                 SELECT (SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
+                "SELECT s.oid IS NOT NULL, \
+                        (SELECT coalesce(string_agg(tgname || ':' || xmin::text || ':' || tgenabled::text, ',' \
                                                     ORDER BY tgrelid, tgname), '') \
                            FROM pg_catalog.pg_trigger \
-                          WHERE tgrelid IN (SELECT oid FROM rels) \
+                          WHERE tgrelid IN (SELECT oid FROM ({rels}) AS r) \
                             AND tgname LIKE 'rowsync\\_capture\\_%'), \
-                        NOT EXISTS (SELECT 1 FROM wanted w \
+                        NOT EXISTS (SELECT 1 FROM ({wanted}) AS w \
                                      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger tg \
                                                         WHERE tg.tgrelid = w.oid AND tg.tgname = w.name \
                                                           AND tg.tgenabled = 'A')), \
-                        EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel \
-                                 WHERE srrelid = $1::text::regclass), \
-                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = $1::text::regclass), \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid = s.oid), \
+                        (SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = s.oid), \
                         (SELECT pg_catalog.format('since %s: %s', j ->> 'lost_at', j ->> 'lost_reason') \
                            FROM rowsync.captured_tables ct, pg_catalog.to_jsonb(ct) AS j \
-                          WHERE ct.table_schema = $3 AND ct.table_name = $4 AND j ->> 'lost_at' IS NOT NULL)"
+                          WHERE ct.table_schema = s.schema AND ct.table_name = s.name \
+                            AND j ->> 'lost_at' IS NOT NULL) \
+                   FROM (SELECT pg_catalog.to_regclass(u.quoted)::oid AS oid, u.schema, u.name, u.n \
+                           FROM unnest($1::text[], $3::text[], $4::text[]) \
+                                WITH ORDINALITY AS u(quoted, schema, name, n)) AS s \
+                  ORDER BY s.n"
             ),
-            &[&table.quoted(), &&CAPTURE_TRIGGERS[..], &table.schema, &table.name],
+            &[&quoted, &&CAPTURE_TRIGGERS[..], &schemas, &names],
         )
         .await
-        .context(DatabaseRole::Source, || format!("checking the capture of {table}"))?;
-    Ok(CaptureState {
-        fingerprint: row.get(0),
-        intact: row.get(1),
-        subscriber: row.get(2),
-        partitioned: row.get(3),
-        lost: row.get(4),
-    })
+        .context(DatabaseRole::Source, || {
+            format!("checking the capture of {} tables", tables.len())
+        })?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            row.get::<_, bool>(0).then(|| CaptureState {
+                fingerprint: row.get(1),
+                intact: row.get(2),
+                subscriber: row.get(3),
+                partitioned: row.get(4),
+                lost: row.get(5),
+            })
+        })
+        .collect())
 }
 
 /// Journal rows not yet consumed (all of them; consumed rows are deleted right after their batch).

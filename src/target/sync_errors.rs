@@ -5,6 +5,8 @@
 //! episode is its table and key; any other failure's is its type and table. Records are marked
 //! `resolved` (with `resolved_at`) as soon as the thing they describe works again.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use tokio_postgres::GenericClient;
 
@@ -162,32 +164,47 @@ pub(crate) async fn resolve_episode(
         .context(DatabaseRole::Target, || "resolving sync_errors".into())
 }
 
-/// Open row failures of a table, to retry.
+/// The table's rows whose apply failed and is unresolved (the latest episode of each), with what
+/// their retry needs.
 pub(crate) async fn unresolved_rows(
     client: &impl GenericClient,
     table: &str,
 ) -> Result<Vec<OpenRow>> {
+    Ok(unresolved_rows_of(client, &[table])
+        .await?
+        .remove(table)
+        .unwrap_or_default())
+}
+
+/// [`unresolved_rows`] of each of `tables`, from one query (a sweep of hundreds of tables asks
+/// once); a table without any has no entry.
+pub(crate) async fn unresolved_rows_of(
+    client: &impl GenericClient,
+    tables: &[&str],
+) -> Result<HashMap<String, Vec<OpenRow>>> {
     let rows = client
         .query(
-            "SELECT DISTINCT ON (record_id) record_id, metadata -> 'key', retry_count, \
+            "SELECT DISTINCT ON (table_name, record_id) table_name, record_id, metadata -> 'key', \
+                    retry_count, \
                     greatest(0, extract(epoch FROM coalesce(next_retry_at, now()) - now()))::float8 \
                FROM sync_errors \
-              WHERE NOT resolved AND table_name = $1 AND record_id IS NOT NULL \
+              WHERE NOT resolved AND table_name = ANY($1) AND record_id IS NOT NULL \
                 AND jsonb_typeof(metadata -> 'key') = 'object' \
-              ORDER BY record_id, created_at DESC",
-            &[&table],
+              ORDER BY table_name, record_id, created_at DESC",
+            &[&tables],
         )
         .await
         .context(DatabaseRole::Target, || "reading unresolved sync_errors".into())?;
-    Ok(rows
-        .iter()
-        .map(|row| OpenRow {
-            record_id: row.get(0),
-            key: row.get(1),
-            retry_count: row.get::<_, i32>(2).max(0) as u32,
-            due_in: std::time::Duration::from_secs_f64(row.get::<_, f64>(3)),
-        })
-        .collect())
+    let mut open: HashMap<String, Vec<OpenRow>> = HashMap::new();
+    for row in &rows {
+        open.entry(row.get(0)).or_default().push(OpenRow {
+            record_id: row.get(1),
+            key: row.get(2),
+            retry_count: row.get::<_, i32>(3).max(0) as u32,
+            due_in: std::time::Duration::from_secs_f64(row.get::<_, f64>(4)),
+        });
+    }
+    Ok(open)
 }
 
 /// The human form of a key for `record_id`: the bare value for a one-column key (`42`,

@@ -46,10 +46,11 @@ use crate::ops::telemetry::Telemetry;
 use crate::pipeline::apply::{Applier, ChunkOutcome, Counts, Mode, connection_lost};
 use crate::pipeline::changes::ChangeQueries;
 use crate::pipeline::chunks::ChunkSizer;
-use crate::source::capture;
+use crate::source::capture::{self, CaptureState};
 use crate::source::journal::JournalUpkeep;
 use crate::source::snapshot::PgSnapshot;
-use crate::target::{progress, sync_errors};
+use crate::target::progress;
+use crate::target::sync_errors::{self, OpenRow};
 
 /// Why a batch runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,6 +60,19 @@ pub(crate) enum BatchKind {
     /// A sweep: the journal, rows updated within `lookback`, and rows whose apply failed before
     /// and whose retry is due.
     Sweep { lookback: Duration },
+}
+
+/// What one look at every table before a pass told about one of them, so that hundreds of idle
+/// tables do not cost a query each (see `SyncLoop::pass`). Whatever is None, the batch asks for
+/// itself.
+#[derive(Debug, Default)]
+pub(crate) struct Look {
+    /// When its journal was seen holding no row; None when it held some or could not be told.
+    pub(crate) quiet_since: Option<SystemTime>,
+    /// Its capture, for a sweep.
+    pub(crate) capture: Option<CaptureState>,
+    /// Its unresolved rows in `sync_errors`, for a sweep.
+    pub(crate) open: Option<Vec<OpenRow>>,
 }
 
 /// What one batch did.
@@ -242,16 +256,15 @@ impl TableSync {
     /// Runs one batch: the steps in the module's documentation. Then, when the batch's sweep found
     /// partitions (created or attached since) without capture, captures them.
     ///
-    /// `quiet`: when the table's journal was seen empty (by one look at every journal), if it
-    /// was: a sweep then only checks capture and retries, and opens no batch when neither asks
-    /// for one.
+    /// `look`: what was seen of the table before the pass. When its journal was seen empty, a
+    /// sweep only checks capture and retries, and opens no batch when neither asks for one.
     pub(crate) async fn run_batch(
         &mut self,
         pools: &Pools,
         kind: BatchKind,
-        quiet: Option<SystemTime>,
+        look: Look,
     ) -> Result<BatchOutcome> {
-        let outcome = self.batch(pools, kind, quiet).await;
+        let outcome = self.batch(pools, kind, look).await;
         if std::mem::take(&mut self.partitions_due) {
             self.capture_partitions(pools).await;
         }
@@ -399,37 +412,41 @@ impl TableSync {
             .await
     }
 
-    async fn batch(
-        &mut self,
-        pools: &Pools,
-        kind: BatchKind,
-        quiet: Option<SystemTime>,
-    ) -> Result<BatchOutcome> {
+    async fn batch(&mut self, pools: &Pools, kind: BatchKind, look: Look) -> Result<BatchOutcome> {
         let started = Instant::now();
         let name = self.name();
         self.was_quiet = false;
         let prev = self.applied_snapshot(pools).await?;
-        if matches!(kind, BatchKind::Sweep { .. }) {
-            self.reload_retries(pools).await;
-        }
-        // An empty journal, no look-back wanted, no retry due: nothing for a batch to read.
-        let mut early = None;
-        if let (BatchKind::Sweep { .. }, Some(looked_at)) = (kind, quiet) {
-            let request = self.request(&**pools.source().await?, kind).await?;
-            if request.lookback.is_none() && request.retry_keys.is_empty() {
-                self.telemetry.checked(&name, looked_at);
-                self.progress = Some(prev);
-                self.was_quiet = true;
-                return Ok(BatchOutcome::Nothing);
+        let request = match kind {
+            BatchKind::Stream => ChangeRequest {
+                lookback: None,
+                retry_keys: Vec::new(),
+            },
+            BatchKind::Sweep { lookback } => {
+                match look.open {
+                    Some(open) => self.retries_read(open),
+                    None => self.reload_retries(pools).await,
+                }
+                let capture = match look.capture {
+                    Some(capture) => capture,
+                    None => self.capture_state(pools).await?,
+                };
+                self.request(lookback, capture)
             }
-            early = Some(request);
+        };
+        // An empty journal, no look-back wanted, no retry due: nothing for a batch to read.
+        if let (Some(looked_at), None, true) = (
+            look.quiet_since,
+            request.lookback,
+            request.retry_keys.is_empty(),
+        ) {
+            self.telemetry.checked(&name, looked_at);
+            self.progress = Some(prev);
+            self.was_quiet = true;
+            return Ok(BatchOutcome::Nothing);
         }
         let mut source = pools.source().await?;
         let read = open_read(&mut source, self.limit, &name).await?;
-        let request = match early {
-            Some(request) => request,
-            None => self.request(&*read.stx, kind).await?,
-        };
         let outcome = match self.apply(pools, &read, &prev, &request).await? {
             Applied::Committed(outcome) => outcome,
             Applied::Nothing => {
@@ -477,15 +494,25 @@ impl TableSync {
         }
         .await;
         match open {
-            Ok(open) => {
-                self.retries = RetryQueue::from_records(open);
-                self.telemetry
-                    .set_table_backlog(&name, None, self.retries.len());
-            }
+            Ok(open) => self.retries_read(open),
             Err(err) => {
                 debug!(table = %name, error = %crate::error::chain(&err), "could not read sync_errors again; retrying rows as known");
             }
         }
+    }
+
+    /// The table's unresolved rows, as just read from `sync_errors`, are the ones to retry.
+    fn retries_read(&mut self, open: Vec<OpenRow>) {
+        self.retries = RetryQueue::from_records(open);
+        self.telemetry
+            .set_table_backlog(&self.name(), None, self.retries.len());
+    }
+
+    async fn capture_state(&self, pools: &Pools) -> Result<CaptureState> {
+        let source = pools.source().await?;
+        capture::capture_state(&**source, &self.mapping.source)
+            .within(self.limit, SOURCE, || "checking capture".into())
+            .await
     }
 
     /// The snapshot applied so far: as last seen, or read from the target.
@@ -500,33 +527,21 @@ impl TableSync {
             .ok_or_else(|| Error::NotSetUp { table: self.name() })
     }
 
-    /// What this batch asks for besides the journal: for a sweep, the look-back (when capture may
-    /// have been bypassed, see [`CaptureWatch`]) and the rejected rows whose retry is due.
-    async fn request(
-        &mut self,
-        client: &impl tokio_postgres::GenericClient,
-        kind: BatchKind,
-    ) -> Result<ChangeRequest> {
-        let BatchKind::Sweep { lookback } = kind else {
-            return Ok(ChangeRequest {
-                lookback: None,
-                retry_keys: Vec::new(),
-            });
-        };
+    /// What a sweep's batch asks for besides the journal, given the table's capture as it is
+    /// now: the look-back (when capture may have been bypassed, see [`CaptureWatch`]) and the
+    /// rejected rows whose retry is due.
+    fn request(&mut self, lookback: Duration, state: CaptureState) -> ChangeRequest {
         let name = self.name();
-        let state = capture::capture_state(client, &self.mapping.source)
-            .within(self.limit, SOURCE, || "checking capture".into())
-            .await?;
         self.telemetry
             .set_capture(&name, state.intact, state.lost.clone());
         // Every sweep: a detached partition leaves the triggers of the others intact.
         self.partitions_due = state.partitioned;
         let wanted = self.capture.look_back(&name, state);
-        Ok(ChangeRequest {
+        ChangeRequest {
             lookback: (wanted && self.mapping.updated_at.is_some())
                 .then_some(lookback.as_secs_f64()),
             retry_keys: self.retries.due(Instant::now()),
-        })
+        }
     }
 
     /// Steps 2 to 4: reads the changes and applies them under the progress lock; when the target

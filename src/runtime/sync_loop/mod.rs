@@ -9,7 +9,7 @@
 //!
 //! Before it waits, the loop arms the source's doorbell (only while the listener is listening) and
 //! looks at the journals once more, so a change committed just before arming is not left waiting for
-//! the poll timer. While the source is busy the loop yields: it takes no batches for up to
+//! the poll timer; it does so again only once the bell has rung (an idle poll is one look). While the source is busy the loop yields: it takes no batches for up to
 //! `YIELD_MAX_SECONDS` ([`crate::runtime::yielding`]). A failed pass is retried with backoff
 //! ([`failures`]).
 //!
@@ -31,15 +31,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::catalog::ident::QualifiedName;
 use crate::config::DatabaseRole;
 use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
 use crate::error::{Result, SqlContext};
-use crate::pipeline::batch::{BatchKind, BatchOutcome};
+use crate::pipeline::batch::TableSync;
+use crate::pipeline::batch::{BatchKind, BatchOutcome, Look};
 use crate::runtime::daemon::{Context, Ownership};
 use crate::runtime::yielding::{Yield, Yielder};
-use crate::source::capture;
+use crate::source::capture::{self, CaptureState};
 use crate::source::listener::ListenerState;
+use crate::target::sync_errors::{self, OpenRow};
 
 use self::configuration::configuration_changed;
 
@@ -75,6 +78,11 @@ pub(crate) struct SyncLoop {
     to_set_up: Vec<TableSpec>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
     adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
+    /// The doorbell is armed as far as this loop knows: it armed it, looked at the journals once
+    /// more after, and has heard no ring since (a writer that finds it armed disarms it and
+    /// rings). While so, an idle poll is one look at the journals, without arming it again and
+    /// looking twice.
+    bell_armed: bool,
 }
 
 /// What one pass (or several) did.
@@ -131,6 +139,7 @@ impl SyncLoop {
             to_set_up: Vec::new(),
             ownership,
             adding: Vec::new(),
+            bell_armed: false,
             context,
             tables,
             wake,
@@ -204,15 +213,19 @@ impl SyncLoop {
         }
     }
 
-    /// Nothing to apply: arm the doorbell, look once more, then wait.
+    /// Nothing to apply: arm the doorbell and look once more (unless it is still armed), then
+    /// wait.
     async fn idle(&mut self) -> Next {
-        if self.context.telemetry.listener() == ListenerState::Listening {
+        if self.context.telemetry.listener() != ListenerState::Listening {
+            self.bell_armed = false;
+        } else if !self.bell_armed {
             match self.arm_doorbell().await {
                 // Something may have been committed just before the bell was armed.
-                Ok(()) => {
+                Ok(armed) => {
                     if self.pass(BatchKind::Stream).await.applied.is_some() {
                         return Next::Again;
                     }
+                    self.bell_armed = armed;
                 }
                 Err(err) => {
                     debug!(error = %crate::error::chain(&err), "could not arm the doorbell")
@@ -225,7 +238,8 @@ impl SyncLoop {
             // Each arm is cancel-safe: they only wait.
             _ = self.shutdown.cancelled() => return Next::Stop,
             _ = context.requests.requested() => self.next_sweep = Instant::now(),
-            _ = self.wake.notified() => {}
+            // A ring (or the listener listening again): the bell is not armed any more.
+            _ = self.wake.notified() => self.bell_armed = false,
             _ = configuration_changed(self.configured.clone()) => {}
             _ = configuration_changed(self.ownership.owned.clone()) => {}
             _ = tokio::time::sleep(context.settings.poll_interval) => {}
@@ -244,7 +258,13 @@ impl SyncLoop {
         // idle tables cost next to nothing); a sweep still checks each table's capture and
         // retries, and opens a batch only when they ask for one.
         let quiet = self.quiet_tables().await;
+        let mut swept = match kind {
+            BatchKind::Sweep { .. } => self.sweep_look().await,
+            BatchKind::Stream => Vec::new(),
+        }
+        .into_iter();
         for index in 0..self.tables.len() {
+            let (capture, open) = swept.next().unwrap_or_default();
             if self.shutdown.is_cancelled() {
                 break;
             }
@@ -266,7 +286,12 @@ impl SyncLoop {
                     .checked(&self.tables[index].name, looked_at);
                 continue;
             }
-            match self.attempt(index, kind, quiet_since).await {
+            let look = Look {
+                quiet_since,
+                capture,
+                open,
+            };
+            match self.attempt(index, kind, look).await {
                 Ok(applied) => {
                     outcome.succeeded += 1;
                     if let Some(rows) = applied {
@@ -288,12 +313,7 @@ impl SyncLoop {
 
     /// The table's batch (after loading it if need be). Returns how many rows it applied, or
     /// None when nothing changed.
-    async fn attempt(
-        &mut self,
-        index: usize,
-        kind: BatchKind,
-        quiet: Option<std::time::SystemTime>,
-    ) -> Result<Option<u64>> {
+    async fn attempt(&mut self, index: usize, kind: BatchKind, look: Look) -> Result<Option<u64>> {
         let table = &mut self.tables[index];
         if table.load(&self.context).await? {
             // Loaded just now: its first batch runs at once.
@@ -303,7 +323,7 @@ impl SyncLoop {
             return Ok(None);
         };
         Ok(
-            match sync.run_batch(&self.context.pools, kind, quiet).await? {
+            match sync.run_batch(&self.context.pools, kind, look).await? {
                 BatchOutcome::Applied(report) => {
                     debug!(
                         table = %report.table,
@@ -379,14 +399,67 @@ impl SyncLoop {
         }
     }
 
-    async fn arm_doorbell(&self) -> Result<()> {
+    /// For a sweep, each table's capture and unresolved rows, from one query on each side for
+    /// all of them (in the tables' order; a table not loaded, or whatever could not be told now,
+    /// is None, and its batch asks for itself).
+    async fn sweep_look(&self) -> Vec<(Option<CaptureState>, Option<Vec<OpenRow>>)> {
+        let loaded: Vec<Option<&TableSync>> = self.tables.iter().map(|t| t.sync.as_ref()).collect();
+        let sources: Vec<&QualifiedName> =
+            loaded.iter().flatten().map(|s| &s.mapping.source).collect();
+        if sources.is_empty() {
+            return Vec::new();
+        }
+        let names: Vec<String> = loaded.iter().flatten().map(|s| s.name()).collect();
+        let pools = &self.context.pools;
+        let captures = async {
+            let source = pools.source().await?;
+            capture::capture_states(&**source, &sources).await
+        }
+        .within(self.limit(), DatabaseRole::Source, || {
+            "checking capture".into()
+        });
+        let open = async {
+            let target = pools.target().await?;
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            sync_errors::unresolved_rows_of(&**target, &names).await
+        }
+        .within(self.limit(), DatabaseRole::Target, || {
+            "reading sync_errors".into()
+        });
+        let (captures, open) = tokio::join!(captures, open);
+        let mut captures = captures
+            .map_err(|err| debug!(error = %crate::error::chain(&err), "could not check the tables' capture at once"))
+            .ok()
+            .map(Vec::into_iter);
+        let mut open = open
+            .map_err(|err| debug!(error = %crate::error::chain(&err), "could not read sync_errors at once"))
+            .ok();
+        let mut names = names.into_iter();
+        loaded
+            .iter()
+            .map(|sync| {
+                if sync.is_none() {
+                    return (None, None);
+                }
+                let name = names.next().unwrap_or_default();
+                let capture = captures.as_mut().and_then(|c| c.next()).flatten();
+                let rows = open
+                    .as_mut()
+                    .map(|open| open.remove(&name).unwrap_or_default());
+                (capture, rows)
+            })
+            .collect()
+    }
+
+    /// True when the bell is armed now; false when a writer is ringing it (its notification
+    /// is on the way).
+    async fn arm_doorbell(&self) -> Result<bool> {
         let source = self.context.pools.source().await?;
         capture::arm_doorbell(&**source)
             .within(self.limit(), DatabaseRole::Source, || {
                 "arming the doorbell".into()
             })
-            .await?;
-        Ok(())
+            .await
     }
 
     fn limit(&self) -> Duration {
