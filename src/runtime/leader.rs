@@ -190,9 +190,37 @@ pub(crate) async fn acquire(
     }
 }
 
+/// Each table in `$1` (quoted names, in order): its lock key, the pid and application name of
+/// the session holding its lock in space `$2`, its name as the target has it; and how many
+/// sessions named `$3` (rowsync processes) there are. Both sides are MATERIALIZED and meet on a
+/// plain `bigint` so that the join is hashed even in a generic plan: compared table by lock,
+/// with the key computed in the join, it cost ~20 ms a second with 200 tables.
+const LOCKS: &str = "\
+    WITH t AS MATERIALIZED ( \
+        SELECT u.n, k.k, k.k::bigint & 4294967295 AS lock_key, u.o \
+          FROM unnest($1::text[]) WITH ORDINALITY AS u(n, o), \
+               LATERAL (SELECT coalesce(pg_catalog.hashtext(pg_catalog.to_regclass(u.n)::oid::text), \
+                                        pg_catalog.hashtext(u.n)) AS k) AS k), \
+    l AS MATERIALIZED ( \
+        SELECT l.objid::bigint AS lock_key, l.pid, a.application_name::text AS holder \
+          FROM pg_catalog.pg_locks l \
+          LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.classid::bigint = pg_catalog.hashtext($2)::bigint & 4294967295) \
+    SELECT t.k, l.pid, l.holder, \
+           (SELECT pg_catalog.format('%I.%I', ns.nspname, c.relname) \
+              FROM pg_catalog.pg_class c \
+              JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
+             WHERE c.oid = pg_catalog.to_regclass(t.n)), \
+           (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $3) \
+      FROM t LEFT JOIN l ON l.lock_key = t.lock_key \
+     ORDER BY t.o";
+
 /// The locks a session holds, and what it saw of the others'.
 #[derive(Default)]
 struct Claims {
+    /// [`LOCKS`], prepared on this session.
+    statement: Option<tokio_postgres::Statement>,
     /// Held: the table and the second half of its key.
     owned: Vec<(TableSpec, i32)>,
     /// Held, but handed back: the sync loop is stopping it; the lock goes when it has (from
@@ -241,28 +269,26 @@ impl Claims {
         abandoned: &mut Option<Backend>,
     ) -> Result<()> {
         let names: Vec<String> = tables.iter().map(TableSpec::quoted).collect();
+        // Prepared once per session: the poll runs every second.
+        let statement = match &self.statement {
+            Some(statement) => statement.clone(),
+            None => {
+                let statement = client
+                    .prepare(LOCKS)
+                    .await
+                    .map_err(|source| sql("looking at the table locks", source))?;
+                self.statement.insert(statement).clone()
+            }
+        };
         let rows = client
             .query(
-                "WITH t AS ( \
-                     SELECT n, coalesce(pg_catalog.hashtext(pg_catalog.to_regclass(n)::oid::text), \
-                                        pg_catalog.hashtext(n)) AS k, o \
-                       FROM unnest($1::text[]) WITH ORDINALITY AS u(n, o)) \
-                 SELECT t.k, l.pid, a.application_name::text, \
-                        (SELECT pg_catalog.format('%I.%I', ns.nspname, c.relname) \
-                           FROM pg_catalog.pg_class c \
-                           JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
-                          WHERE c.oid = pg_catalog.to_regclass(t.n)) \
-                   FROM t \
-                   LEFT JOIN pg_catalog.pg_locks l \
-                     ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-                    AND l.classid::bigint = pg_catalog.hashtext($2)::bigint & 4294967295 \
-                    AND l.objid::bigint = t.k::bigint & 4294967295 \
-                   LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
-                  ORDER BY t.o",
-                &[&names, &LOCK_SPACE],
+                &statement,
+                &[&names, &LOCK_SPACE, &format!("{APP_LEADER} %")],
             )
             .await
             .map_err(|source| sql("looking at the table locks", source))?;
+        // The rowsync processes connected to the target (this one included).
+        let sessions: i64 = rows.first().map_or(1, |row| row.get(4));
         let seen: Vec<Seen> = tables
             .iter()
             .zip(&rows)
@@ -282,15 +308,6 @@ impl Claims {
                 },
             })
             .collect();
-        let sessions: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $1",
-                &[&format!("{APP_LEADER} %")],
-            )
-            .await
-            .map_err(|source| sql("counting rowsync processes", source))?
-            .get(0);
-
         // An abandoned session of this process that still holds a lock: end it.
         if let Some(old) = abandoned.take()
             && seen.iter().any(|s| s.holder == Some(old.pid))
