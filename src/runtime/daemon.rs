@@ -7,13 +7,15 @@
 
 use std::sync::Arc;
 
+use deadpool_postgres::Object;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::DatabaseRole;
 use crate::config::Settings;
 use crate::config::TableSpec;
-use crate::connection::Pools;
+use crate::connection::{Pools, SessionLimits, Within};
 use crate::error::policy;
 use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
@@ -54,15 +56,14 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
         context.telemetry.set_role(Role::Active);
         let lost = leadership.lost();
         let stop = shutdown.child_token();
-        let active = run_active(
+        let mut active = Box::pin(run_active(
             context.clone(),
             Ownership {
                 owned: leadership.owned(),
                 applied: leadership.applied(),
             },
             stop.clone(),
-        );
-        tokio::pin!(active);
+        ));
         let outcome = tokio::select! {
             // Cancel-safe: losing the lock means stopping at once; the batch in flight is dropped
             // and its transactions roll back with their sessions.
@@ -70,6 +71,9 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
             result = &mut active => Some(result),
         };
         stop.cancel();
+        // The sessions the work had in hand go back to the pool now, before the idle ones are
+        // dropped below (a session of a dead path must not be handed to the next start).
+        drop(active);
         let session = leadership.session();
         drop(leadership);
         match outcome {
@@ -188,19 +192,31 @@ async fn start(
     }
 }
 
-/// Migrates the target and closes runs a previous process left open.
+/// Migrates the target and closes runs a previous process left open. Bounded like every call: a
+/// session on a path that went silent must not hang the start, and is not used again.
 async fn prepare_target(context: &Context) -> Result<()> {
+    let limit = SessionLimits::from_settings(&context.settings).client_timeout();
     let mut target = context.pools.target().await?;
-    let applied = migrate::migrate(&mut target).await?;
-    if !applied.is_empty() {
-        info!(migrations = ?applied, "applied target migrations");
+    let prepared = async {
+        let applied = migrate::migrate(&mut target).await?;
+        if !applied.is_empty() {
+            info!(migrations = ?applied, "applied target migrations");
+        }
+        let closed = runs::close_interrupted(&**target).await?;
+        if closed > 0 {
+            info!(
+                runs = closed,
+                "marked runs cut short by a previous process as failed"
+            );
+        }
+        Ok::<_, Error>(())
     }
-    let closed = runs::close_interrupted(&**target).await?;
-    if closed > 0 {
-        info!(
-            runs = closed,
-            "marked runs cut short by a previous process as failed"
-        );
+    .within(limit, DatabaseRole::Target, || {
+        "preparing the target".into()
+    })
+    .await;
+    if prepared.is_err() {
+        drop(Object::take(target));
     }
-    Ok(())
+    prepared
 }
