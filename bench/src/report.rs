@@ -97,6 +97,7 @@ pub(crate) fn targets(report: &Report) -> Vec<Target> {
         pass: figure <= limit,
     };
     let streaming = rss.streaming.sampled_peak_mib.max(rss.streaming.hwm_mib);
+    let ahead = throughput.rowsync_ratio_to_none - throughput.native_ratio_to_none;
     vec![
         at_most(
             "initial_copy_ratio_to_raw",
@@ -110,6 +111,13 @@ pub(crate) fn targets(report: &Report) -> Vec<Target> {
             limit: 0.8,
             rule: "source TPS with rowsync >= 0.8 x without capture",
             pass: throughput.rowsync_ratio_to_none >= 0.8,
+        },
+        Target {
+            name: "source_tps_ahead_of_native",
+            figure: ahead,
+            limit: 0.1,
+            rule: "source TPS ratio with rowsync >= native's + 0.1 (median of the rounds' ratios)",
+            pass: ahead >= 0.1,
         },
         at_most(
             "catch_up_s",
@@ -345,6 +353,12 @@ pub(crate) fn table(report: &Report) -> String {
             ),
             String::new(),
             None,
+        ),
+        (
+            "  rowsync ahead of native by".into(),
+            format!("{:.2}", t.rowsync_ratio_to_none - t.native_ratio_to_none),
+            ">= 0.10".into(),
+            verdict("source_tps_ahead_of_native"),
         ),
         (
             "  CPU during the native runs (median)".into(),
