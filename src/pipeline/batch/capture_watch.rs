@@ -16,11 +16,18 @@ pub(crate) struct CaptureWatch {
     mode: LookbackMode,
     /// The fingerprint at the previous sweep; None before the first.
     seen: Option<String>,
+    /// A look-back was wanted and no sweep's batch has gone through since: the next sweep looks
+    /// back too (the fingerprint that asked for it is already seen).
+    owed: bool,
 }
 
 impl CaptureWatch {
     pub(crate) fn new(mode: LookbackMode) -> Self {
-        Self { mode, seen: None }
+        Self {
+            mode,
+            seen: None,
+            owed: false,
+        }
     }
 
     /// Whether this sweep looks back over `updated_at`, given capture's state now (see
@@ -48,12 +55,52 @@ impl CaptureWatch {
         }
         let first = self.seen.is_none();
         self.seen = Some(state.fingerprint);
-        match self.mode {
+        let wanted = match self.mode {
             LookbackMode::Always => true,
             LookbackMode::Never => false,
             LookbackMode::Auto => {
                 first || changed || state.subscriber || !state.intact || state.lost.is_some()
             }
+        };
+        self.owed |= wanted;
+        self.owed
+    }
+
+    /// The sweep's batch went through (with its look-back, if it had one).
+    pub(crate) fn looked_back(&mut self) {
+        self.owed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(fingerprint: &str) -> CaptureState {
+        CaptureState {
+            fingerprint: fingerprint.to_string(),
+            intact: true,
+            subscriber: false,
+            partitioned: false,
+            lost: None,
         }
+    }
+
+    #[test]
+    fn a_look_back_not_gone_through_is_owed_to_the_next_sweep() {
+        let mut watch = CaptureWatch::new(LookbackMode::Auto);
+        assert!(
+            watch.look_back("t", state("a")),
+            "the first sweep looks back"
+        );
+        watch.looked_back();
+        assert!(!watch.look_back("t", state("a")));
+        watch.looked_back();
+        // The triggers changed, and the sweep's batch failed: the next sweep sees no change but
+        // still owes the look-back.
+        assert!(watch.look_back("t", state("b")));
+        assert!(watch.look_back("t", state("b")));
+        watch.looked_back();
+        assert!(!watch.look_back("t", state("b")));
     }
 }

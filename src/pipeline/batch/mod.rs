@@ -417,6 +417,7 @@ impl TableSync {
         let name = self.name();
         self.was_quiet = false;
         let prev = self.applied_snapshot(pools).await?;
+        let sweep = matches!(kind, BatchKind::Sweep { .. });
         let request = match kind {
             BatchKind::Stream => ChangeRequest {
                 lookback: None,
@@ -443,6 +444,9 @@ impl TableSync {
             self.telemetry.checked(&name, looked_at);
             self.progress = Some(prev);
             self.was_quiet = true;
+            if sweep {
+                self.capture.looked_back();
+            }
             return Ok(BatchOutcome::Nothing);
         }
         let mut source = pools.source().await?;
@@ -453,11 +457,17 @@ impl TableSync {
                 // Nothing visible since `prev`; the snapshot need not move.
                 self.telemetry.checked(&name, read.taken_at);
                 self.progress = Some(prev);
+                if sweep {
+                    self.capture.looked_back();
+                }
                 return Ok(BatchOutcome::Nothing);
             }
             Applied::ProgressMoved => return Ok(BatchOutcome::ProgressMoved),
         };
         crate::failpoint::crash_point!("batch-after-target-commit");
+        if sweep {
+            self.capture.looked_back();
+        }
         let taken_at = read.taken_at;
         self.progress = Some(read.cur.clone());
         // The target has the batch; the journal rows behind it can go. If this fails they are

@@ -25,6 +25,9 @@ impl SyncLoop {
         let before = telemetry.figures().totals;
         telemetry.sweep_started();
         self.context.requests.answered();
+        // Armed again after the sweep: a bell disarmed without a ring (the rowsync schema
+        // installed afresh under a running daemon) costs a sweep's interval of polling at most.
+        self.bell_armed = false;
         debug!("sweep started");
         let run = self.run_started().await;
         self.follow_schemas().await;
