@@ -110,6 +110,51 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
     }
 }
 
+/// A REPEATABLE READ writer whose snapshot saw the doorbell armed, after another writer rang it
+/// meanwhile, must still write (locking the bell's row would be a serialization failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatable_read_write_after_another_ring_does_not_fail() {
+    let (pair, _daemon) = Pair::running(20, &[("SYNC_INTERVAL_MINUTES", "60")]).await;
+    let target = pair.target().await;
+    wait_for("the first sweep", Duration::from_secs(10), || async {
+        crate::harness::finished_sweeps(&target).await >= 1
+    })
+    .await;
+    let source = pair.source().await;
+    wait_for(
+        "the doorbell to be armed",
+        Duration::from_secs(10),
+        || async { count(&source, "SELECT count(*) FROM rowsync.doorbell WHERE armed").await == 1 },
+    )
+    .await;
+    let mut late = pair.source().await;
+    let tx = late
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    // The snapshot is taken here, with the bell armed.
+    tx.query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap();
+    source
+        .execute(
+            "UPDATE users SET status = 'rang' WHERE name = 'user-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tx.execute(
+        "UPDATE users SET status = 'late' WHERE name = 'user-2'",
+        &[],
+    )
+    .await
+    .expect("the write must not fail because of the doorbell");
+    tx.commit().await.unwrap();
+    pair.wait_synced("users", Duration::from_secs(10)).await;
+}
+
 /// Runs `sql` as a maintenance script bypassing every trigger of `table` might, and turns capture
 /// back on: it is intact again, and only the changed catalog rows of the triggers tell that it
 /// was off.
