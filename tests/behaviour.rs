@@ -94,10 +94,7 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
     let source = pair.source().await;
     // Let the start-up sweep finish and the doorbell be armed.
     let target = pair.target().await;
-    wait_for("the first sweep", Duration::from_secs(10), || async {
-        crate::harness::finished_sweeps(&target).await >= 1
-    })
-    .await;
+    crate::harness::wait_for_sweeps(&target, 1, Duration::from_secs(10)).await;
     for i in 0..5 {
         source
             .execute(
@@ -116,10 +113,7 @@ async fn a_change_arrives_through_the_realtime_path_without_polling_or_sweeps() 
 async fn a_repeatable_read_write_after_another_ring_does_not_fail() {
     let (pair, _daemon) = Pair::running(20, &[("SYNC_INTERVAL_MINUTES", "60")]).await;
     let target = pair.target().await;
-    wait_for("the first sweep", Duration::from_secs(10), || async {
-        crate::harness::finished_sweeps(&target).await >= 1
-    })
-    .await;
+    crate::harness::wait_for_sweeps(&target, 1, Duration::from_secs(10)).await;
     let source = pair.source().await;
     wait_for(
         "the doorbell to be armed",
@@ -176,10 +170,7 @@ async fn sweep_catches_changes_made_with_capture_disabled() {
     let source = pair.source().await;
     let target = pair.target().await;
     // The first sweep looks back anyway; what is tested is the sweep after the triggers changed.
-    wait_for("the first sweep", Duration::from_secs(20), || async {
-        crate::harness::finished_sweeps(&target).await >= 1
-    })
-    .await;
+    crate::harness::wait_for_sweeps(&target, 1, Duration::from_secs(20)).await;
     with_capture_bypassed(
         &source,
         "users",
@@ -228,10 +219,7 @@ async fn sweep_of_many_tables_looks_back_where_capture_was_bypassed() {
     let setup = pair.rowsync(&["setup"], &env);
     assert!(setup.status.success(), "{setup:?}");
     let _daemon = pair.spawn(&env);
-    wait_for("two sweeps", Duration::from_secs(30), || async {
-        crate::harness::finished_sweeps(&target).await >= 2
-    })
-    .await;
+    crate::harness::wait_for_sweeps(&target, 2, Duration::from_secs(30)).await;
     with_capture_bypassed(
         &source,
         "t4",

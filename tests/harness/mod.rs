@@ -499,6 +499,14 @@ pub(crate) async fn finished_sweeps(target: &Client) -> i64 {
     .await
 }
 
+/// Waits until `sweeps` sweeps have finished (as `sync_runs` records them).
+pub(crate) async fn wait_for_sweeps(target: &Client, sweeps: i64, timeout: Duration) {
+    wait_for(&format!("{sweeps} finished sweeps"), timeout, || async {
+        finished_sweeps(target).await >= sweeps
+    })
+    .await;
+}
+
 /// Asserts from `sync_runs` that sweeps ran one after another: each finished before the next one
 /// started (so only the last may still be running). Returns how many finished.
 pub(crate) async fn assert_sweeps_never_overlapped(pair: &Pair) -> usize {

@@ -265,6 +265,15 @@ impl TableSync {
         look: Look,
     ) -> Result<BatchOutcome> {
         let outcome = self.batch(pools, kind, look).await;
+        if matches!(kind, BatchKind::Sweep { .. })
+            && matches!(
+                outcome,
+                Ok(BatchOutcome::Applied(_) | BatchOutcome::Nothing)
+            )
+        {
+            // The sweep's batch went through, with its look-back if it had one.
+            self.capture.looked_back();
+        }
         if std::mem::take(&mut self.partitions_due) {
             self.capture_partitions(pools).await;
         }
@@ -417,7 +426,6 @@ impl TableSync {
         let name = self.name();
         self.was_quiet = false;
         let prev = self.applied_snapshot(pools).await?;
-        let sweep = matches!(kind, BatchKind::Sweep { .. });
         let request = match kind {
             BatchKind::Stream => ChangeRequest {
                 lookback: None,
@@ -444,9 +452,6 @@ impl TableSync {
             self.telemetry.checked(&name, looked_at);
             self.progress = Some(prev);
             self.was_quiet = true;
-            if sweep {
-                self.capture.looked_back();
-            }
             return Ok(BatchOutcome::Nothing);
         }
         let mut source = pools.source().await?;
@@ -457,17 +462,11 @@ impl TableSync {
                 // Nothing visible since `prev`; the snapshot need not move.
                 self.telemetry.checked(&name, read.taken_at);
                 self.progress = Some(prev);
-                if sweep {
-                    self.capture.looked_back();
-                }
                 return Ok(BatchOutcome::Nothing);
             }
             Applied::ProgressMoved => return Ok(BatchOutcome::ProgressMoved),
         };
         crate::failpoint::crash_point!("batch-after-target-commit");
-        if sweep {
-            self.capture.looked_back();
-        }
         let taken_at = read.taken_at;
         self.progress = Some(read.cur.clone());
         // The target has the batch; the journal rows behind it can go. If this fails they are

@@ -9,8 +9,9 @@
 //!
 //! Before it waits, the loop arms the source's doorbell (only while the listener is listening) and
 //! looks at the journals once more, so a change committed just before arming is not left waiting for
-//! the poll timer; it does so again only once the bell has rung (an idle poll is one look). While the source is busy the loop yields: it takes no batches for up to
-//! `YIELD_MAX_SECONDS` ([`crate::runtime::yielding`]). A failed pass is retried with backoff
+//! the poll timer; it does so again only once the bell has rung (an idle poll is one look). While
+//! the source is busy the loop yields: it takes no batches for up to `YIELD_MAX_SECONDS`
+//! ([`crate::runtime::yielding`]). A failed pass is retried with backoff
 //! ([`failures`]).
 //!
 //! Shutdown: cancellation is checked between batches, never inside one; the caller bounds how long
@@ -36,8 +37,7 @@ use crate::config::DatabaseRole;
 use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
 use crate::error::{Result, SqlContext};
-use crate::pipeline::batch::TableSync;
-use crate::pipeline::batch::{BatchKind, BatchOutcome, Look};
+use crate::pipeline::batch::{BatchKind, BatchOutcome, Look, TableSync};
 use crate::runtime::daemon::{Context, Ownership};
 use crate::runtime::yielding::{Yield, Yielder};
 use crate::source::capture::{self, CaptureState};
@@ -434,18 +434,16 @@ impl SyncLoop {
         let mut open = open
             .map_err(|err| debug!(error = %crate::error::chain(&err), "could not read sync_errors at once"))
             .ok();
-        let mut names = names.into_iter();
         loaded
             .iter()
             .map(|sync| {
-                if sync.is_none() {
+                let Some(sync) = sync else {
                     return (None, None);
-                }
-                let name = names.next().unwrap_or_default();
+                };
                 let capture = captures.as_mut().and_then(|c| c.next()).flatten();
                 let rows = open
                     .as_mut()
-                    .map(|open| open.remove(&name).unwrap_or_default());
+                    .map(|open| open.remove(&sync.name()).unwrap_or_default());
                 (capture, rows)
             })
             .collect()
