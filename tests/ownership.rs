@@ -264,3 +264,83 @@ async fn a_lock_held_by_a_repair_is_not_a_process_to_hand_tables_to() {
     )
     .await;
 }
+
+/// Advisory locks belong to a database: a rowsync of another database on the same target server
+/// (here a staging copy whose table has the same oid, so its lock the same key, and two more
+/// of its processes) neither holds this database's tables nor shares them out. The daemon owns and
+/// syncs all four at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rowsync_of_another_database_on_the_target_server_holds_none_of_these_tables() {
+    let pair = Pair::new(&ddl()).await;
+    let list = TABLES.join(",");
+    let setup = pair.rowsync(&["setup"], &[("SYNC_TABLES", list.as_str())]);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let target = pair.target().await;
+    target
+        .batch_execute("CREATE DATABASE staging")
+        .await
+        .unwrap();
+    let key: i32 = target
+        .query_one("SELECT hashtext(to_regclass('t1')::oid::text)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The other deployment: the lock of its t1, held by a process named as rowsync names its
+    // lock sessions, and two more of its processes.
+    let mut others = Vec::new();
+    for n in 0..3 {
+        let other = connect(&pair.target.url("staging")).await;
+        other
+            .batch_execute(&format!(
+                "SET application_name = 'rowsync-leader staging:{n}'"
+            ))
+            .await
+            .unwrap();
+        if n == 0 {
+            other
+                .execute(
+                    "SELECT pg_advisory_lock(hashtext('rowsync.table'), $1)",
+                    &[&key],
+                )
+                .await
+                .unwrap();
+        }
+        others.push(other);
+    }
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[
+        ("SYNC_TABLES", list.as_str()),
+        ("HEALTH_ADDR", addr.as_str()),
+    ]);
+    let me = instance_of(&daemon);
+    pair.wait(
+        "the daemon to own every table",
+        Duration::from_secs(10),
+        || async {
+            let owners = owners(port).await;
+            TABLES
+                .iter()
+                .all(|t| owners.get(&format!("public.{t}")) == Some(&me))
+        },
+    )
+    .await;
+    let source = pair.source().await;
+    for t in TABLES {
+        source
+            .batch_execute(&format!(
+                "INSERT INTO {t} SELECT g, g FROM generate_series(1, 20) g"
+            ))
+            .await
+            .unwrap();
+    }
+    for t in TABLES {
+        pair.wait_synced(t, Duration::from_secs(30)).await;
+    }
+    drop(others);
+}

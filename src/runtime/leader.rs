@@ -195,6 +195,12 @@ pub(crate) async fn acquire(
 /// sessions named `$3` (rowsync processes) there are. Both sides are MATERIALIZED and meet on a
 /// plain `bigint` so that the join is hashed even in a generic plan: compared table by lock,
 /// with the key computed in the join, it cost ~20 ms a second with 200 tables.
+///
+/// Locks and processes count in this database only: advisory locks are per database, and a
+/// rowsync of another database on the same server (a staging copy made with `CREATE DATABASE …
+/// TEMPLATE`, whose tables have the same oids and so the same keys) neither holds these tables
+/// nor shares them out. One row per table however many sessions show a lock (the answer is zipped
+/// with the tables).
 const LOCKS: &str = "\
     WITH t AS MATERIALIZED ( \
         SELECT u.n, k.k, k.k::bigint & 4294967295 AS lock_key, u.o \
@@ -202,17 +208,21 @@ const LOCKS: &str = "\
                LATERAL (SELECT coalesce(pg_catalog.hashtext(pg_catalog.to_regclass(u.n)::oid::text), \
                                         pg_catalog.hashtext(u.n)) AS k) AS k), \
     l AS MATERIALIZED ( \
-        SELECT l.objid::bigint AS lock_key, l.pid, a.application_name::text AS holder \
+        SELECT DISTINCT ON (l.objid) l.objid::bigint AS lock_key, l.pid, a.application_name::text AS holder \
           FROM pg_catalog.pg_locks l \
           LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-           AND l.classid::bigint = pg_catalog.hashtext($2)::bigint & 4294967295) \
+           AND l.database = (SELECT oid FROM pg_catalog.pg_database \
+                              WHERE datname = pg_catalog.current_database()) \
+           AND l.classid::bigint = pg_catalog.hashtext($2)::bigint & 4294967295 \
+         ORDER BY l.objid, l.pid) \
     SELECT t.k, l.pid, l.holder, \
            (SELECT pg_catalog.format('%I.%I', ns.nspname, c.relname) \
               FROM pg_catalog.pg_class c \
               JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
              WHERE c.oid = pg_catalog.to_regclass(t.n)), \
-           (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE $3) \
+           (SELECT count(*) FROM pg_catalog.pg_stat_activity \
+             WHERE application_name LIKE $3 AND datname = pg_catalog.current_database()) \
       FROM t LEFT JOIN l ON l.lock_key = t.lock_key \
      ORDER BY t.o";
 
