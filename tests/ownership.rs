@@ -77,6 +77,32 @@ fn instance_of(daemon: &Daemon) -> String {
     )
 }
 
+/// A daemon syncing `list` with a health port, once `/status` says it owns `tables` (within
+/// `seconds`): the daemon, its port and its instance name.
+async fn spawn_owning(
+    pair: &Pair,
+    list: &str,
+    tables: &[&str],
+    seconds: u64,
+) -> (Daemon, u16, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[("SYNC_TABLES", list), ("HEALTH_ADDR", addr.as_str())]);
+    let me = instance_of(&daemon);
+    pair.wait(
+        &format!("the daemon to own {}", tables.join(", ")),
+        Duration::from_secs(seconds),
+        || async {
+            let owners = owners(port).await;
+            tables
+                .iter()
+                .all(|t| owners.get(&format!("public.{t}")) == Some(&me))
+        },
+    )
+    .await;
+    (daemon, port, me)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_split_overlapping_lists_and_take_over_each_others_tables() {
     let pair = Pair::new(&ddl()).await;
@@ -226,24 +252,7 @@ async fn a_lock_held_by_a_repair_is_not_a_process_to_hand_tables_to() {
     let holder = pair.target().await;
     let lock = "SELECT pg_advisory_lock(hashtext('rowsync.table'), hashtext(to_regclass('t4')::oid::text))";
     holder.execute(lock, &[]).await.unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let daemon = pair.spawn(&[
-        ("SYNC_TABLES", list.as_str()),
-        ("HEALTH_ADDR", addr.as_str()),
-    ]);
-    let me = instance_of(&daemon);
-    pair.wait(
-        "the daemon to own t1, t2 and t3",
-        Duration::from_secs(30),
-        || async {
-            let owners = owners(port).await;
-            ["public.t1", "public.t2", "public.t3"]
-                .iter()
-                .all(|t| owners.get(*t) == Some(&me))
-        },
-    )
-    .await;
+    let (daemon, port, me) = spawn_owning(&pair, &list, &["t1", "t2", "t3"], 30).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
         !daemon.log_text().contains("handing the table over"),
@@ -312,24 +321,7 @@ async fn a_rowsync_of_another_database_on_the_target_server_holds_none_of_these_
         others.push(other);
     }
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let daemon = pair.spawn(&[
-        ("SYNC_TABLES", list.as_str()),
-        ("HEALTH_ADDR", addr.as_str()),
-    ]);
-    let me = instance_of(&daemon);
-    pair.wait(
-        "the daemon to own every table",
-        Duration::from_secs(10),
-        || async {
-            let owners = owners(port).await;
-            TABLES
-                .iter()
-                .all(|t| owners.get(&format!("public.{t}")) == Some(&me))
-        },
-    )
-    .await;
+    let _daemon = spawn_owning(&pair, &list, &TABLES, 10).await;
     let source = pair.source().await;
     for t in TABLES {
         source
