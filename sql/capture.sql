@@ -912,3 +912,11 @@ EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'rowsync: no event trigger (it needs a superuser): capture follows migrations and new partitions at the daemon''s next sweep';
 END
 $$;
+
+-- The version of the objects this file defines. A daemon whose binary ships a newer file warns
+-- that fixes to capture are not in effect until `rowsync setup` (or this file, by psql) installs
+-- it again. Raised whenever the file changes what it installs; last, so that it is true only of
+-- a complete installation.
+CREATE OR REPLACE FUNCTION rowsync.capture_sql_version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 4 $$;
+GRANT EXECUTE ON FUNCTION rowsync.capture_sql_version() TO PUBLIC;

@@ -244,6 +244,56 @@ async fn sql_files_install_by_hand_with_psql_as_the_readme_shows() {
     }
 }
 
+/// A source whose capture objects an earlier rowsync installed (before their version was
+/// recorded, or of a lower one) is named at the daemon's start and by `rowsync status`, with what
+/// to do; once `rowsync setup` has run again, neither says anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_objects_of_an_older_rowsync_are_reported_until_setup_runs_again() {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 5).await;
+    pair.setup();
+    let source = pair.source().await;
+    let older = [
+        "DROP FUNCTION rowsync.capture_sql_version()",
+        "CREATE FUNCTION rowsync.capture_sql_version() RETURNS integer LANGUAGE sql AS 'SELECT 1'",
+    ];
+    for (older, version) in older.iter().zip([0, 1]) {
+        source.batch_execute(older).await.unwrap();
+        let expected = format!("from an older rowsync (version {version},");
+        let status = pair.rowsync(&["status"], &[]);
+        let status = String::from_utf8_lossy(&status.stdout).to_string();
+        assert!(status.contains(&expected), "{status}");
+        assert!(status.contains("`rowsync setup` runs again"), "{status}");
+        let mut daemon = pair.spawn(&[]);
+        pair.wait("the daemon to start", Duration::from_secs(20), || async {
+            daemon.log_text().contains("sync loop started")
+        })
+        .await;
+        assert!(
+            daemon.log_text().contains(&expected),
+            "{}",
+            daemon.log_text()
+        );
+        daemon.signal(libc::SIGTERM);
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+    }
+
+    pair.setup();
+    let status = pair.rowsync(&["status"], &[]);
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(!status.contains("older rowsync"), "{status}");
+    let daemon = pair.spawn(&[]);
+    pair.wait("the daemon to start", Duration::from_secs(20), || async {
+        daemon.log_text().contains("sync loop started")
+    })
+    .await;
+    assert!(
+        !daemon.log_text().contains("capture objects"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     // Each target update takes 20 ms, so a batch of 100 changed rows is in flight for 2 s.

@@ -31,7 +31,10 @@ pub async fn run(settings: Arc<Settings>) -> Result<()> {
     // A mapping file that does not fit the databases stops the start (exit 2), before anything is
     // written; databases out of reach are waited for as ever (the tables are checked as they load).
     match crate::commands::setup::validate(&pools, &settings.tables).await {
-        Ok(mappings) => crate::commands::setup::warn_unconfigured(&pools, &mappings).await,
+        Ok(mappings) => {
+            crate::commands::setup::warn_unconfigured(&pools, &mappings).await;
+            crate::commands::setup::warn_outdated_capture(&pools).await;
+        }
         Err(err @ Error::Config(_)) => {
             pools.close();
             return Err(err);

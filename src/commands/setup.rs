@@ -297,6 +297,24 @@ pub(crate) async fn warn_unconfigured(pools: &Pools, mappings: &[TableMapping]) 
     }
 }
 
+/// Warns when the source's capture objects are not the ones this binary ships (an upgrade whose
+/// `rowsync setup` has not run yet). Says nothing when the source cannot be asked now.
+pub(crate) async fn warn_outdated_capture(pools: &Pools) {
+    let Ok(source) = pools.source().await else {
+        return;
+    };
+    match capture::installed_version(&**source).await {
+        Ok(installed) => {
+            if let Some(problem) = capture::version_problem(installed) {
+                tracing::warn!("{problem}");
+            }
+        }
+        Err(err) => {
+            tracing::debug!(error = %crate::error::chain(&err), "could not read the version of the capture objects");
+        }
+    }
+}
+
 /// The other configured mappings of `mapping`'s source table that `queue` does not hold yet.
 async fn siblings(
     pools: &Pools,

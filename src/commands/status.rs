@@ -51,6 +51,9 @@ async fn from_databases(settings: &Settings) -> Result<String> {
         let source = pools.source().await?;
         let target = pools.target().await?;
         let mut out = String::new();
+        if let Some(problem) = capture::version_problem(capture::installed_version(&**source).await?) {
+            let _ = writeln!(out, "  warning: {problem}");
+        }
         for table in &settings.tables {
             let mapping = load_mapping(&**source, &**target, table).await?;
             let name = mapping.name();

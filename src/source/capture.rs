@@ -15,6 +15,11 @@ use crate::source::snapshot::PgSnapshot;
 /// sql/capture.sql, as shipped.
 pub(crate) const CAPTURE_SQL: &str = include_str!("../../sql/capture.sql");
 
+/// The version of the objects sql/capture.sql installs (`rowsync.capture_sql_version()`, the
+/// file's last statement). Raise both with every change to what the file installs: the test
+/// `capture_sql_version_follows_the_file` fails until they are.
+pub(crate) const CAPTURE_SQL_VERSION: i32 = 4;
+
 /// The NOTIFY channel the doorbell rings on (case-sensitive, hence always quoted).
 pub(crate) const CHANNEL: &str = "rowsync";
 
@@ -349,4 +354,102 @@ pub(crate) async fn journal_rows(
         rows: row.get(0),
         stuck: row.get(1),
     })
+}
+
+/// Which version of sql/capture.sql the source has: None without capture objects at all (not set
+/// up), Some(0) for objects an earlier rowsync installed before the version was recorded.
+pub(crate) async fn installed_version(client: &impl GenericClient) -> Result<Option<i32>> {
+    let action = || "reading the version of the capture objects".to_string();
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.to_regnamespace('rowsync') IS NOT NULL, \
+                    pg_catalog.to_regprocedure('rowsync.capture_sql_version()') IS NOT NULL",
+            &[],
+        )
+        .await
+        .context(DatabaseRole::Source, action)?;
+    let (schema, function): (bool, bool) = (row.get(0), row.get(1));
+    if !schema {
+        return Ok(None);
+    }
+    if !function {
+        return Ok(Some(0));
+    }
+    Ok(Some(
+        client
+            .query_one("SELECT rowsync.capture_sql_version()", &[])
+            .await
+            .context(DatabaseRole::Source, action)?
+            .get(0),
+    ))
+}
+
+/// What an operator should hear about the capture objects of version `installed` (see
+/// [`installed_version`]); None when they are this binary's.
+pub(crate) fn version_problem(installed: Option<i32>) -> Option<String> {
+    match installed? {
+        v if v == CAPTURE_SQL_VERSION => None,
+        v if v < CAPTURE_SQL_VERSION => Some(format!(
+            "the capture objects on the source are from an older rowsync (version {v}, this \
+             rowsync ships {CAPTURE_SQL_VERSION}): its fixes to capture are not in effect until \
+             `rowsync setup` runs again (as the role that installed them)"
+        )),
+        v => Some(format!(
+            "the capture objects on the source are from a newer rowsync (version {v}, this \
+             rowsync ships {CAPTURE_SQL_VERSION}): run the newer rowsync, or `rowsync setup` of \
+             this one to go back to its capture"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FNV-1a over the file's lines that are not comments: a changed comment needs no new
+    /// version, a changed statement does.
+    fn statements_fingerprint(sql: &str) -> u64 {
+        sql.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with("--"))
+            .flat_map(|line| line.bytes().chain([b'\n']))
+            .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            })
+    }
+
+    #[test]
+    fn capture_sql_version_follows_the_file() {
+        assert!(
+            CAPTURE_SQL.contains(&format!(
+                "rowsync.capture_sql_version() RETURNS integer\nLANGUAGE sql IMMUTABLE AS $$ SELECT {CAPTURE_SQL_VERSION} $$;"
+            )),
+            "sql/capture.sql must define rowsync.capture_sql_version() as {CAPTURE_SQL_VERSION}"
+        );
+        // The statements of version 4. When this fails, sql/capture.sql changed what it
+        // installs: raise CAPTURE_SQL_VERSION and the number in the file, then record the new
+        // fingerprint here.
+        const FINGERPRINT: u64 = 5_906_364_290_724_441_386;
+        assert_eq!(
+            statements_fingerprint(CAPTURE_SQL),
+            FINGERPRINT,
+            "sql/capture.sql changed: raise CAPTURE_SQL_VERSION (and the file's), then record this fingerprint"
+        );
+    }
+
+    #[test]
+    fn an_older_or_newer_installation_is_a_problem_and_none_is_not() {
+        assert_eq!(version_problem(None), None);
+        assert_eq!(version_problem(Some(CAPTURE_SQL_VERSION)), None);
+        assert!(
+            version_problem(Some(0))
+                .unwrap()
+                .contains("older rowsync (version 0")
+        );
+        assert!(
+            version_problem(Some(CAPTURE_SQL_VERSION + 1))
+                .unwrap()
+                .contains("newer rowsync")
+        );
+    }
 }
