@@ -173,3 +173,65 @@ async fn resync_copies_one_table_again_while_the_daemon_streams_and_the_source_i
     assert!(pair.rowsync(&["resync", "b"], &tables).status.success());
     assert_eq!(contents(&source, "b").await, contents(&target, "b").await);
 }
+
+/// A table a reload added is set up even when the daemon loses its lead in the middle of the
+/// copy: the setup stops with the work (another process may hold the table now), and the next
+/// start sets the table up again. Before, the table was left "not set up" until the next reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_by_a_reload_is_set_up_after_the_lead_was_lost_during_its_copy() {
+    // Each row the copy writes into the target's b takes 10 ms: the copy of 600 rows is in
+    // flight for seconds.
+    let slow_b = format!(
+        "{TABLES}
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON b FOR EACH ROW EXECUTE FUNCTION slow();"
+    );
+    let pair = Pair::with_ddl(TABLES, &slow_b).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    source
+        .batch_execute(
+            "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 10) g;
+             INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 600) g;",
+        )
+        .await
+        .unwrap();
+    write_dotenv(&pair, "a");
+    pair.setup();
+    let daemon = pair.spawn(&[]);
+    daemon.wait_listening(&pair).await;
+
+    write_dotenv(&pair, "a,b");
+    daemon.signal(libc::SIGHUP);
+    pair.wait(
+        "the copy of b to be in flight",
+        Duration::from_secs(20),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    target
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+              WHERE application_name LIKE 'rowsync-leader %'",
+        )
+        .await
+        .unwrap();
+    pair.wait("the lead to be lost", Duration::from_secs(20), || async {
+        daemon.log_text().contains("lost the leader lock")
+    })
+    .await;
+    source
+        .batch_execute("UPDATE b SET v = 'after the lead came back' WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.wait_synced("b", Duration::from_secs(60)).await;
+    pair.wait_synced("a", Duration::from_secs(10)).await;
+}
