@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::catalog::ident::QualifiedName;
 use crate::config::DatabaseRole;
@@ -457,11 +457,11 @@ impl SyncLoop {
         });
         let (captures, open) = tokio::join!(captures, open);
         let mut captures = captures
-            .map_err(|err| debug!(error = %crate::error::chain(&err), "could not check the tables' capture at once"))
+            .map_err(|err| warn!(error = %crate::error::chain(&err), "could not check the tables' capture at once; each table checks its own this sweep"))
             .ok()
             .map(Vec::into_iter);
         let mut open = open
-            .map_err(|err| debug!(error = %crate::error::chain(&err), "could not read sync_errors at once"))
+            .map_err(|err| warn!(error = %crate::error::chain(&err), "could not read sync_errors at once; each table reads its own this sweep"))
             .ok();
         loaded
             .iter()
