@@ -5,7 +5,7 @@
 //! the sync loop ([`crate::runtime::sync_loop`]). If it loses the lock it stops applying at once
 //! (the batch in flight is rolled back) and stands by again.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use deadpool_postgres::Object;
 use tokio::sync::{Notify, watch};
@@ -22,7 +22,7 @@ use crate::ops::telemetry::{Role, Telemetry};
 use crate::runtime::leader;
 use crate::runtime::requests::SweepRequests;
 use crate::runtime::retry::{Attempts, until_ok};
-use crate::runtime::sync_loop::{PendingSetups, SyncLoop, Table};
+use crate::runtime::sync_loop::{SyncLoop, Table};
 use crate::runtime::verifier;
 use crate::source::listener;
 use crate::target::{migrate, runs};
@@ -41,9 +41,6 @@ pub(crate) struct Context {
 /// Runs the daemon until `shutdown` is cancelled: standing by, or active, as the leader lock says.
 pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result<()> {
     let mut abandoned = None;
-    // Tables a reload added whose setup had not finished when the work stopped (the lead lost):
-    // the next start sets them up again.
-    let pending = PendingSetups::default();
     loop {
         let Some(leadership) = leader::acquire(
             &context.settings,
@@ -66,7 +63,6 @@ pub(crate) async fn run(context: Context, shutdown: CancellationToken) -> Result
                 applied: leadership.applied(),
             },
             stop.clone(),
-            pending.clone(),
         ));
         let outcome = tokio::select! {
             // Cancel-safe: losing the lock means stopping at once; the batch in flight is dropped
@@ -121,13 +117,8 @@ impl Ownership {
 }
 
 /// The active instance's work, until `stop`.
-async fn run_active(
-    context: Context,
-    ownership: Ownership,
-    stop: CancellationToken,
-    pending: PendingSetups,
-) -> Result<()> {
-    let Some(tables) = start(&context, &ownership, &stop, &pending).await? else {
+async fn run_active(context: Context, ownership: Ownership, stop: CancellationToken) -> Result<()> {
+    let Some(tables) = start(&context, &ownership, &stop).await? else {
         return Ok(());
     };
     let wake = Arc::new(Notify::new());
@@ -139,7 +130,7 @@ async fn run_active(
         stop.clone(),
     ));
     let verifier = tokio::spawn(verifier::run(context.clone(), stop.clone()));
-    SyncLoop::new(context, ownership, tables, wake, stop, pending)
+    SyncLoop::new(context, ownership, tables, wake, stop)
         .run()
         .await;
     let _ = listener.await;
@@ -149,14 +140,12 @@ async fn run_active(
 
 /// Migrates the target (retrying while it is unreachable) and loads every table it can. A table
 /// that cannot be loaded is tried again by the sync loop (and reported meanwhile), unless no
-/// table is set up at all: then `rowsync run` before `rowsync setup` is the error. The tables of
-/// `pending` are left to the sync loop, which sets them up first.
+/// table is set up at all: then `rowsync run` before `rowsync setup` is the error.
 /// Returns None if stopped meanwhile.
 async fn start(
     context: &Context,
     ownership: &Ownership,
     stop: &CancellationToken,
-    pending: &PendingSetups,
 ) -> Result<Option<Vec<Table>>> {
     let migrated = until_ok(
         &context.settings.retry,
@@ -180,11 +169,7 @@ async fn start(
     let mut not_set_up = None;
     let (version, configured) = ownership.applicable(&context.tables.borrow());
     ownership.applying(version, configured.clone());
-    let pending = pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    for reference in configured.iter().filter(|t| !pending.contains(t)) {
+    for reference in &configured {
         let mut table = Table::new(reference.clone(), context);
         match table.load(context).await {
             Ok(_) => {}

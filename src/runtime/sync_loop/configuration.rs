@@ -19,7 +19,7 @@ impl SyncLoop {
     pub(super) async fn follow_configuration(&mut self) {
         let reconfigured = self.configured.has_changed().unwrap_or(false);
         let reowned = self.ownership.owned.has_changed().unwrap_or(false);
-        if reconfigured || reowned || std::mem::take(&mut self.set_up_first) {
+        if reconfigured || reowned {
             let configured = self.configured.borrow_and_update().clone();
             self.ownership.owned.borrow_and_update();
             // New in the configuration: set up before it is synced (whenever this process

@@ -24,7 +24,7 @@ mod tables;
 
 pub(crate) use self::tables::Table;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -78,33 +78,11 @@ pub(crate) struct SyncLoop {
     to_set_up: Vec<TableSpec>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
     adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
-    /// Where the tables of `to_set_up` and `adding` are left when the loop stops before their
-    /// setup is done, for the next start (after a lost lead) to set up.
-    pending: PendingSetups,
-    /// The loop started with tables to set up: follow the configuration at the first turn even
-    /// though it has not changed.
-    set_up_first: bool,
     /// The doorbell is armed as far as this loop knows: it armed it, looked at the journals once
     /// more after, and has heard no ring since (a writer that finds it armed disarms it and
     /// rings). While so, an idle poll is one look at the journals, without arming it again and
     /// looking twice.
     bell_armed: bool,
-}
-
-/// Tables whose setup a stopped sync loop left undone (see [`SyncLoop`]'s `pending`).
-pub(crate) type PendingSetups = Arc<Mutex<Vec<TableSpec>>>;
-
-impl Drop for SyncLoop {
-    /// The setups in the background stop with the loop (after a lost lead another process may
-    /// be applying their tables), and what they left undone is kept for the next start.
-    fn drop(&mut self) {
-        let mut undone = self.to_set_up.clone();
-        for (table, setup) in &self.adding {
-            setup.abort();
-            undone.push(table.clone());
-        }
-        *self.pending.lock().unwrap_or_else(PoisonError::into_inner) = undone;
-    }
 }
 
 /// What one pass (or several) did.
@@ -149,13 +127,8 @@ impl SyncLoop {
         tables: Vec<Table>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
-        pending: PendingSetups,
     ) -> Self {
         let configured_before = context.tables.borrow().clone();
-        let to_set_up = pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         Self {
             yielder: Yielder::new(&context.settings),
             // The first sweep runs at once: it catches up on everything journaled while rowsync
@@ -163,11 +136,9 @@ impl SyncLoop {
             next_sweep: Instant::now(),
             configured: context.tables.clone(),
             configured_before,
-            set_up_first: !to_set_up.is_empty(),
-            to_set_up,
+            to_set_up: Vec::new(),
             ownership,
             adding: Vec::new(),
-            pending,
             bell_armed: false,
             context,
             tables,
