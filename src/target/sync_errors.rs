@@ -36,8 +36,9 @@ pub(crate) struct OpenRow {
     pub record_id: String,
     pub key: Value,
     pub retry_count: u32,
-    /// Time until the next retry is due (zero when due now).
-    pub due_in: std::time::Duration,
+    /// When the next retry is due (now or earlier when due now): counted from when the row was
+    /// read, so a batch that takes it in later does not put the retry off by the wait.
+    pub due: std::time::Instant,
 }
 
 /// Records a failure, as a new episode or as one more occurrence of the open one.
@@ -195,13 +196,14 @@ pub(crate) async fn unresolved_rows_of(
         )
         .await
         .context(DatabaseRole::Target, || "reading unresolved sync_errors".into())?;
+    let read_at = std::time::Instant::now();
     let mut open: HashMap<String, Vec<OpenRow>> = HashMap::new();
     for row in &rows {
         open.entry(row.get(0)).or_default().push(OpenRow {
             record_id: row.get(1),
             key: row.get(2),
             retry_count: row.get::<_, i32>(3).max(0) as u32,
-            due_in: std::time::Duration::from_secs_f64(row.get::<_, f64>(4)),
+            due: read_at + std::time::Duration::from_secs_f64(row.get::<_, f64>(4)),
         });
     }
     Ok(open)

@@ -31,14 +31,13 @@ pub(crate) struct RetryQueue {
 impl RetryQueue {
     /// The queue of the open row records read from `sync_errors`.
     pub(crate) fn from_records(open: Vec<OpenRow>) -> Self {
-        let now = Instant::now();
         let rows = open
             .into_iter()
             .map(|open| {
                 let pending = Pending {
                     key: open.key,
                     retry_count: open.retry_count,
-                    due: now + open.due_in,
+                    due: open.due,
                 };
                 (open.record_id, pending)
             })
