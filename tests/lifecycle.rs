@@ -173,3 +173,65 @@ async fn resync_copies_one_table_again_while_the_daemon_streams_and_the_source_i
     assert!(pair.rowsync(&["resync", "b"], &tables).status.success());
     assert_eq!(contents(&source, "b").await, contents(&target, "b").await);
 }
+
+/// A table a reload added, handed over to a second process while it is being set up: the setup
+/// finishes where it started, the second process (which has only that table, not set up when it
+/// gets it) waits for it instead of giving up, and applies the table from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new_owner() {
+    // Each row the copy writes into the target's b takes 20 ms: the copy of 600 rows is in
+    // flight for seconds, long enough for the hand-over.
+    let slow_b = format!(
+        "{TABLES}
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON b FOR EACH ROW EXECUTE FUNCTION slow();"
+    );
+    let pair = Pair::with_ddl(TABLES, &slow_b).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    source
+        .batch_execute(
+            "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 10) g;
+             INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 600) g;",
+        )
+        .await
+        .unwrap();
+    write_dotenv(&pair, "a");
+    pair.setup();
+    let first = pair.spawn(&[]);
+    first.wait_listening(&pair).await;
+
+    write_dotenv(&pair, "a,b");
+    first.signal(libc::SIGHUP);
+    pair.wait(
+        "the copy of b to be in flight",
+        Duration::from_secs(20),
+        || async {
+            count(
+                &target,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    let second = pair.spawn(&[("SYNC_TABLES", "a,b")]);
+    pair.wait("the hand-over of b", Duration::from_secs(20), || async {
+        first.log_text().contains("handing the table over")
+    })
+    .await;
+    source
+        .batch_execute("UPDATE b SET v = 'after the hand-over' WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.wait_synced("b", Duration::from_secs(60)).await;
+    assert!(second.is_running(), "{}", second.log_text());
+    source
+        .batch_execute("UPDATE b SET v = 'applied by its new owner' WHERE id > 590")
+        .await
+        .unwrap();
+    pair.wait_synced("b", Duration::from_secs(20)).await;
+    pair.wait_synced("a", Duration::from_secs(10)).await;
+}

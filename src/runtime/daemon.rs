@@ -140,7 +140,8 @@ async fn run_active(context: Context, ownership: Ownership, stop: CancellationTo
 
 /// Migrates the target (retrying while it is unreachable) and loads every table it can. A table
 /// that cannot be loaded is tried again by the sync loop (and reported meanwhile), unless no
-/// table is set up at all: then `rowsync run` before `rowsync setup` is the error.
+/// table is set up at all and this process holds them all: then `rowsync run` before `rowsync
+/// setup` is the error.
 /// Returns None if stopped meanwhile.
 async fn start(
     context: &Context,
@@ -186,8 +187,11 @@ async fn start(
         }
         tables.push(table);
     }
+    // Only when this process holds every configured table: one that holds some has been handed
+    // tables by another process, whose own (or its setup of these) is what sets them up.
+    let holds_all = configured.len() == context.tables.borrow().len();
     match not_set_up {
-        Some(error) if tables.iter().all(|t| t.sync.is_none()) => Err(error),
+        Some(error) if holds_all && tables.iter().all(|t| t.sync.is_none()) => Err(error),
         _ => Ok(Some(tables)),
     }
 }

@@ -46,10 +46,18 @@ impl SyncLoop {
             });
             self.adding.retain(|(reference, setup)| {
                 let keep = wanted.contains(reference);
-                if !keep {
+                if keep {
+                    return true;
+                }
+                if configured.contains(reference) {
+                    // Handed over: the setup finishes in the background (its copy moves the
+                    // table's progress under the progress row's lock, as batches do), and the
+                    // process that holds the table now loads it once it is set up.
+                    info!(table = %reference, "handed over while being set up: the setup finishes here, the other process applies the table");
+                } else {
                     setup.abort();
                 }
-                keep
+                false
             });
             for reference in wanted {
                 let known = self.tables.iter().any(|t| t.reference == reference)
