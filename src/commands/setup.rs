@@ -310,7 +310,7 @@ pub(crate) async fn warn_outdated_capture(pools: &Pools) {
             }
         }
         Err(err) => {
-            tracing::debug!(error = %crate::error::chain(&err), "could not read the version of the capture objects");
+            tracing::warn!(error = %crate::error::chain(&err), "could not tell whether the capture objects on the source are this rowsync's");
         }
     }
 }
