@@ -396,12 +396,18 @@ async fn sync_runs_records_copies_and_sweeps_and_prunes_old_history() {
             true
         )
     );
-    // History older than the retention, and a run a crashed process left "running".
+    // History older than the retention, a run a crashed process left "running", and one of
+    // another rowsync process that is still there (its lock session is connected).
     target
         .batch_execute(
             "INSERT INTO sync_runs (kind, started_at, finished_at, status) VALUES ('sweep', now() - interval '40 days', now() - interval '40 days', 'succeeded');
-             INSERT INTO sync_runs (kind, instance, status) VALUES ('sweep', 'gone-host:1', 'running');",
+             INSERT INTO sync_runs (kind, instance, status) VALUES ('sweep', 'gone-host:1', 'running');
+             INSERT INTO sync_runs (kind, table_name, instance, status) VALUES ('copy', 'public.other', 'live-host:2', 'running');",
         )
+        .await
+        .unwrap();
+    let live = pair.target().await;
+    live.batch_execute("SET application_name = 'rowsync-leader live-host:2'")
         .await
         .unwrap();
     let _daemon = pair.spawn(&[
@@ -435,6 +441,14 @@ async fn sync_runs_records_copies_and_sweeps_and_prunes_old_history() {
     );
     assert_eq!(
         count(&target, "SELECT count(*) FROM sync_runs WHERE instance = 'gone-host:1' AND status = 'failed' AND error LIKE 'interrupted%'").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM sync_runs WHERE instance = 'live-host:2' AND status = 'running'"
+        )
+        .await,
         1
     );
     let sweep = target

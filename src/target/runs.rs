@@ -79,15 +79,19 @@ pub(crate) async fn finish(
     Ok(())
 }
 
-/// Marks runs left `running` by a process that died as failed. Call when becoming the active
-/// instance (only the active instance runs anything).
+/// Marks runs left `running` by a process that died as failed. Call when becoming active. A run
+/// of another rowsync process whose lock session is still connected to this database is that
+/// process's, going on (several processes share the tables out).
 pub(crate) async fn close_interrupted(client: &impl GenericClient) -> Result<u64> {
     client
         .execute(
-            "UPDATE sync_runs SET status = 'failed', finished_at = now(), \
+            "UPDATE sync_runs r SET status = 'failed', finished_at = now(), \
                     error = 'interrupted: rowsync stopped during the run' \
-              WHERE status = 'running' AND instance IS DISTINCT FROM $1",
-            &[&instance()],
+              WHERE r.status = 'running' AND r.instance IS DISTINCT FROM $1 \
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
+                                 WHERE a.datname = pg_catalog.current_database() \
+                                   AND a.application_name = $2 || ' ' || r.instance)",
+            &[&instance(), &crate::runtime::leader::APP_LEADER],
         )
         .await
         .context(DatabaseRole::Target, || {
