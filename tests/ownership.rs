@@ -321,7 +321,7 @@ async fn a_rowsync_of_another_database_on_the_target_server_holds_none_of_these_
         others.push(other);
     }
 
-    let _daemon = spawn_owning(&pair, &list, &TABLES, 10).await;
+    let (daemon, _, _) = spawn_owning(&pair, &list, &TABLES, 10).await;
     let source = pair.source().await;
     for t in TABLES {
         source
@@ -334,5 +334,13 @@ async fn a_rowsync_of_another_database_on_the_target_server_holds_none_of_these_
     for t in TABLES {
         pair.wait_synced(t, Duration::from_secs(30)).await;
     }
+    // Nor are the other database's processes ones to share tables with: counted, they would
+    // be handed a table every rebalancing (10 s), which nobody here takes.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !daemon.log_text().contains("handing the table over"),
+        "{}",
+        daemon.log_text()
+    );
     drop(others);
 }
