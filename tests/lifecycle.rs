@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::harness::proxy::Proxy;
 use crate::harness::{Pair, contents, count};
 
 const TABLES: &str = "CREATE TABLE a (id int PRIMARY KEY, v text NOT NULL);
@@ -230,6 +231,51 @@ async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new
     assert!(second.is_running(), "{}", second.log_text());
     source
         .batch_execute("UPDATE b SET v = 'applied by its new owner' WHERE id > 590")
+        .await
+        .unwrap();
+    pair.wait_synced("b", Duration::from_secs(20)).await;
+    pair.wait_synced("a", Duration::from_secs(10)).await;
+}
+
+/// A reload that comes while the daemon applies nothing (the target out of reach: it lost its
+/// lock session and is waiting to take the locks again) adds its table all the same: the start
+/// that follows sets the table up, where before it took the table for one set up already and
+/// reported it as not set up for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_by_a_reload_while_the_target_is_out_of_reach_is_set_up_when_it_is_back() {
+    let pair = Pair::new(TABLES).await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 10) g;
+             INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    write_dotenv(&pair, "a");
+    pair.setup();
+    let proxy = Proxy::start(pair.target.port()).await;
+    let url = proxy.url("app");
+    let daemon = pair.spawn(&[("TARGET_DATABASE_URL", &url)]);
+    daemon.wait_listening(&pair).await;
+    pair.wait_synced("a", Duration::from_secs(20)).await;
+
+    proxy.cut();
+    proxy.refuse();
+    pair.wait("the lead to be lost", Duration::from_secs(30), || async {
+        daemon.log_text().contains("lost the leader lock")
+    })
+    .await;
+    write_dotenv(&pair, "a,b");
+    daemon.signal(libc::SIGHUP);
+    pair.wait("the reload", Duration::from_secs(10), || async {
+        daemon.log_text().contains("configuration reloaded")
+    })
+    .await;
+    proxy.heal().await;
+    pair.wait_synced("b", Duration::from_secs(60)).await;
+    source
+        .batch_execute("UPDATE b SET v = 'streamed' WHERE id <= 5; DELETE FROM b WHERE id > 45;")
         .await
         .unwrap();
     pair.wait_synced("b", Duration::from_secs(20)).await;

@@ -118,7 +118,7 @@ impl Ownership {
 
 /// The active instance's work, until `stop`.
 async fn run_active(context: Context, ownership: Ownership, stop: CancellationToken) -> Result<()> {
-    let Some(tables) = start(&context, &ownership, &stop).await? else {
+    let Some((tables, to_set_up)) = start(&context, &ownership, &stop).await? else {
         return Ok(());
     };
     let wake = Arc::new(Notify::new());
@@ -130,7 +130,7 @@ async fn run_active(context: Context, ownership: Ownership, stop: CancellationTo
         stop.clone(),
     ));
     let verifier = tokio::spawn(verifier::run(context.clone(), stop.clone()));
-    SyncLoop::new(context, ownership, tables, wake, stop)
+    SyncLoop::new(context, ownership, tables, to_set_up, wake, stop)
         .run()
         .await;
     let _ = listener.await;
@@ -141,13 +141,15 @@ async fn run_active(context: Context, ownership: Ownership, stop: CancellationTo
 /// Migrates the target (retrying while it is unreachable) and loads every table it can. A table
 /// that cannot be loaded is tried again by the sync loop (and reported meanwhile), unless no
 /// table is set up at all and this process holds them all: then `rowsync run` before `rowsync
-/// setup` is the error.
+/// setup` is the error. A table that a reload added and that is not set up (the reload came
+/// while this process was not applying anything: standing by, reconnecting, starting) is
+/// returned apart, for the sync loop to set up first.
 /// Returns None if stopped meanwhile.
 async fn start(
     context: &Context,
     ownership: &Ownership,
     stop: &CancellationToken,
-) -> Result<Option<Vec<Table>>> {
+) -> Result<Option<(Vec<Table>, Vec<TableSpec>)>> {
     let migrated = until_ok(
         &context.settings.retry,
         Attempts::Unlimited,
@@ -167,6 +169,7 @@ async fn start(
         return Ok(None);
     }
     let mut tables = Vec::new();
+    let mut to_set_up = Vec::new();
     let mut not_set_up = None;
     let (version, configured) = ownership.applicable(&context.tables.borrow());
     ownership.applying(version, configured.clone());
@@ -176,6 +179,11 @@ async fn start(
             Ok(_) => {}
             Err(error) if policy::decide(&error).retry() => {
                 warn!(table = %table.name, error = %crate::error::chain(&error), "cannot load the table yet; retrying");
+            }
+            Err(Error::NotSetUp { .. }) if !context.settings.tables.contains(reference) => {
+                info!(table = %table.name, "added to the configuration and not set up yet: setting it up (capture, copy) while the other tables stream");
+                to_set_up.push(reference.clone());
+                continue;
             }
             Err(error @ Error::NotSetUp { .. }) => {
                 warn!(table = %table.name, error = %crate::error::chain(&error), "the table is not set up; retrying it later");
@@ -191,8 +199,12 @@ async fn start(
     // tables by another process, whose own (or its setup of these) is what sets them up.
     let holds_all = configured.len() == context.tables.borrow().len();
     match not_set_up {
-        Some(error) if holds_all && tables.iter().all(|t| t.sync.is_none()) => Err(error),
-        _ => Ok(Some(tables)),
+        Some(error)
+            if holds_all && to_set_up.is_empty() && tables.iter().all(|t| t.sync.is_none()) =>
+        {
+            Err(error)
+        }
+        _ => Ok(Some((tables, to_set_up))),
     }
 }
 

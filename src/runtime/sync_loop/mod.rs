@@ -78,6 +78,9 @@ pub(crate) struct SyncLoop {
     to_set_up: Vec<TableSpec>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
     adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
+    /// The loop started with tables to set up: follow the configuration at the first turn even
+    /// though it has not changed since.
+    set_up_first: bool,
     /// The doorbell is armed as far as this loop knows: it armed it, looked at the journals once
     /// more after, and has heard no ring since (a writer that finds it armed disarms it and
     /// rings). While so, an idle poll is one look at the journals, without arming it again and
@@ -125,6 +128,7 @@ impl SyncLoop {
         context: Context,
         ownership: Ownership,
         tables: Vec<Table>,
+        to_set_up: Vec<TableSpec>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -136,7 +140,8 @@ impl SyncLoop {
             next_sweep: Instant::now(),
             configured: context.tables.clone(),
             configured_before,
-            to_set_up: Vec::new(),
+            set_up_first: !to_set_up.is_empty(),
+            to_set_up,
             ownership,
             adding: Vec::new(),
             bell_armed: false,
