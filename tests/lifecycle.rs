@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::harness::proxy::Proxy;
-use crate::harness::{Pair, contents, count};
+use crate::harness::{Daemon, Pair, contents, count};
 
 const TABLES: &str = "CREATE TABLE a (id int PRIMARY KEY, v text NOT NULL);
      CREATE TABLE b (id int PRIMARY KEY, v text NOT NULL);";
@@ -175,13 +175,9 @@ async fn resync_copies_one_table_again_while_the_daemon_streams_and_the_source_i
     assert_eq!(contents(&source, "b").await, contents(&target, "b").await);
 }
 
-/// A table a reload added, handed over to a second process while it is being set up: the setup
-/// finishes where it started, the second process (which has only that table, not set up when it
-/// gets it) waits for it instead of giving up, and applies the table from then on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new_owner() {
-    // Each row the copy writes into the target's b takes 20 ms: the copy of 600 rows is in
-    // flight for seconds, long enough for the hand-over.
+/// A daemon syncing `a` that a reload has just told to add `b` (`rows` rows), whose copy is in
+/// flight: each row the copy writes into the target's b takes 20 ms.
+async fn daemon_copying_b(rows: i32) -> (Pair, Daemon) {
     let slow_b = format!(
         "{TABLES}
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -189,22 +185,21 @@ async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new
          CREATE TRIGGER slow BEFORE INSERT ON b FOR EACH ROW EXECUTE FUNCTION slow();"
     );
     let pair = Pair::with_ddl(TABLES, &slow_b).await;
-    let source = pair.source().await;
-    let target = pair.target().await;
-    source
-        .batch_execute(
+    pair.source()
+        .await
+        .batch_execute(&format!(
             "INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 10) g;
-             INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 600) g;",
-        )
+             INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, {rows}) g;"
+        ))
         .await
         .unwrap();
     write_dotenv(&pair, "a");
     pair.setup();
-    let first = pair.spawn(&[]);
-    first.wait_listening(&pair).await;
-
+    let daemon = pair.spawn(&[]);
+    daemon.wait_listening(&pair).await;
     write_dotenv(&pair, "a,b");
-    first.signal(libc::SIGHUP);
+    daemon.signal(libc::SIGHUP);
+    let target = pair.target().await;
     pair.wait(
         "the copy of b to be in flight",
         Duration::from_secs(20),
@@ -218,6 +213,16 @@ async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new
         },
     )
     .await;
+    (pair, daemon)
+}
+
+/// A table a reload added, handed over to a second process while it is being set up: the setup
+/// finishes where it started, the second process (which has only that table, not set up when it
+/// gets it) waits for it instead of giving up, and applies the table from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new_owner() {
+    let (pair, first) = daemon_copying_b(600).await;
+    let source = pair.source().await;
     let second = pair.spawn(&[("SYNC_TABLES", "a,b")]);
     pair.wait("the hand-over of b", Duration::from_secs(20), || async {
         first.log_text().contains("handing the table over")
@@ -280,4 +285,40 @@ async fn a_table_added_by_a_reload_while_the_target_is_out_of_reach_is_set_up_wh
         .unwrap();
     pair.wait_synced("b", Duration::from_secs(20)).await;
     pair.wait_synced("a", Duration::from_secs(10)).await;
+}
+
+/// A second setup of a table that another setup is copying (here `rowsync setup` while the
+/// daemon sets up a table a reload added; in production also a process that handed the table
+/// over or lost its lead, finishing its setup) waits for that copy and copies nothing again,
+/// however short its lock timeout: before, it waited on the copy's lock, gave up after its
+/// retries, and failed (or, after a short copy, copied the whole table again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setup_of_a_table_being_copied_waits_for_that_copy_and_copies_nothing_again() {
+    let (pair, _daemon) = daemon_copying_b(400).await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    let setup = pair.rowsync(
+        &["setup"],
+        &[("SYNC_TABLES", "b"), ("LOCK_TIMEOUT_SECONDS", "0.2")],
+    );
+    let stdout = String::from_utf8_lossy(&setup.stdout);
+    assert!(
+        setup.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    assert!(stdout.contains("already copied, nothing to do"), "{stdout}");
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM sync_runs WHERE kind = 'copy' AND table_name = 'public.b'"
+        )
+        .await,
+        1
+    );
+    source
+        .batch_execute("UPDATE b SET v = 'streamed' WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.wait_synced("b", Duration::from_secs(30)).await;
 }

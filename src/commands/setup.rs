@@ -201,6 +201,14 @@ pub(crate) async fn setup_tables(
             .await
         })
         .await?;
+        // Another setup may be copying the table right now (a process that handed the table
+        // over, or lost its lead, finishes the setup it started): its outcome is what to read
+        // next, not a copy to do twice, or to give up waiting for.
+        transient(retry, "waiting for a copy in progress", || async {
+            let mut target = pools.target().await?;
+            progress::wait_for_copy(&mut target, &mapping.name()).await
+        })
+        .await?;
         let (mapping, copied_before) = transient(retry, "reading the table's state", || async {
             let target = pools.target().await?;
             let mapping = load_mapping(&**pools.source().await?, &**target, table).await?;

@@ -118,7 +118,7 @@ impl Ownership {
 
 /// The active instance's work, until `stop`.
 async fn run_active(context: Context, ownership: Ownership, stop: CancellationToken) -> Result<()> {
-    let Some((tables, to_set_up)) = start(&context, &ownership, &stop).await? else {
+    let Some(started) = start(&context, &ownership, &stop).await? else {
         return Ok(());
     };
     let wake = Arc::new(Notify::new());
@@ -130,12 +130,22 @@ async fn run_active(context: Context, ownership: Ownership, stop: CancellationTo
         stop.clone(),
     ));
     let verifier = tokio::spawn(verifier::run(context.clone(), stop.clone()));
-    SyncLoop::new(context, ownership, tables, to_set_up, wake, stop)
+    SyncLoop::new(context, ownership, started, wake, stop)
         .run()
         .await;
     let _ = listener.await;
     let _ = verifier.await;
     Ok(())
+}
+
+/// What a start found.
+pub(crate) struct Started {
+    /// The tables loaded (or to load again).
+    pub(crate) tables: Vec<Table>,
+    /// Tables a reload added that are not set up: the sync loop sets them up first.
+    pub(crate) to_set_up: Vec<TableSpec>,
+    /// The configured table list as the start read it.
+    pub(crate) configured: Vec<TableSpec>,
 }
 
 /// Migrates the target (retrying while it is unreachable) and loads every table it can. A table
@@ -149,7 +159,7 @@ async fn start(
     context: &Context,
     ownership: &Ownership,
     stop: &CancellationToken,
-) -> Result<Option<(Vec<Table>, Vec<TableSpec>)>> {
+) -> Result<Option<Started>> {
     let migrated = until_ok(
         &context.settings.retry,
         Attempts::Unlimited,
@@ -171,7 +181,9 @@ async fn start(
     let mut tables = Vec::new();
     let mut to_set_up = Vec::new();
     let mut not_set_up = None;
-    let (version, configured) = ownership.applicable(&context.tables.borrow());
+    // Read once: a table a reload adds from here on is new to the sync loop, which sets it up.
+    let all = context.tables.borrow().clone();
+    let (version, configured) = ownership.applicable(&all);
     ownership.applying(version, configured.clone());
     for reference in &configured {
         let mut table = Table::new(reference.clone(), context);
@@ -197,14 +209,18 @@ async fn start(
     }
     // Only when this process holds every configured table: one that holds some has been handed
     // tables by another process, whose own (or its setup of these) is what sets them up.
-    let holds_all = configured.len() == context.tables.borrow().len();
+    let holds_all = configured.len() == all.len();
     match not_set_up {
         Some(error)
             if holds_all && to_set_up.is_empty() && tables.iter().all(|t| t.sync.is_none()) =>
         {
             Err(error)
         }
-        _ => Ok(Some((tables, to_set_up))),
+        _ => Ok(Some(Started {
+            tables,
+            to_set_up,
+            configured: all,
+        })),
     }
 }
 

@@ -62,6 +62,27 @@ pub(crate) async fn adopt_legacy(
     Ok(moved)
 }
 
+/// Waits until no copy of `table` holds its progress row (a copy holds it locked from its
+/// snapshot to its commit), however long that copy takes; a batch holds it only for a moment.
+pub(crate) async fn wait_for_copy(client: &mut tokio_postgres::Client, table: &str) -> Result<()> {
+    let action = || format!("waiting for a copy of {table} in progress");
+    let tx = client
+        .transaction()
+        .await
+        .context(DatabaseRole::Target, action)?;
+    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+        .await
+        .context(DatabaseRole::Target, action)?;
+    tx.query_opt(
+        "SELECT 1 FROM rowsync_progress WHERE table_name = $1 FOR KEY SHARE",
+        &[&table],
+    )
+    .await
+    .context(DatabaseRole::Target, action)?;
+    tx.commit().await.context(DatabaseRole::Target, action)?;
+    Ok(())
+}
+
 /// The applied snapshot, or None when the table was never copied (no row, or NULL).
 pub(crate) async fn load(client: &impl GenericClient, table: &str) -> Result<Option<PgSnapshot>> {
     let row = client

@@ -81,7 +81,8 @@ pub(crate) async fn finish(
 
 /// Marks runs left `running` by a process that died as failed. Call when becoming active. A run
 /// of another rowsync process whose lock session is still connected to this database is that
-/// process's, going on (several processes share the tables out).
+/// process's, going on (several processes share the tables out). (PostgreSQL cuts application
+/// names to 63 bytes; host names are ASCII.)
 pub(crate) async fn close_interrupted(client: &impl GenericClient) -> Result<u64> {
     client
         .execute(
@@ -90,7 +91,7 @@ pub(crate) async fn close_interrupted(client: &impl GenericClient) -> Result<u64
               WHERE r.status = 'running' AND r.instance IS DISTINCT FROM $1 \
                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
                                  WHERE a.datname = pg_catalog.current_database() \
-                                   AND a.application_name = $2 || ' ' || r.instance)",
+                                   AND a.application_name = pg_catalog.left($2 || ' ' || r.instance, 63))",
             &[&instance(), &crate::runtime::leader::APP_LEADER],
         )
         .await

@@ -19,8 +19,8 @@ impl SyncLoop {
     pub(super) async fn follow_configuration(&mut self) {
         let reconfigured = self.configured.has_changed().unwrap_or(false);
         let reowned = self.ownership.owned.has_changed().unwrap_or(false);
-        let set_up_first = std::mem::take(&mut self.set_up_first);
-        if reconfigured || reowned || set_up_first {
+        let first_turn = std::mem::take(&mut self.first_turn);
+        if reconfigured || reowned || first_turn {
             let configured = self.configured.borrow_and_update().clone();
             self.ownership.owned.borrow_and_update();
             // New in the configuration: set up before it is synced (whenever this process

@@ -38,7 +38,7 @@ use crate::config::TableSpec;
 use crate::connection::{SessionLimits, Within};
 use crate::error::{Result, SqlContext};
 use crate::pipeline::batch::{BatchKind, BatchOutcome, Look, TableSync};
-use crate::runtime::daemon::{Context, Ownership};
+use crate::runtime::daemon::{Context, Ownership, Started};
 use crate::runtime::yielding::{Yield, Yielder};
 use crate::source::capture::{self, CaptureState};
 use crate::source::listener::ListenerState;
@@ -78,9 +78,9 @@ pub(crate) struct SyncLoop {
     to_set_up: Vec<TableSpec>,
     /// Tables added by a reload, being set up (capture, copy) in the background.
     adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
-    /// The loop started with tables to set up: follow the configuration at the first turn even
-    /// though it has not changed since.
-    set_up_first: bool,
+    /// Not a turn yet: the first follows the configuration whether or not it changed since the
+    /// start read it (tables to set up, a reload in between).
+    first_turn: bool,
     /// The doorbell is armed as far as this loop knows: it armed it, looked at the journals once
     /// more after, and has heard no ring since (a writer that finds it armed disarms it and
     /// rings). While so, an idle poll is one look at the journals, without arming it again and
@@ -127,12 +127,15 @@ impl SyncLoop {
     pub(crate) fn new(
         context: Context,
         ownership: Ownership,
-        tables: Vec<Table>,
-        to_set_up: Vec<TableSpec>,
+        started: Started,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Self {
-        let configured_before = context.tables.borrow().clone();
+        let Started {
+            tables,
+            to_set_up,
+            configured: configured_before,
+        } = started;
         Self {
             yielder: Yielder::new(&context.settings),
             // The first sweep runs at once: it catches up on everything journaled while rowsync
@@ -140,7 +143,7 @@ impl SyncLoop {
             next_sweep: Instant::now(),
             configured: context.tables.clone(),
             configured_before,
-            set_up_first: !to_set_up.is_empty(),
+            first_turn: true,
             to_set_up,
             ownership,
             adding: Vec::new(),
