@@ -1,7 +1,9 @@
 //! A TCP proxy between rowsync and a database server, for injecting network faults.
 //!
 //! - [`Proxy::cut`] resets every open connection (RST), as a dying network path does.
-//! - [`Proxy::refuse`] stops listening: new connections are refused until [`Proxy::heal`].
+//! - [`Proxy::refuse`] resets every new connection at once until [`Proxy::heal`]. The proxy
+//!   keeps listening: a port it let go of could be handed to another test's proxy meanwhile
+//!   (tests run side by side), which would then forward this test's daemon to its servers.
 //! - [`Proxy::black_hole`] accepts connections but never answers, and silently drops everything on
 //!   the open ones. TCP stays up (the proxy's kernel acknowledges every byte), so only application
 //!   timeouts can tell. Connections black-holed once stay dead after [`Proxy::heal`], like
@@ -25,6 +27,7 @@ pub(crate) struct Proxy {
 #[derive(Default)]
 struct Shared {
     black_hole: AtomicBool,
+    refusing: AtomicBool,
     connections: Mutex<Vec<Connection>>,
 }
 
@@ -73,11 +76,9 @@ impl Proxy {
         }
     }
 
-    /// Stops listening: connection attempts are refused.
+    /// New connections are reset as soon as they are made (the proxy keeps its port).
     pub(crate) fn refuse(&self) {
-        if let Some(acceptor) = self.acceptor.lock().unwrap().take() {
-            acceptor.abort();
-        }
+        self.shared.refusing.store(true, Ordering::SeqCst);
     }
 
     /// Accepts but never answers; open connections stop forwarding, for good.
@@ -88,21 +89,10 @@ impl Proxy {
         }
     }
 
-    /// Back to normal for new connections (listening again if refused).
+    /// Back to normal for new connections.
     pub(crate) async fn heal(&self) {
         self.shared.black_hole.store(false, Ordering::SeqCst);
-        if self.acceptor.lock().unwrap().is_some() {
-            return;
-        }
-        // The port was closed a moment ago; binding it again can take a few tries.
-        for _ in 0..50 {
-            if let Ok(listener) = TcpListener::bind(("127.0.0.1", self.port)).await {
-                self.listen(listener);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("could not listen on proxy port {} again", self.port);
+        self.shared.refusing.store(false, Ordering::SeqCst);
     }
 
     fn listen(&self, listener: TcpListener) {
@@ -123,12 +113,20 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.refuse();
+        if let Some(acceptor) = self.acceptor.lock().unwrap().take() {
+            acceptor.abort();
+        }
         self.cut();
     }
 }
 
 async fn accept(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
+    if shared.refusing.load(Ordering::SeqCst) {
+        // Linger 0: closing sends RST, as a refused connection gets.
+        #[allow(deprecated)]
+        let _ = client.set_linger(Some(Duration::ZERO));
+        return;
+    }
     let dead = Arc::new(AtomicBool::new(shared.black_hole.load(Ordering::SeqCst)));
     let client = Arc::new(client);
     if dead.load(Ordering::SeqCst) {
