@@ -311,15 +311,8 @@ pub(crate) async fn warn_outdated_capture(pools: &Pools) {
     let Ok(source) = pools.source().await else {
         return;
     };
-    match capture::installed_version(&**source).await {
-        Ok(installed) => {
-            if let Some(problem) = capture::version_problem(installed) {
-                tracing::warn!("{problem}");
-            }
-        }
-        Err(err) => {
-            tracing::warn!(error = %crate::error::chain(&err), "could not tell whether the capture objects on the source are this rowsync's");
-        }
+    if let Some(warning) = capture::version_warning(&**source).await {
+        tracing::warn!("{warning}");
     }
 }
 

@@ -51,19 +51,8 @@ async fn from_databases(settings: &Settings) -> Result<String> {
         let source = pools.source().await?;
         let target = pools.target().await?;
         let mut out = String::new();
-        match capture::installed_version(&**source).await {
-            Ok(installed) => {
-                if let Some(problem) = capture::version_problem(installed) {
-                    let _ = writeln!(out, "  warning: {problem}");
-                }
-            }
-            Err(err) => {
-                let _ = writeln!(
-                    out,
-                    "  warning: {}",
-                    crate::error::chain(&err)
-                );
-            }
+        if let Some(warning) = capture::version_warning(&**source).await {
+            let _ = writeln!(out, "  warning: {warning}");
         }
         for table in &settings.tables {
             let mapping = load_mapping(&**source, &**target, table).await?;

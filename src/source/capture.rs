@@ -384,6 +384,18 @@ pub(crate) async fn installed_version(client: &impl GenericClient) -> Result<Opt
     ))
 }
 
+/// What an operator should hear about the source's capture objects: that they are not this
+/// binary's ([`version_problem`]), or that which they are cannot be read. None when they are.
+pub(crate) async fn version_warning(client: &impl GenericClient) -> Option<String> {
+    match installed_version(client).await {
+        Ok(installed) => version_problem(installed),
+        Err(err) => Some(format!(
+            "could not tell whether the capture objects on the source are this rowsync's: {}",
+            crate::error::chain(&err)
+        )),
+    }
+}
+
 /// What an operator should hear about the capture objects of version `installed` (see
 /// [`installed_version`]); None when they are this binary's.
 pub(crate) fn version_problem(installed: Option<i32>) -> Option<String> {
