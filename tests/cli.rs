@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Pair, USERS, count, seed_users};
+use crate::harness::{Pair, USERS, count, seed_users, slow_writes};
 
 fn rowsync(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
@@ -297,12 +297,7 @@ async fn capture_objects_of_an_older_rowsync_are_reported_until_setup_runs_again
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     // Each target update takes 20 ms, so a batch of 100 changed rows is in flight for 2 s.
-    let slow_updates = format!(
-        "{USERS}
-         CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
-         CREATE TRIGGER slow_update BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION slow_update();"
-    );
+    let slow_updates = format!("{USERS}{}", slow_writes("users", "UPDATE", 0.02));
     let pair = Pair::with_ddl(USERS, &slow_updates).await;
     seed_users(&pair.source().await, 100).await;
     pair.setup();
@@ -351,13 +346,9 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
 
 /// A target whose inserts take about 2 ms each, so that copying 3,000 rows takes several seconds
 /// (rows of 20 kB, so that they do not all fit into the sockets' buffers at once).
-const SLOW_TARGET: &str = "
-    CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
-    CREATE TRIGGER slow_insert BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION slow_insert();";
-
 async fn pair_with_a_slow_copy() -> Pair {
-    let pair = Pair::with_ddl(USERS, &format!("{USERS}{SLOW_TARGET}")).await;
+    let slow_target = format!("{USERS}{}", slow_writes("users", "INSERT", 0.002));
+    let pair = Pair::with_ddl(USERS, &slow_target).await;
     let source = pair.source().await;
     seed_users(&source, 3000).await;
     for sql in [

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::harness::proxy::Proxy;
-use crate::harness::{Daemon, Pair, contents, count};
+use crate::harness::{Daemon, Pair, contents, count, slow_writes};
 
 const TABLES: &str = "CREATE TABLE a (id int PRIMARY KEY, v text NOT NULL);
      CREATE TABLE b (id int PRIMARY KEY, v text NOT NULL);";
@@ -178,12 +178,7 @@ async fn resync_copies_one_table_again_while_the_daemon_streams_and_the_source_i
 /// A daemon syncing `a` that a reload has just told to add `b` (`rows` rows), whose copy is in
 /// flight: each row the copy writes into the target's b takes 20 ms.
 async fn daemon_copying_b(rows: i32) -> (Pair, Daemon) {
-    let slow_b = format!(
-        "{TABLES}
-         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE INSERT ON b FOR EACH ROW EXECUTE FUNCTION slow();"
-    );
+    let slow_b = format!("{TABLES}{}", slow_writes("b", "INSERT", 0.02));
     let pair = Pair::with_ddl(TABLES, &slow_b).await;
     pair.source()
         .await

@@ -324,6 +324,18 @@ impl Drop for Daemon {
     }
 }
 
+/// DDL that makes every row `event` (`INSERT`, `UPDATE`) writes into `table` take `seconds`
+/// longer (a trigger that sleeps), so that a copy or a batch stays in flight long enough to act
+/// on it meanwhile.
+pub(crate) fn slow_writes(table: &str, event: &str, seconds: f64) -> String {
+    let name = format!("slow_{}", event.to_lowercase());
+    format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$;
+         CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}();"
+    )
+}
+
 /// A port nobody listens on at the moment (for HTTP listeners of daemons under test).
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
