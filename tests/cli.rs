@@ -265,9 +265,12 @@ async fn capture_objects_of_an_older_rowsync_are_reported_until_setup_runs_again
         assert!(status.contains(&expected), "{status}");
         assert!(status.contains("`rowsync setup` runs again"), "{status}");
         let mut daemon = pair.spawn(&[]);
-        pair.wait("the daemon to start", Duration::from_secs(20), || async {
-            daemon.log_text().contains("sync loop started")
-        })
+        pair.wait_logged(
+            &daemon,
+            "the daemon to start",
+            "sync loop started",
+            Duration::from_secs(20),
+        )
         .await;
         assert!(
             daemon.log_text().contains(&expected),
@@ -283,9 +286,12 @@ async fn capture_objects_of_an_older_rowsync_are_reported_until_setup_runs_again
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(!status.contains("older rowsync"), "{status}");
     let daemon = pair.spawn(&[]);
-    pair.wait("the daemon to start", Duration::from_secs(20), || async {
-        daemon.log_text().contains("sync loop started")
-    })
+    pair.wait_logged(
+        &daemon,
+        "the daemon to start",
+        "sync loop started",
+        Duration::from_secs(20),
+    )
     .await;
     assert!(
         !daemon.log_text().contains("capture objects"),

@@ -81,10 +81,11 @@ async fn cut_then_refused_source_connections_lose_nothing_and_are_recorded() {
 
     proxy.cut();
     proxy.refuse();
-    pair.wait(
+    pair.wait_logged(
+        &daemon,
         "the real-time path to be reported down",
+        "real-time path is down",
         Duration::from_secs(20),
-        || async { daemon.log_text().contains("real-time path is down") },
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -169,10 +170,11 @@ async fn black_hole_scenario(through_source: bool) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     proxy.black_hole();
-    pair.wait(
+    pair.wait_logged(
+        &daemon,
         "rowsync to notice the dead connections",
+        "timed out",
         Duration::from_secs(20),
-        || async { daemon.log_text().contains("timed out") },
     )
     .await;
     proxy.heal().await;
@@ -513,9 +515,12 @@ async fn pair_with_backlog(rows: i32) -> Pair {
 async fn sigterm_with_a_large_backlog_exits_0_within_the_timeout_and_a_restart_converges() {
     let pair = pair_with_backlog(150_000).await;
     let mut daemon = pair.spawn(&[("SHUTDOWN_TIMEOUT_SECONDS", "2"), ("BATCH_SIZE", "1000")]);
-    pair.wait("the catch-up to start", Duration::from_secs(20), || async {
-        daemon.log_text().contains("sync loop started")
-    })
+    pair.wait_logged(
+        &daemon,
+        "the catch-up to start",
+        "sync loop started",
+        Duration::from_secs(20),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let signalled = Instant::now();
@@ -573,9 +578,12 @@ async fn a_sweep_slower_than_its_1_second_interval_never_overlaps_and_loses_noth
 async fn a_second_signal_exits_at_once_and_a_restart_still_converges() {
     let pair = pair_with_backlog(150_000).await;
     let mut daemon = pair.spawn(&[("SHUTDOWN_TIMEOUT_SECONDS", "60"), ("BATCH_SIZE", "1000")]);
-    pair.wait("the catch-up to start", Duration::from_secs(20), || async {
-        daemon.log_text().contains("sync loop started")
-    })
+    pair.wait_logged(
+        &daemon,
+        "the catch-up to start",
+        "sync loop started",
+        Duration::from_secs(20),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     daemon.signal(libc::SIGINT);

@@ -86,10 +86,11 @@ async fn sighup_adds_and_removes_tables_and_keeps_a_bad_configuration_out() {
     // Removed: no longer applied; its capture stays until teardown.
     write_dotenv(&pair, "b");
     daemon.signal(libc::SIGHUP);
-    pair.wait(
+    pair.wait_logged(
+        &daemon,
         "the removal in the log",
+        "removed from the configuration",
         Duration::from_secs(10),
-        || async { daemon.log_text().contains("removed from the configuration") },
     )
     .await;
     let a_before = contents(&target, "a").await;
@@ -219,9 +220,12 @@ async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new
     let (pair, first) = daemon_copying_b(600).await;
     let source = pair.source().await;
     let second = pair.spawn(&[("SYNC_TABLES", "a,b")]);
-    pair.wait("the hand-over of b", Duration::from_secs(20), || async {
-        first.log_text().contains("handing the table over")
-    })
+    pair.wait_logged(
+        &first,
+        "the hand-over of b",
+        "handing the table over",
+        Duration::from_secs(20),
+    )
     .await;
     source
         .batch_execute("UPDATE b SET v = 'after the hand-over' WHERE id <= 5")
@@ -262,15 +266,21 @@ async fn a_table_added_by_a_reload_while_the_target_is_out_of_reach_is_set_up_wh
 
     proxy.cut();
     proxy.refuse();
-    pair.wait("the lead to be lost", Duration::from_secs(30), || async {
-        daemon.log_text().contains("lost the leader lock")
-    })
+    pair.wait_logged(
+        &daemon,
+        "the lead to be lost",
+        "lost the leader lock",
+        Duration::from_secs(30),
+    )
     .await;
     write_dotenv(&pair, "a,b");
     daemon.signal(libc::SIGHUP);
-    pair.wait("the reload", Duration::from_secs(10), || async {
-        daemon.log_text().contains("configuration reloaded")
-    })
+    pair.wait_logged(
+        &daemon,
+        "the reload",
+        "configuration reloaded",
+        Duration::from_secs(10),
+    )
     .await;
     proxy.heal().await;
     pair.wait_synced("b", Duration::from_secs(60)).await;

@@ -584,10 +584,11 @@ async fn one_of_two_processes_applies_and_a_standby_takes_over_within_5_seconds(
     })
     .await;
     let mut second = ha_daemon(&pair);
-    pair.wait(
+    pair.wait_logged(
+        &second,
         "the second to stand by",
+        "standing by",
         Duration::from_secs(20),
-        || async { second.log_text().contains("standing by") },
     )
     .await;
     assert!(!is_active(&second));
@@ -608,10 +609,11 @@ async fn one_of_two_processes_applies_and_a_standby_takes_over_within_5_seconds(
         // The killed one comes back, as a standby.
         std::mem::swap(&mut first, &mut second);
         second = ha_daemon(&pair);
-        pair.wait(
+        pair.wait_logged(
+            &second,
             "the restarted process to stand by",
+            "standing by",
             Duration::from_secs(20),
-            || async { second.log_text().contains("standing by") },
         )
         .await;
     }
@@ -680,10 +682,11 @@ async fn a_standby_takes_over_when_the_leader_loses_its_connection_and_says_what
     let standby_port = free_port();
     let standby_addr = format!("127.0.0.1:{standby_port}");
     let standby = pair.spawn(&[("HEALTH_ADDR", &standby_addr), ("NOTIFY_SOCKET", &socket)]);
-    pair.wait(
+    pair.wait_logged(
+        &standby,
         "the second to stand by",
+        "standing by",
         Duration::from_secs(20),
-        || async { standby.log_text().contains("standing by") },
     )
     .await;
 
@@ -743,10 +746,11 @@ async fn a_standby_takes_over_when_the_leader_loses_its_connection_and_says_what
         "took {:?}",
         cut.elapsed()
     );
-    pair.wait(
+    pair.wait_logged(
+        &leader,
         "the old leader to step down",
+        "lost the leader lock",
         Duration::from_secs(10),
-        || async { leader.log_text().contains("lost the leader lock") },
     )
     .await;
     pair.source()

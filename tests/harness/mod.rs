@@ -224,6 +224,18 @@ impl Pair {
         }
     }
 
+    /// Waits until `daemon`'s log contains `text` (what it means: `what`).
+    pub(crate) async fn wait_logged(
+        &self,
+        daemon: &Daemon,
+        what: &str,
+        text: &str,
+        timeout: Duration,
+    ) {
+        self.wait(what, timeout, || async { daemon.log_text().contains(text) })
+            .await;
+    }
+
     /// The last lines of every rowsync log of this pair, for failure messages.
     pub(crate) fn logs(&self) -> String {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
