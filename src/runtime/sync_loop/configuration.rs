@@ -2,17 +2,22 @@
 //! list. A table removed stops being applied at once (its capture stays until `rowsync teardown`);
 //! a table added is set up in the background, as `rowsync setup` would (capture, then a copy
 //! merged into the target), while the others keep streaming, and joins the loop once that is
-//! done. A table whose setup fails is logged, and tried again at the next reload.
+//! done. A table whose setup fails is failing like any other (logged, backed off, recorded in
+//! `sync_errors` once its retries are used up, shown in the figures), and set up again when its
+//! backoff is over: fixing what stopped it (a missing target table, a privilege) is enough.
 //!
 //! The same goes for the tables whose locks this process holds (see `runtime::leader`): a table
 //! it takes over joins the loop, one it hands over leaves it, and the loop says what it applies
 //! (`Ownership::applying`) once it has stopped applying it, so the lock goes only then.
 
+use std::time::Instant;
+
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 
 use super::{SyncLoop, Table};
 use crate::commands::setup;
+use crate::error::Error;
 
 impl SyncLoop {
     /// Applies a new table list, and takes in the tables whose setup finished.
@@ -45,7 +50,8 @@ impl SyncLoop {
                 }
                 keep
             });
-            self.adding.retain(|(reference, setup)| {
+            self.adding.retain(|(table, setup)| {
+                let reference = &table.reference;
                 let keep = wanted.contains(reference);
                 if keep {
                     return true;
@@ -58,11 +64,12 @@ impl SyncLoop {
                 } else {
                     setup.abort();
                 }
+                telemetry.forget_table(&table.name);
                 false
             });
             for reference in wanted {
                 let known = self.tables.iter().any(|t| t.reference == reference)
-                    || self.adding.iter().any(|(r, _)| *r == reference);
+                    || self.adding.iter().any(|(t, _)| t.reference == reference);
                 if known {
                     continue;
                 }
@@ -74,14 +81,8 @@ impl SyncLoop {
                 }
                 self.to_set_up.retain(|t| *t != reference);
                 info!(table = %reference, "added to the configuration: setting it up (capture, copy) while the other tables keep streaming");
-                let (settings, pools) = (self.context.settings.clone(), self.context.pools.clone());
-                let tables = vec![reference.clone()];
-                let task = tokio::spawn(async move {
-                    setup::setup_tables(&settings, &pools, &tables, false)
-                        .await
-                        .map(|_| ())
-                });
-                self.adding.push((reference, task));
+                let table = Table::new(reference, &self.context);
+                self.set_up(table);
             }
             self.configured_before = configured;
             // Stopped between batches: the locks of the tables left out may go now.
@@ -89,9 +90,20 @@ impl SyncLoop {
                 .tables
                 .iter()
                 .map(|t| t.reference.clone())
-                .chain(self.adding.iter().map(|(r, _)| r.clone()))
+                .chain(self.adding.iter().map(|(t, _)| t.reference.clone()))
                 .collect();
             self.ownership.applying(version, applying);
+        }
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.tables.len() {
+            if self.tables[index].setup_failed && self.tables[index].due(now) {
+                let table = self.tables.remove(index);
+                info!(table = %table.reference, "setting up the table added to the configuration again");
+                self.set_up(table);
+            } else {
+                index += 1;
+            }
         }
         let mut index = 0;
         while index < self.adding.len() {
@@ -99,20 +111,34 @@ impl SyncLoop {
                 index += 1;
                 continue;
             }
-            let (reference, task) = self.adding.remove(index);
-            match task.await {
-                Ok(Ok(())) => {
-                    info!(table = %reference, "set up: syncing it from now on");
-                    self.tables.push(Table::new(reference, &self.context));
+            let (mut table, task) = self.adding.remove(index);
+            let outcome = match task.await {
+                Ok(outcome) => outcome,
+                Err(err) => Err(Error::Task(err)),
+            };
+            table.setup_failed = outcome.is_err();
+            self.tables.push(table);
+            let index = self.tables.len() - 1;
+            match outcome {
+                Ok(()) => {
+                    info!(table = %self.tables[index].reference, "set up: syncing it from now on");
+                    self.table_succeeded(index).await;
                 }
-                Ok(Err(err)) => {
-                    error!(table = %reference, error = %crate::error::chain(&err), "could not set up the table added to the configuration; it is not synced (run `rowsync setup`, then reload again)");
-                }
-                Err(err) => {
-                    error!(table = %reference, error = %err, "setting up the table added to the configuration stopped");
-                }
+                Err(err) => self.table_failed(index, err).await,
             }
         }
+    }
+
+    /// Sets `table` up (capture, copy) in the background; it joins the loop when that ends.
+    fn set_up(&mut self, table: Table) {
+        let (settings, pools) = (self.context.settings.clone(), self.context.pools.clone());
+        let tables = vec![table.reference.clone()];
+        let task = tokio::spawn(async move {
+            setup::setup_tables(&settings, &pools, &tables, false)
+                .await
+                .map(|_| ())
+        });
+        self.adding.push((table, task));
     }
 }
 

@@ -76,8 +76,9 @@ pub(crate) struct SyncLoop {
     /// Tables a reload added that are not set up yet: set up first when this process holds them
     /// (a table this process takes over is only loaded).
     to_set_up: Vec<TableSpec>,
-    /// Tables added by a reload, being set up (capture, copy) in the background.
-    adding: Vec<(TableSpec, JoinHandle<Result<()>>)>,
+    /// Tables added by a reload, being set up (capture, copy) in the background; each joins
+    /// `tables` when its setup ends, set up or failing.
+    adding: Vec<(Table, JoinHandle<Result<()>>)>,
     /// Not a turn yet: the first follows the configuration whether or not it changed since the
     /// start read it (tables to set up, a reload in between).
     first_turn: bool,
@@ -276,7 +277,8 @@ impl SyncLoop {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            if !self.tables[index].due(now) {
+            // (A table whose setup failed is set up again, not loaded: see `configuration`.)
+            if !self.tables[index].due(now) || self.tables[index].setup_failed {
                 continue;
             }
             // (A table that has been failing gets its batch all the same: succeeding is how it

@@ -27,6 +27,8 @@ pub(crate) struct Table {
     pub(super) earlier_name: Option<String>,
     /// The mapping before the table's columns changed, until it is read again.
     pub(super) changed_from: Option<TableMapping>,
+    /// A reload added it and its setup failed: the setup (not a load) is tried again when due.
+    pub(super) setup_failed: bool,
     retrying: Retrying,
     next_attempt: Instant,
 }
@@ -39,6 +41,7 @@ impl Table {
             sync: None,
             earlier_name: None,
             changed_from: None,
+            setup_failed: false,
             retrying: Retrying::new(&context.settings.retry),
             next_attempt: Instant::now(),
         }
