@@ -232,6 +232,14 @@ async fn a_table_handed_over_while_being_set_up_is_set_up_and_applied_by_its_new
         .unwrap();
     pair.wait_synced("b", Duration::from_secs(60)).await;
     assert!(second.is_running(), "{}", second.log_text());
+    // The first process says how the setup it finished for the second one ended.
+    pair.wait_logged(
+        &first,
+        "the end of b's setup in the first process",
+        "set up for the process that applies it now",
+        Duration::from_secs(20),
+    )
+    .await;
     source
         .batch_execute("UPDATE b SET v = 'applied by its new owner' WHERE id > 590")
         .await

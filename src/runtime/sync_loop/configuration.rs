@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info};
 
 use super::{SyncLoop, Table};
 use crate::commands::setup;
@@ -50,23 +50,40 @@ impl SyncLoop {
                 }
                 keep
             });
-            self.adding.retain(|(table, setup)| {
-                let reference = &table.reference;
-                let keep = wanted.contains(reference);
-                if keep {
-                    return true;
+            let mut index = 0;
+            while index < self.adding.len() {
+                if wanted.contains(&self.adding[index].0.reference) {
+                    index += 1;
+                    continue;
                 }
-                if configured.contains(reference) {
-                    // Handed over: the setup finishes in the background (its copy moves the
-                    // table's progress under the progress row's lock, as batches do), and the
-                    // process that holds the table now loads it once it is set up.
-                    info!(table = %reference, "handed over while being set up: the setup finishes here, the other process applies the table");
+                let (table, setup) = self.adding.remove(index);
+                telemetry.forget_table(&table.name);
+                if configured.contains(&table.reference) {
+                    // Handed over: the setup finishes here (its copy moves the table's progress
+                    // under the progress row's lock, as batches do), and the process that holds
+                    // the table now loads it once it is set up.
+                    info!(table = %table.reference, "handed over while being set up: the setup finishes here, the other process applies the table");
+                    self.finishing.push((table.reference, setup));
                 } else {
                     setup.abort();
                 }
-                telemetry.forget_table(&table.name);
-                false
-            });
+            }
+            // A setup finishing for another process stops when its table leaves the
+            // configuration, and is this process's again when the table comes back to it.
+            let mut index = 0;
+            while index < self.finishing.len() {
+                let reference = &self.finishing[index].0;
+                if !configured.contains(reference) {
+                    self.finishing.remove(index).1.abort();
+                } else if wanted.contains(reference) {
+                    let (reference, setup) = self.finishing.remove(index);
+                    info!(table = %reference, "taken back while its setup finishes: this process applies it once set up");
+                    self.adding
+                        .push((Table::new(reference, &self.context), setup));
+                } else {
+                    index += 1;
+                }
+            }
             for reference in wanted {
                 let known = self.tables.iter().any(|t| t.reference == reference)
                     || self.adding.iter().any(|(t, _)| t.reference == reference);
@@ -94,6 +111,7 @@ impl SyncLoop {
                 .collect();
             self.ownership.applying(version, applying);
         }
+        self.finished_for_others().await;
         let now = Instant::now();
         let mut index = 0;
         while index < self.tables.len() {
@@ -112,10 +130,7 @@ impl SyncLoop {
                 continue;
             }
             let (mut table, task) = self.adding.remove(index);
-            let outcome = match task.await {
-                Ok(outcome) => outcome,
-                Err(err) => Err(Error::Task(err)),
-            };
+            let outcome = task.await.map_err(Error::Task).and_then(|outcome| outcome);
             table.setup_failed = outcome.is_err();
             self.tables.push(table);
             let index = self.tables.len() - 1;
@@ -125,6 +140,26 @@ impl SyncLoop {
                     self.table_succeeded(index).await;
                 }
                 Err(err) => self.table_failed(index, err).await,
+            }
+        }
+    }
+
+    /// Says how the setups of tables handed over while being set up ended.
+    async fn finished_for_others(&mut self) {
+        let mut index = 0;
+        while index < self.finishing.len() {
+            if !self.finishing[index].1.is_finished() {
+                index += 1;
+                continue;
+            }
+            let (reference, task) = self.finishing.remove(index);
+            match task.await.map_err(Error::Task).and_then(|outcome| outcome) {
+                Ok(()) => {
+                    info!(table = %reference, "set up for the process that applies it now");
+                }
+                Err(err) => {
+                    error!(table = %reference, error = %crate::error::chain(&err), "the setup of the table handed over failed: the process that holds it reports it (run `rowsync setup`)");
+                }
             }
         }
     }

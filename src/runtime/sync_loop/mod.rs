@@ -79,6 +79,8 @@ pub(crate) struct SyncLoop {
     /// Tables added by a reload, being set up (capture, copy) in the background; each joins
     /// `tables` when its setup ends, set up or failing.
     adding: Vec<(Table, JoinHandle<Result<()>>)>,
+    /// Setups of tables handed over to another process while they ran, finishing here.
+    finishing: Vec<(TableSpec, JoinHandle<Result<()>>)>,
     /// Not a turn yet: the first follows the configuration whether or not it changed since the
     /// start read it (tables to set up, a reload in between).
     first_turn: bool,
@@ -148,6 +150,7 @@ impl SyncLoop {
             to_set_up,
             ownership,
             adding: Vec::new(),
+            finishing: Vec::new(),
             bell_armed: false,
             context,
             tables,
