@@ -38,9 +38,14 @@ pub(crate) enum InstallStatus {
 }
 
 /// Creates or updates the shared capture objects (schema, doorbell, functions). Idempotent.
+/// One at a time (the file runs as one transaction, under a lock): setups running side by side
+/// (a reload adding several tables, two processes) would otherwise replace the same functions
+/// at once and fail with "tuple concurrently updated".
 pub(crate) async fn install_objects(client: &impl GenericClient) -> Result<()> {
     client
-        .batch_execute(CAPTURE_SQL)
+        .batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock(hashtext('rowsync.capture'));\n{CAPTURE_SQL}"
+        ))
         .await
         .context(DatabaseRole::Source, || "installing sql/capture.sql".into())
 }
