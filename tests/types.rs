@@ -217,6 +217,51 @@ async fn type_pairs_convert_identity_columns_are_written_and_keys_of_any_collati
     .await;
 }
 
+/// A key changed to a value its type calls equal to the old one (an email's case under
+/// `citext`, numeric `1.0` to `1.00`, float `-0` to `0`, a jsonb number's scale) reaches the
+/// target as the source writes it: before, the upsert matched the target row by the old key and
+/// wrote only the other columns, so the target kept the old key for good, `verify` reported the
+/// row twice and `repair` could not fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_changed_to_an_equal_value_written_differently_reaches_the_target() {
+    let ddl = "CREATE EXTENSION citext;
+        CREATE TABLE accounts (email citext PRIMARY KEY, name text);
+        CREATE TABLE prices (amount numeric PRIMARY KEY, note text);
+        CREATE TABLE points (x float8 PRIMARY KEY);
+        CREATE TABLE docs (doc jsonb PRIMARY KEY, v int);";
+    let pair = Pair::new(ddl).await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO accounts VALUES ('ann@example.com', 'Ann'), ('bob@example.com', 'Bob');
+             INSERT INTO prices VALUES (1.0, 'one'), (2.5, 'two and a half');
+             INSERT INTO points VALUES ('-0'), (1);
+             INSERT INTO docs VALUES ('{\"n\": 1.0}', 1);",
+        )
+        .await
+        .unwrap();
+    let tables = "accounts,prices,points,docs";
+    let env = [("SYNC_TABLES", tables)];
+    let output = pair.rowsync(&["setup"], &env);
+    assert!(output.status.success(), "{output:?}");
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(&pair).await;
+    source
+        .batch_execute(
+            "UPDATE accounts SET email = 'Ann@Example.com' WHERE email = 'ann@example.com';
+             UPDATE prices SET amount = 1.00 WHERE amount = 1;
+             UPDATE points SET x = 0 WHERE x = 0;
+             UPDATE docs SET doc = '{\"n\": 1.00}' WHERE v = 1;",
+        )
+        .await
+        .unwrap();
+    for table in tables.split(',') {
+        pair.wait_synced(table, Duration::from_secs(20)).await;
+    }
+    let verify = pair.rowsync(&["verify"], &env);
+    assert!(verify.status.success(), "{verify:?}");
+}
+
 /// The rows of `sql` as text, for comparing a projection of two tables.
 async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client

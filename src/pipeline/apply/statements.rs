@@ -110,32 +110,33 @@ pub(crate) fn overriding(mapping: &TableMapping) -> &'static str {
 }
 
 /// `ON CONFLICT (key) DO UPDATE SET … WHERE <content differs>` for an `INSERT INTO … AS t`.
-/// Target identity columns that are `GENERATED ALWAYS` are inserted but never updated.
+/// The key columns are written too: a key the source changed to a value its type calls equal
+/// (a `citext` email's case, numeric `1.0` to `1.00`, float `-0` to `0`) matches the same target
+/// row, whose key must take the source's value all the same. Target identity columns that are
+/// `GENERATED ALWAYS` are inserted but never updated.
 pub(crate) fn on_conflict(mapping: &TableMapping) -> String {
-    let non_key: Vec<&Column> = mapping
+    let written: Vec<&Column> = mapping
         .columns
         .iter()
-        .enumerate()
-        .filter(|(i, c)| !mapping.key.contains(i) && !c.identity_always)
-        .map(|(_, c)| c)
+        .filter(|c| !c.identity_always)
         .collect();
     let key_list = mapping.target_key_list();
-    if non_key.is_empty() {
+    if written.is_empty() {
         return format!("ON CONFLICT ({key_list}) DO NOTHING");
     }
     // record_image_eq compares the stored bytes, so it works for every type (json and point have no
-    // equality operator) and treats NULL as equal to NULL.
+    // equality operator), tells `1.0` from `1.00`, and treats NULL as equal to NULL.
     format!(
         "ON CONFLICT ({key_list}) DO UPDATE SET {} \
          WHERE NOT pg_catalog.record_image_eq(ROW({}), ROW({}))",
         join(
-            non_key
+            written
                 .iter()
                 .map(|c| format!("{0} = EXCLUDED.{0}", c.target_quoted()))
         ),
-        join(non_key.iter().map(|c| format!("t.{}", c.target_quoted()))),
+        join(written.iter().map(|c| format!("t.{}", c.target_quoted()))),
         join(
-            non_key
+            written
                 .iter()
                 .map(|c| format!("EXCLUDED.{}", c.target_quoted()))
         ),
@@ -287,19 +288,21 @@ mod tests {
         );
         assert!(sql.contains(r#"s."tags"::text[]"#), "{sql}");
         assert!(
-            sql.contains(r#"ON CONFLICT ("id") DO UPDATE SET "Name" = EXCLUDED."Name""#),
+            sql.contains(
+                r#"ON CONFLICT ("id") DO UPDATE SET "id" = EXCLUDED."id", "Name" = EXCLUDED."Name""#
+            ),
             "{sql}"
         );
         assert!(
             sql.contains(
-                r#"record_image_eq(ROW(t."Name", t."tags"), ROW(EXCLUDED."Name", EXCLUDED."tags"))"#
+                r#"record_image_eq(ROW(t."id", t."Name", t."tags"), ROW(EXCLUDED."id", EXCLUDED."Name", EXCLUDED."tags"))"#
             ),
             "{sql}"
         );
     }
 
     #[test]
-    fn key_only_tables_do_nothing_on_conflict() {
+    fn key_only_tables_write_their_keys_on_conflict() {
         let m = mapping(
             &[
                 ("a", "integer", Transfer::Binary),
@@ -309,9 +312,9 @@ mod tests {
         );
         let statements = ApplyStatements::new(&m);
         assert!(
-            statements
-                .upsert
-                .contains(r#"ON CONFLICT ("b", "a") DO NOTHING"#),
+            statements.upsert.contains(
+                r#"ON CONFLICT ("b", "a") DO UPDATE SET "a" = EXCLUDED."a", "b" = EXCLUDED."b""#
+            ),
             "{}",
             statements.upsert
         );
