@@ -262,6 +262,67 @@ async fn a_key_changed_to_an_equal_value_written_differently_reaches_the_target(
     assert!(verify.status.success(), "{verify:?}");
 }
 
+/// A column whose target type is another (here `text`) gets the same value whether its row was
+/// copied or streamed: the value's text by SQL's cast, as an assignment would store it. Before,
+/// the copy wrote the type's output (`t`, `10.0.0.1`, a padded `char(5)`, an `xml` without its
+/// declaration) and the stream the cast (`true`, `10.0.0.1/32`, ...), so the target depended on
+/// which path last wrote a row, `verify` flagged the copied rows and `resync` undid `repair`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_converted_to_another_type_is_the_same_whether_copied_or_streamed() {
+    let pair = Pair::with_ddl(
+        "CREATE TABLE conv (id int PRIMARY KEY, b boolean, i inet, c char(5), x xml, m macaddr);",
+        "CREATE TABLE conv (id int PRIMARY KEY, b text, i text, c varchar(10), x text, m text);",
+    )
+    .await;
+    let source = pair.source().await;
+    let values = "true, '10.0.0.1', 'ab', '<?xml version=\"1.0\"?><a/>', '08:00:2b:01:02:03'";
+    source
+        .batch_execute(&format!("INSERT INTO conv VALUES (1, {values})"))
+        .await
+        .unwrap();
+    let env = [("SYNC_TABLES", "conv")];
+    let output = pair.rowsync(&["setup"], &env);
+    assert!(output.status.success(), "{output:?}");
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(&pair).await;
+    source
+        .batch_execute(&format!("INSERT INTO conv VALUES (2, {values})"))
+        .await
+        .unwrap();
+    let target = pair.target().await;
+    let cast = "SELECT id, concat_ws('|', b::text, i::text, c::text, x::text, m::text) FROM conv ORDER BY id";
+    let expected: Vec<(i32, String)> = [1, 2]
+        .into_iter()
+        .map(|id| {
+            (
+                id,
+                "true|10.0.0.1/32|ab|<?xml version=\"1.0\"?><a/>|08:00:2b:01:02:03".to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(id_and_text(&source, cast).await, expected);
+    pair.wait(
+        "both rows in the target",
+        Duration::from_secs(20),
+        || async { count(&target, "SELECT count(*) FROM conv").await == 2 },
+    )
+    .await;
+    assert_eq!(id_and_text(&target, cast).await, expected);
+    let verify = pair.rowsync(&["verify"], &env);
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+/// `(id, text)` rows of `sql`.
+async fn id_and_text(client: &tokio_postgres::Client, sql: &str) -> Vec<(i32, String)> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// The rows of `sql` as text, for comparing a projection of two tables.
 async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client

@@ -13,7 +13,7 @@
 //! several changes of one key collapse into one write.
 
 use crate::catalog::ident::quote;
-use crate::catalog::mapping::{Column, Journal, TableMapping, Transfer, join, key_record};
+use crate::catalog::mapping::{Column, Journal, TableMapping, join, key_record};
 use crate::config::DatabaseRole;
 
 /// Where things are in a row of the change query.
@@ -66,16 +66,6 @@ impl ChangeQueries {
     /// The change query, with each row's key as JSON when `keyed` (see [`change_query`]).
     pub(crate) fn changes(&self, keyed: bool) -> &str {
         if keyed { &self.keyed } else { &self.plain }
-    }
-}
-
-/// How a column of the source table as `alias` is selected so that the target can take it (see
-/// [`Transfer`]; a computed column's value is already cast).
-fn select_expr(alias: &str, column: &Column) -> String {
-    let value = column.source_ref(alias);
-    match column.transfer {
-        Transfer::Text if column.expression.is_none() => format!("{value}::text"),
-        _ => value,
     }
 }
 
@@ -145,14 +135,14 @@ pub(crate) fn change_query(mapping: &TableMapping, journal: &Journal, keyed: boo
             .columns
             .iter()
             .enumerate()
-            .map(|(j, c)| format!("{} AS c{j}", select_expr("s", c))),
+            .map(|(j, c)| format!("{} AS c{j}", c.sent_ref("s"))),
     );
     format!(
         "WITH c AS ({changed}) \
          SELECT t.rowsync_present IS NOT NULL, {key_json}, {key_values}, {columns} \
            FROM c LEFT JOIN LATERAL (SELECT true AS rowsync_present, {projection} FROM {source} s \
                                      WHERE {join_on}{filter} OFFSET 0) t ON true",
-        key_values = join(keys.iter().map(|k| select_expr("c", k))),
+        key_values = join(keys.iter().map(|k| k.sent_ref("c"))),
         columns = join((0..mapping.columns.len()).map(|j| format!("t.c{j}"))),
         filter = mapping.and_filter(),
     )
@@ -169,8 +159,8 @@ pub(crate) fn full_table_query(mapping: &TableMapping) -> String {
     format!(
         "SELECT true, pg_catalog.jsonb_build_object({key_json}), {key_values}, {columns} \
            FROM {source} t WHERE true{filter}",
-        key_values = join(keys.iter().map(|k| select_expr("t", k))),
-        columns = join(mapping.columns.iter().map(|c| select_expr("t", c))),
+        key_values = join(keys.iter().map(|k| k.sent_ref("t"))),
+        columns = join(mapping.columns.iter().map(|c| c.sent_ref("t"))),
         source = mapping.source.quoted(),
         filter = mapping.and_filter(),
     )
@@ -219,6 +209,7 @@ fn quote_literal(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::catalog::ident::QualifiedName;
+    use crate::catalog::mapping::Transfer;
 
     fn journal() -> Journal {
         Journal {

@@ -88,6 +88,19 @@ impl Column {
         }
     }
 
+    /// The column's value as rowsync sends it to the target, in every path (the copy, the stream,
+    /// sweeps, repairs): [`Column::source_ref`], and for a [`Transfer::Text`] column its text by
+    /// SQL's cast (`true`, `10.0.0.1/32`, a `char(n)` without its padding), which is what an
+    /// assignment to a text column would store; not the type's output (`t`, `10.0.0.1`), which is
+    /// what COPY would write.
+    pub(crate) fn sent_ref(&self, alias: &str) -> String {
+        let value = self.source_ref(alias);
+        match self.transfer {
+            Transfer::Text if self.expression.is_none() => format!("{value}::text"),
+            _ => value,
+        }
+    }
+
     /// What the target takes for this column, from the text `value` a [`Transfer::Text`] column
     /// arrives as: cast to the column's type (through the computed value's own type, if any).
     pub(crate) fn cast_text(&self, value: &str) -> String {

@@ -284,7 +284,8 @@ async fn pipe(
     } else {
         ""
     };
-    let selected = join(mapping.columns.iter().map(|c| c.source_ref("s")));
+    // As the stream sends them: a row copied and the same row streamed are the same target row.
+    let selected = join(mapping.columns.iter().map(|c| c.sent_ref("s")));
     let rows: CopyOutStream = tx
         .source
         .copy_out(&format!(
