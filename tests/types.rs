@@ -242,10 +242,7 @@ async fn a_key_changed_to_an_equal_value_written_differently_reaches_the_target(
         .unwrap();
     let tables = "accounts,prices,points,docs";
     let env = [("SYNC_TABLES", tables)];
-    let output = pair.rowsync(&["setup"], &env);
-    assert!(output.status.success(), "{output:?}");
-    let daemon = pair.spawn(&env);
-    daemon.wait_listening(&pair).await;
+    let _daemon = set_up_and_run(&pair, &env).await;
     source
         .batch_execute(
             "UPDATE accounts SET email = 'Ann@Example.com' WHERE email = 'ann@example.com';
@@ -281,10 +278,7 @@ async fn a_value_converted_to_another_type_is_the_same_whether_copied_or_streame
         .await
         .unwrap();
     let env = [("SYNC_TABLES", "conv")];
-    let output = pair.rowsync(&["setup"], &env);
-    assert!(output.status.success(), "{output:?}");
-    let daemon = pair.spawn(&env);
-    daemon.wait_listening(&pair).await;
+    let _daemon = set_up_and_run(&pair, &env).await;
     source
         .batch_execute(&format!("INSERT INTO conv VALUES (2, {values})"))
         .await
@@ -310,6 +304,56 @@ async fn a_value_converted_to_another_type_is_the_same_whether_copied_or_streame
     assert_eq!(id_and_text(&target, cast).await, expected);
     let verify = pair.rowsync(&["verify"], &env);
     assert!(verify.status.success(), "{verify:?}");
+}
+
+/// A source `timestamp` or `date` into a target `timestamptz` is taken as UTC, in every path and
+/// in `verify`, whatever the target server's time zone: before, the writes cast it in the target
+/// session's zone and verify in UTC, so such a table never verified and repair could not fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_into_a_timestamptz_is_taken_as_utc_whatever_the_target_zone() {
+    let pair = Pair::with_ddl(
+        "CREATE TABLE stamps (id int PRIMARY KEY, at timestamp, day date);",
+        "CREATE TABLE stamps (id int PRIMARY KEY, at timestamptz, day timestamptz);",
+    )
+    .await;
+    let target = pair.target().await;
+    target
+        .batch_execute("ALTER DATABASE app SET timezone = 'America/New_York'")
+        .await
+        .unwrap();
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO stamps VALUES (1, '2020-01-01 00:00:00', '2020-06-01'), (2, 'infinity', NULL)",
+        )
+        .await
+        .unwrap();
+    let env = [("SYNC_TABLES", "stamps")];
+    let _daemon = set_up_and_run(&pair, &env).await;
+    source
+        .batch_execute("INSERT INTO stamps VALUES (3, '2021-07-04 12:30:00.5', '2021-07-04')")
+        .await
+        .unwrap();
+    let as_source = "SELECT id, concat_ws('|', at::text, day::text) FROM stamps ORDER BY id";
+    let as_target = "SELECT id, concat_ws('|', (at AT TIME ZONE 'UTC')::text, (day AT TIME ZONE 'UTC')::date::text) FROM stamps ORDER BY id";
+    let expected = id_and_text(&source, as_source).await;
+    pair.wait("the streamed row", Duration::from_secs(20), || async {
+        count(&target, "SELECT count(*) FROM stamps").await == 3
+    })
+    .await;
+    let fresh = crate::harness::connect(&pair.target_url()).await;
+    assert_eq!(id_and_text(&fresh, as_target).await, expected);
+    let verify = pair.rowsync(&["verify"], &env);
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+/// `rowsync setup`, which must succeed, then the daemon, listening.
+async fn set_up_and_run(pair: &Pair, env: &[(&str, &str)]) -> crate::harness::Daemon {
+    let output = pair.rowsync(&["setup"], env);
+    assert!(output.status.success(), "{output:?}");
+    let daemon = pair.spawn(env);
+    daemon.wait_listening(pair).await;
+    daemon
 }
 
 /// `(id, text)` rows of `sql`.

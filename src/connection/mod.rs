@@ -116,6 +116,13 @@ pub(crate) fn session_config(
             .max(1),
         instance(),
     );
+    // On the target, TimeZone=UTC: a source `timestamp` (or `date`) written into a target
+    // `timestamptz` is taken as UTC, as `verify` compares it, whatever the target's own zone.
+    // (timestamptz values travel with their offset and are exact either way.)
+    let ours = match db.role {
+        DatabaseRole::Target => format!("{ours} -c TimeZone=UTC"),
+        DatabaseRole::Source => ours,
+    };
     let options = match config.get_options() {
         Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
         _ => ours,
