@@ -369,6 +369,42 @@ async fn xml_documents_with_a_declaration_verify() {
     assert!(verify.status.success(), "{verify:?}");
 }
 
+/// A row the target rejects during the initial copy is isolated and recorded, and the log names
+/// no value of it: PostgreSQL's message quotes the value (`invalid input value for enum mood:
+/// "..."`), so the log line has the SQLSTATE only and sync_errors the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_target_rejects_in_the_copy_is_recorded_and_not_logged() {
+    let pair = Pair::with_ddl(
+        "CREATE TABLE moods (id int PRIMARY KEY, mood text);",
+        "CREATE TYPE mood AS ENUM ('ok'); CREATE TABLE moods (id int PRIMARY KEY, mood mood);",
+    )
+    .await;
+    let source = pair.source().await;
+    source
+        .batch_execute("INSERT INTO moods VALUES (1, 'ok'), (2, 'private-label')")
+        .await
+        .unwrap();
+    let output = pair.rowsync(&["setup"], &[("SYNC_TABLES", "moods")]);
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("copying row by row"), "{printed}");
+    assert!(!printed.contains("private-label"), "{printed}");
+    let target = pair.target().await;
+    let message: String = target
+        .query_one(
+            "SELECT error_message FROM sync_errors WHERE record_id = '2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(message.contains("private-label"), "{message}");
+}
+
 /// `rowsync setup`, which must succeed, then the daemon, listening.
 async fn set_up_and_run(pair: &Pair, env: &[(&str, &str)]) -> crate::harness::Daemon {
     let output = pair.rowsync(&["setup"], env);

@@ -89,9 +89,11 @@ pub(crate) async fn copy_table(
             source,
             ..
         }) if policy::decide_driver(&source).action == Action::IsolateRow => {
+            // Not the server's message: it quotes the value (`invalid input value for enum
+            // mood: "nope"`), and logs carry no row contents. sync_errors has the message.
             tracing::warn!(
                 table = %mapping.name(),
-                error = %crate::error::chain(&source),
+                sqlstate = source.code().map(|c| c.code()).unwrap_or(""),
                 "the target rejected a row during COPY; copying row by row to isolate it"
             );
             progress.restart();
