@@ -52,6 +52,11 @@ pub(crate) struct ChangeQueries {
     plain: String,
     keyed: String,
     pub(crate) cleanup: String,
+    /// Locks the table and its journal (ACCESS SHARE) before the batch takes its snapshot: a
+    /// migration that rewrites either (`ALTER COLUMN … TYPE`, rowsync's own journal adaptation)
+    /// must not commit between the snapshot and the read. A rewrite is not MVCC-safe: a snapshot
+    /// older than it sees the table empty, and every journaled key would look deleted.
+    pub(crate) lock: String,
 }
 
 impl ChangeQueries {
@@ -60,6 +65,7 @@ impl ChangeQueries {
             plain: change_query(mapping, journal, false),
             keyed: change_query(mapping, journal, true),
             cleanup: journal_cleanup(journal),
+            lock: snapshot_lock(mapping, journal),
         }
     }
 
@@ -67,6 +73,16 @@ impl ChangeQueries {
     pub(crate) fn changes(&self, keyed: bool) -> &str {
         if keyed { &self.keyed } else { &self.plain }
     }
+}
+
+/// `LOCK TABLE <source>, <journal> IN ACCESS SHARE MODE` (see [`ChangeQueries::lock`]). LOCK
+/// takes no snapshot itself, so a REPEATABLE READ transaction's snapshot comes after it.
+pub(crate) fn snapshot_lock(mapping: &TableMapping, journal: &Journal) -> String {
+    format!(
+        "LOCK TABLE {}, {} IN ACCESS SHARE MODE",
+        mapping.source.quoted(),
+        journal.quoted()
+    )
 }
 
 /// The change query for a table. With `keyed`, each row carries its key as a JSON object

@@ -455,7 +455,7 @@ impl TableSync {
             return Ok(BatchOutcome::Nothing);
         }
         let mut source = pools.source().await?;
-        let read = open_read(&mut source, self.limit, &name).await?;
+        let read = open_read(&mut source, self.limit, &name, &self.queries.lock).await?;
         let outcome = match self.apply(pools, &read, &prev, &request).await? {
             Applied::Committed(outcome) => outcome,
             Applied::Nothing => {
@@ -801,12 +801,18 @@ async fn open_read<'a>(
     source: &'a mut Object,
     limit: Duration,
     table: &str,
+    lock: &str,
 ) -> Result<SourceRead<'a>> {
     let stx = source
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .start()
         .within(limit, SOURCE, || format!("starting a batch of {table}"))
+        .await?;
+    // The lock first, then the snapshot (see ChangeQueries::lock). Before the snapshot query is
+    // even parsed: parsing a query takes the transaction's snapshot too.
+    stx.batch_execute(lock)
+        .within(limit, SOURCE, || format!("locking {table} for a batch"))
         .await?;
     let taken_at = SystemTime::now();
     // Statements of the hot path are prepared once per pooled session.

@@ -176,6 +176,15 @@ impl CopySessions {
             .batch_execute(&copy_session())
             .within(limit, SOURCE, || "lifting the statement timeout".into())
             .await?;
+        // A rewrite of the table committed after the snapshot would make it look empty (see
+        // ChangeQueries::lock): the lock comes first.
+        source
+            .batch_execute(&crate::pipeline::changes::snapshot_lock(
+                mapping,
+                mapping.journal()?,
+            ))
+            .within(limit, SOURCE, || format!("locking {}", mapping.source))
+            .await?;
         let snapshot: PgSnapshot = source
             .query_one(PgSnapshot::CURRENT, &[])
             .within(limit, SOURCE, || "taking the copy snapshot".into())
