@@ -466,6 +466,11 @@ label = "'#' || id"
 /// `rowsync setup` with this mapping file must exit 2 with one line naming the file, the entry
 /// and `expected`, and write nothing into either database.
 async fn refused(pair: &Pair, file_text: &str, expected: &str) {
+    refused_at(pair, file_text, expected, 1).await;
+}
+
+/// As [`refused`], naming entry `entry` of the file.
+async fn refused_at(pair: &Pair, file_text: &str, expected: &str, entry: usize) {
     let file = mapping_file(pair, file_text);
     for command in ["setup", "run"] {
         let output = pair.rowsync(&[command], &[("SYNC_CONFIG", file.as_str())]);
@@ -484,7 +489,7 @@ async fn refused(pair: &Pair, file_text: &str, expected: &str) {
             .find(|l| l.starts_with("error:"))
             .unwrap_or_else(|| panic!("no error line: {stderr}"));
         assert!(
-            line.contains(&file) && line.contains("[[table]] 1"),
+            line.contains(&file) && line.contains(&format!("[[table]] {entry}")),
             "{line}"
         );
         assert!(
@@ -597,6 +602,13 @@ async fn every_mapping_error_is_a_configuration_error_before_anything_is_written
     ];
     for (text, expected) in cases {
         refused(&pair, &text, expected).await;
+    }
+    // One target table named two ways: the second entry's copy would delete the first's rows.
+    for text in [
+        "[[table]]\nsource = \"users\"\nfilter = \"id < 10\"\n[[table]]\nsource = \"public.users\"\nfilter = \"id >= 10\"\n",
+        "[[table]]\nsource = \"users\"\ntarget = \"users\"\n[[table]]\nsource = \"public.users\"\ntarget = \"public.users\"\nexclude = [\"age\"]\n",
+    ] {
+        refused_at(&pair, text, "two entries cannot write one table", 2).await;
     }
     // Both ways of naming tables at once.
     let file = mapping_file(&pair, &entry(""));

@@ -131,6 +131,16 @@ pub(crate) async fn validate(pools: &Pools, tables: &[TableSpec]) -> Result<Vec<
     let mut mappings: Vec<TableMapping> = Vec::new();
     for spec in tables.iter().filter(|t| t.origin.is_some()) {
         let mapping = load_mapping_pooled(pools, spec).await?;
+        // The file's check compares names as written; `users` and `public.users` are one table.
+        if let Some(other) = mappings.iter().find(|m| m.target == mapping.target) {
+            return Err(spec
+                .problem(format!(
+                    "target {} is already the target of {}: two entries cannot write one table",
+                    mapping.target,
+                    other.name()
+                ))
+                .into());
+        }
         // One journal per source table, keyed one way.
         if let Some(other) = mappings.iter().find(|m| m.source == mapping.source) {
             let names =
