@@ -147,6 +147,64 @@ async fn cut_then_refused_target_connections_lose_nothing() {
     );
 }
 
+/// With the target out of reach, the only process has lost its lock session and applies
+/// nothing: `/health` says so (critical `lock_session`, 503), not "standing by: another rowsync
+/// process is active". Before, it answered 200 HEALTHY as a standby for as long as the outage
+/// lasted. Once the target is back, the check clears and the changes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_out_of_reach_is_reported_unhealthy_not_standing_by() {
+    let pair = Pair::new(USERS).await;
+    seed_users(&pair.source().await, 20).await;
+    pair.setup();
+    let proxy = Proxy::start(pair.target.port()).await;
+    let url = proxy.url("app");
+    let port = crate::harness::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = pair.spawn(&[
+        ("TARGET_DATABASE_URL", &url),
+        ("HEALTH_ADDR", &addr),
+        ("RETRY_MAX_DELAY", "1000"),
+    ]);
+    daemon.wait_listening(&pair).await;
+    proxy.cut();
+    proxy.refuse();
+    pair.wait_logged(
+        &daemon,
+        "the lead to be lost",
+        "lost the leader lock",
+        Duration::from_secs(30),
+    )
+    .await;
+    pair.wait(
+        "the lock_session check to fail",
+        Duration::from_secs(20),
+        || async { crate::harness::health(port).await.1["checks"]["lock_session"]["ok"] == false },
+    )
+    .await;
+    let (code, body) = crate::harness::health(port).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["status"], "UNHEALTHY", "{body}");
+    assert!(
+        !body
+            .to_string()
+            .contains("another rowsync process is active"),
+        "{body}"
+    );
+    pair.source()
+        .await
+        .batch_execute("UPDATE users SET status = 'during the outage' WHERE name LIKE 'user-1%'")
+        .await
+        .unwrap();
+    proxy.heal().await;
+    pair.wait_synced("users", Duration::from_secs(60)).await;
+    pair.wait(
+        "the lock_session check to clear",
+        Duration::from_secs(20),
+        || async { crate::harness::health(port).await.1["checks"]["lock_session"]["ok"] == true },
+    )
+    .await;
+}
+
 /// A black hole: connections accepted, nothing ever answered, no reset. Only timeouts can tell.
 async fn black_hole_scenario(through_source: bool) {
     let pair = Pair::new(USERS).await;

@@ -111,6 +111,7 @@ pub(crate) fn evaluate(
             evaluated.push(divergence(figures, settings.repair_automatically));
         }
     }
+    evaluated.push(lock_session(figures, now));
     evaluated.push(error_rate(figures));
     evaluated.push(consecutive_failures(figures));
     evaluated.extend(
@@ -155,6 +156,36 @@ pub(crate) fn evaluate(
         role: figures.role,
         checks,
         recommendations,
+    }
+}
+
+/// Whether this process has its lock session on the target: without it, it holds and applies
+/// no table, whatever its role, and a standby cannot take over. Critical: nothing is applied by
+/// this process, and if it is the only one, by nobody.
+fn lock_session(figures: &Figures, now: SystemTime) -> Evaluated {
+    let down_for = figures
+        .lock_unreachable
+        .as_ref()
+        .map(|(since, error)| (now.duration_since(*since).unwrap_or_default(), error));
+    Evaluated {
+        name: "lock_session",
+        check: Check {
+            ok: down_for.is_none(),
+            severity: Severity::Critical,
+            value: json!(down_for.map(|(d, _)| d.as_secs_f64())),
+            threshold: json!(null),
+            message: match down_for {
+                None => "connected to the target for the table locks".into(),
+                Some((d, error)) => format!(
+                    "cannot reach the target for the table locks for {:.0} s: {error}",
+                    d.as_secs_f64()
+                ),
+            },
+        },
+        advice: "This process cannot reach the target database, so it applies nothing (and \
+                 cannot take over from another): check that the target server is up and \
+                 reachable; rowsync reconnects by itself."
+            .into(),
     }
 }
 

@@ -165,6 +165,10 @@ pub(crate) struct Figures {
     pub yielded: Duration,
     /// Active sessions on the source at the last look (rowsync's own not counted).
     pub source_active_sessions: Option<u32>,
+    /// Since when, and why, this process cannot open its lock session on the target (so holds
+    /// and applies no table, whatever its role says). None while it can.
+    #[serde(skip)]
+    pub lock_unreachable: Option<(SystemTime, String)>,
 }
 
 /// What the daemon's last verification of a table found.
@@ -250,6 +254,7 @@ impl Telemetry {
                     yielding: None,
                     yielded: Duration::ZERO,
                     source_active_sessions: None,
+                    lock_unreachable: None,
                 },
                 recent: VecDeque::new(),
             }),
@@ -333,6 +338,16 @@ impl Telemetry {
 
     pub(crate) fn set_role(&self, role: Role) {
         self.lock().figures.role = role;
+    }
+
+    /// The lock session on the target could not be opened (`error`), or could again (None).
+    pub(crate) fn lock_session(&self, error: Option<String>) {
+        let figures = &mut self.lock().figures;
+        figures.lock_unreachable = match (error, figures.lock_unreachable.take()) {
+            (None, _) => None,
+            (Some(error), Some((since, _))) => Some((since, error)),
+            (Some(error), None) => Some((SystemTime::now(), error)),
+        };
     }
 
     pub(crate) fn set_owners(&self, owners: BTreeMap<String, String>) {

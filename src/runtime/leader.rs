@@ -135,13 +135,16 @@ pub(crate) async fn acquire(
             shutdown,
             || open_lock_session(&connector, &config, limits),
             |error, _, delay| {
-                warn!(error = %crate::error::chain(error), retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
+                let error = crate::error::chain(error);
+                warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
+                telemetry.lock_session(Some(error));
             },
         )
         .await?;
         let Some(session) = session else {
             return Ok(None);
         };
+        telemetry.lock_session(None);
         let mut claims = Claims::default();
         loop {
             telemetry.beat();
@@ -182,7 +185,9 @@ pub(crate) async fn acquire(
                     }
                 }
                 Err(err) => {
-                    warn!(error = %crate::error::chain(&err), "the leader lock session failed; reconnecting");
+                    let error = crate::error::chain(&err);
+                    warn!(error = %error, "the leader lock session failed; reconnecting");
+                    telemetry.lock_session(Some(error));
                     break;
                 }
             }
