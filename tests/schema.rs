@@ -68,6 +68,39 @@ async fn a_column_added_to_both_sides_is_synced_with_the_rows_changed_meanwhile(
     );
 }
 
+/// A column the target added first with a default, then the source without one: the target's
+/// rows holding the default are written again with the source's NULL. Before, only the rows
+/// whose new source column was not NULL were read again (none), and every target row kept the
+/// target's default for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_the_target_added_first_with_a_default_takes_the_source_values() {
+    // No look-back: it would re-read the freshly seeded rows anyway.
+    let (pair, _daemon) = Pair::running(
+        50,
+        &[
+            ("SYNC_INTERVAL_MINUTES", "0.05"),
+            ("SYNC_LOOKBACK", "never"),
+        ],
+    )
+    .await;
+    let source = pair.source().await;
+    let target = pair.target().await;
+    target
+        .batch_execute("ALTER TABLE users ADD COLUMN tier text DEFAULT 'free'")
+        .await
+        .unwrap();
+    // A sweep sees the target-only column (left alone), then the source adds it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    source
+        .batch_execute(
+            "ALTER TABLE users ADD COLUMN tier text;
+             UPDATE users SET tier = 'gold' WHERE name = 'user-1';",
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("users", Duration::from_secs(30)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_widened_column_and_a_column_dropped_from_the_source_keep_the_rest_syncing() {
     let (pair, _daemon) = Pair::running(100, &[]).await;

@@ -348,11 +348,35 @@ impl TableSync {
         if added.is_empty() {
             return Ok(());
         }
-        let condition = added
-            .iter()
-            .map(|c| format!("{} IS NOT NULL", c.source_ref("s")))
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        // Target rows holding values in the new columns (a default of a column the target added
+        // first) must be written again too, and the source cannot tell which: then every row.
+        let target_has_values = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} t WHERE {})",
+            self.mapping.target.quoted(),
+            added
+                .iter()
+                .map(|c| format!("{} IS NOT NULL", c.target_ref("t")))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        );
+        let target = pools.target().await?;
+        let everything: bool = target
+            .query_one(&target_has_values, &[])
+            .within(self.limit, TARGET, || {
+                format!("looking at the new columns of {name} in the target")
+            })
+            .await?
+            .get(0);
+        drop(target);
+        let condition = if everything {
+            "true".to_string()
+        } else {
+            added
+                .iter()
+                .map(|c| format!("{} IS NOT NULL", c.source_ref("s")))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
         let journaled = self
             .journal_rows(pools, &condition, "with values in new columns")
             .await?;
