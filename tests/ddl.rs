@@ -371,3 +371,45 @@ async fn a_table_rewrite_while_changes_are_applied_deletes_nothing_in_the_target
     }
     assert!(daemon.is_running(), "{}", daemon.log_text());
 }
+
+/// Another primary key on both sides while the daemon runs, then `rowsync resync` (as the README
+/// says): the daemon reads the table's mapping again and applies it by the new key. Before, it
+/// kept the statements of the old key and failed ("column j.id does not exist") until a restart,
+/// and changes after the resync never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_primary_key_then_a_resync_is_followed_by_the_running_daemon() {
+    let ddl = "CREATE TABLE codes (id int PRIMARY KEY, code text NOT NULL UNIQUE, v text);";
+    let pair = Pair::new(ddl).await;
+    let source = pair.source().await;
+    source
+        .batch_execute(
+            "INSERT INTO codes SELECT g, 'c' || g, 'v' || g FROM generate_series(1, 30) g",
+        )
+        .await
+        .unwrap();
+    let env = [("SYNC_TABLES", "codes"), ("RETRY_MAX_DELAY", "1000")];
+    let output = pair.rowsync(&["setup"], &env);
+    assert!(output.status.success(), "{output:?}");
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(&pair).await;
+    let target = pair.target().await;
+    for db in [&source, &target] {
+        db.batch_execute("ALTER TABLE codes DROP CONSTRAINT codes_pkey, ADD PRIMARY KEY (code)")
+            .await
+            .unwrap();
+    }
+    source
+        .batch_execute("UPDATE codes SET v = 'during' WHERE id <= 5")
+        .await
+        .unwrap();
+    let resync = pair.rowsync(&["resync", "codes"], &env);
+    assert!(resync.status.success(), "{resync:?}");
+    source
+        .batch_execute(
+            "UPDATE codes SET v = 'after the resync' WHERE id > 25; DELETE FROM codes WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    pair.wait_synced("codes", Duration::from_secs(30)).await;
+    assert!(daemon.is_running(), "{}", daemon.log_text());
+}
