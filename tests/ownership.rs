@@ -79,6 +79,16 @@ fn instance_of(daemon: &Daemon) -> String {
 
 /// A daemon syncing `list` with a health port, once `/status` says it owns `tables` (within
 /// `seconds`): the daemon, its port and its instance name.
+/// `rowsync setup` of `list`, which must succeed.
+fn set_up(pair: &Pair, list: &str) {
+    let setup = pair.rowsync(&["setup"], &[("SYNC_TABLES", list)]);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+}
+
 async fn spawn_owning(
     pair: &Pair,
     list: &str,
@@ -242,13 +252,7 @@ async fn three_processes_split_overlapping_lists_and_take_over_each_others_table
 async fn a_lock_held_by_a_repair_is_not_a_process_to_hand_tables_to() {
     let pair = Pair::new(&ddl()).await;
     let list = TABLES.join(",");
-    let env = [("SYNC_TABLES", list.as_str())];
-    let setup = pair.rowsync(&["setup"], &env);
-    assert!(
-        setup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    set_up(&pair, &list);
     let holder = pair.target().await;
     let lock = "SELECT pg_advisory_lock(hashtext('rowsync.table'), hashtext(to_regclass('t4')::oid::text))";
     holder.execute(lock, &[]).await.unwrap();
@@ -343,4 +347,40 @@ async fn a_rowsync_of_another_database_on_the_target_server_holds_none_of_these_
         daemon.log_text()
     );
     drop(others);
+}
+
+/// A second process that cannot reach the source takes no table: before, it was counted in the
+/// share-out, the healthy process handed it half the tables, and those stalled for as long as it
+/// lived (health green on both sides of the hand-over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_cannot_reach_the_source_is_handed_no_table() {
+    let pair = Pair::new(&ddl()).await;
+    let list = TABLES.join(",");
+    set_up(&pair, &list);
+    let (daemon, port, me) = spawn_owning(&pair, &list, &TABLES, 30).await;
+    let unreachable = format!("postgres://postgres@127.0.0.1:{}/app", free_port());
+    let blind = pair.spawn(&[
+        ("SYNC_TABLES", list.as_str()),
+        ("SOURCE_DATABASE_URL", unreachable.as_str()),
+    ]);
+    pair.wait_logged(
+        &blind,
+        "the second process to find the source out of reach",
+        "cannot reach the source",
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !daemon.log_text().contains("handing the table over"),
+        "{}",
+        daemon.log_text()
+    );
+    let owners = owners(port).await;
+    assert!(
+        TABLES
+            .iter()
+            .all(|t| owners.get(&format!("public.{t}")) == Some(&me)),
+        "{owners:?}"
+    );
 }

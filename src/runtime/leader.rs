@@ -40,7 +40,7 @@ use crate::connection::{
 };
 use crate::error::{Error, Result};
 use crate::ops::telemetry::{Role, Telemetry};
-use crate::runtime::retry::{Attempts, pause, until_ok};
+use crate::runtime::retry::{Attempts, Retrying, pause, until_ok};
 
 /// `application_name` of the lock sessions (followed by the instance).
 pub(crate) const APP_LEADER: &str = "rowsync-leader";
@@ -127,8 +127,22 @@ pub(crate) async fn acquire(
     let name = format!("{APP_LEADER} {}", instance());
     let config = with_server_keepalives(session_config(&settings.target, limits, &name));
     let connector = Connector::new(&settings.target);
+    let source = (
+        Connector::new(&settings.source),
+        session_config(&settings.source, limits, APP_LEADER),
+    );
     let mut said_standby = false;
     loop {
+        // A process that cannot read the source would be counted in the share-out, take its
+        // share of the tables and apply none of them, while the others handed them over.
+        let mut retrying = Retrying::new(&settings.retry);
+        while let Err(err) = reach(&source.0, &source.1, limits).await {
+            let (_, delay) = retrying.failed();
+            warn!(error = %crate::error::chain(&err), retry_in_ms = delay.as_millis() as u64, "cannot reach the source: taking no table until it can");
+            if !pause(delay, shutdown).await {
+                return Ok(None);
+            }
+        }
         let session = until_ok(
             &settings.retry,
             Attempts::Unlimited,
@@ -625,6 +639,23 @@ impl Watched {
 }
 
 /// Connects the lock session and learns which server session it is.
+/// Opens a session with `config` and ends it: the database answers.
+async fn reach(
+    connector: &Connector,
+    config: &tokio_postgres::Config,
+    limits: SessionLimits,
+) -> Result<()> {
+    let limit = limits.client_timeout();
+    let (client, connection) = connector
+        .connect(config)
+        .within(limit, DatabaseRole::Source, || "connecting".into())
+        .await?;
+    // Without its client the connection says goodbye to the server and ends.
+    drop(client);
+    let _ = tokio::time::timeout(limit, connection).await;
+    Ok(())
+}
+
 async fn open_lock_session(
     connector: &Connector,
     config: &tokio_postgres::Config,
