@@ -519,10 +519,20 @@ async fn a_large_journal_is_truncated_once_empty_and_never_while_a_writer_holds_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_needs_only_the_documented_privileges_on_the_source() {
-    let pair = Pair::new(USERS).await;
+    // A partitioned table too: privileges on the table, none on its partitions.
+    let events = "CREATE TABLE events (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100);
+        CREATE TABLE events_high PARTITION OF events FOR VALUES FROM (100) TO (1000);";
+    let pair = Pair::new(&format!("{USERS}{events}")).await;
     let source = pair.source().await;
     seed_users(&source, 100).await;
-    pair.setup();
+    source
+        .batch_execute("INSERT INTO events SELECT g, 'e' || g FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    let tables = ("SYNC_TABLES", "users,events");
+    let setup = pair.rowsync(&["setup"], &[tables]);
+    assert!(setup.status.success(), "{setup:?}");
     // The README's list for `run` on the source, and nothing more.
     source
         .batch_execute(
@@ -531,23 +541,27 @@ async fn run_needs_only_the_documented_privileges_on_the_source() {
              GRANT USAGE ON SCHEMA rowsync TO runner;
              GRANT SELECT ON rowsync.captured_tables TO runner;
              GRANT SELECT, DELETE ON rowsync.public_users_journal TO runner;
+             GRANT SELECT ON events TO runner;
+             GRANT SELECT, DELETE ON rowsync.public_events_journal TO runner;
              GRANT EXECUTE ON FUNCTION rowsync.arm_doorbell() TO runner;",
         )
         .await
         .unwrap();
     let runner_url = pair.source_url().replacen("postgres@", "runner@", 1);
     assert!(runner_url.contains("runner@"), "{runner_url}");
-    let daemon = pair.spawn(&[("SOURCE_DATABASE_URL", &runner_url)]);
+    let daemon = pair.spawn(&[("SOURCE_DATABASE_URL", &runner_url), tables]);
     daemon.wait_listening(&pair).await;
     source
         .batch_execute(
             "UPDATE users SET status = 'away' WHERE name LIKE 'user-1%';
              DELETE FROM users WHERE name = 'user-2';
-             INSERT INTO users (name) VALUES ('newcomer');",
+             INSERT INTO users (name) VALUES ('newcomer');
+             UPDATE events SET v = 'moved up', id = id + 500 WHERE id < 10;",
         )
         .await
         .unwrap();
     pair.wait_synced("users", Duration::from_secs(30)).await;
+    pair.wait_synced("events", Duration::from_secs(30)).await;
     assert!(
         daemon
             .log_text()
@@ -555,7 +569,7 @@ async fn run_needs_only_the_documented_privileges_on_the_source() {
         "{}",
         daemon.log_text()
     );
-    let verify = pair.rowsync(&["verify"], &[("SOURCE_DATABASE_URL", &runner_url)]);
+    let verify = pair.rowsync(&["verify"], &[("SOURCE_DATABASE_URL", &runner_url), tables]);
     assert_eq!(
         verify.status.code(),
         Some(0),

@@ -75,11 +75,13 @@ impl ChangeQueries {
     }
 }
 
-/// `LOCK TABLE <source>, <journal> IN ACCESS SHARE MODE` (see [`ChangeQueries::lock`]). LOCK
-/// takes no snapshot itself, so a REPEATABLE READ transaction's snapshot comes after it.
+/// `LOCK TABLE ONLY <source>, <journal> IN ACCESS SHARE MODE` (see [`ChangeQueries::lock`]).
+/// LOCK takes no snapshot itself, so a REPEATABLE READ transaction's snapshot comes after it.
+/// ONLY: a rewrite of a partitioned table locks the table itself too, so its partitions need no
+/// lock of their own here (a table with hundreds would take hundreds per batch).
 pub(crate) fn snapshot_lock(mapping: &TableMapping, journal: &Journal) -> String {
     format!(
-        "LOCK TABLE {}, {} IN ACCESS SHARE MODE",
+        "LOCK TABLE ONLY {}, {} IN ACCESS SHARE MODE",
         mapping.source.quoted(),
         journal.quoted()
     )
