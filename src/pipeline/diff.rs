@@ -365,15 +365,13 @@ impl Hasher {
                 && CAST_ON_SOURCE
                     .iter()
                     .any(|(s, t)| pair.0 == *s && pair.1 == *t);
-            let side_type = match side {
-                SOURCE => &c.source_type,
-                _ => &c.target_type,
-            };
+            let xml = |ty: &str| Column::plain_type(ty) == "pg_catalog.xml";
             if cast {
                 format!("{value}::text::{}::text", c.target_type)
-            } else if Column::plain_type(side_type) == "pg_catalog.xml" {
+            } else if xml(&c.source_type) && xml(&c.target_type) {
                 // xml's cast to text keeps an XML declaration that its output (and so what the
-                // target receives) drops: compare what both sides output.
+                // target receives in binary) drops: compare what both sides output. (Into another
+                // type, xml travels as its cast to text, declaration and all.)
                 format!("pg_catalog.textin(pg_catalog.xml_out({value}))")
             } else {
                 format!("{value}::text")
