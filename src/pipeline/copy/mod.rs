@@ -295,8 +295,16 @@ async fn pipe(
     } else {
         ""
     };
-    // As the stream sends them: a row copied and the same row streamed are the same target row.
-    let selected = join(mapping.columns.iter().map(|c| c.sent_ref("s")));
+    // In text, as the stream sends them: a row copied and the same row streamed are the same
+    // target row. In binary (every column of the same type on both sides, arrays and ranges
+    // included), each value as it is.
+    let selected = join(mapping.columns.iter().map(|c| {
+        if mapping.copy_binary {
+            c.source_ref("s")
+        } else {
+            c.sent_ref("s")
+        }
+    }));
     let rows: CopyOutStream = tx
         .source
         .copy_out(&format!(
