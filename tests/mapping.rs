@@ -728,3 +728,40 @@ async fn choosing_another_key_for_a_captured_table_needs_setup_and_then_keys_by_
     pair.wait_synced("members", Duration::from_secs(20)).await;
     drop(daemon);
 }
+
+/// A filter that fails every batch for a schema reason (here a setting nobody set) reads the
+/// table's mapping again once, then backs off like any failure: it does not reload, "recover"
+/// and fail again every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_failing_for_a_schema_reason_backs_off_instead_of_reloading_every_second() {
+    let pair = Pair::new(USERS).await;
+    let file = mapping_file(
+        &pair,
+        "[[table]]\nsource = \"users\"\nfilter = \"current_setting('app.tenant') = '1'\"\n",
+    );
+    let env = [
+        ("SYNC_CONFIG", file.as_str()),
+        ("RETRY_INITIAL_DELAY", "200"),
+        ("RETRY_MAX_DELAY", "2000"),
+    ];
+    // Set for setup's sessions only.
+    let with_setting = format!("{}?options=-c%20app.tenant%3D1", pair.source_url());
+    let setup = pair.rowsync(
+        &["setup"],
+        &[env[0], ("SOURCE_DATABASE_URL", with_setting.as_str())],
+    );
+    assert!(setup.status.success(), "{setup:?}");
+    let daemon = pair.spawn(&env);
+    daemon.wait_listening(&pair).await;
+    pair.source()
+        .await
+        .batch_execute("INSERT INTO users (name) VALUES ('one')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let log = daemon.log_text();
+    let reloads = log.matches("reading it again").count();
+    assert!(reloads <= 1, "{reloads} reloads: {log}");
+    let recovered = log.matches("sync recovered").count();
+    assert!(recovered <= 1, "{recovered} recoveries: {log}");
+}

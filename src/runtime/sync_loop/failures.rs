@@ -32,12 +32,16 @@ impl SyncLoop {
             self.context.pools.evict_idle();
         }
         let table = &mut self.tables[index];
-        if decision.error_type == ErrorType::SchemaMismatch && table.sync.is_some() {
+        if decision.error_type == ErrorType::SchemaMismatch
+            && table.sync.is_some()
+            && !table.reloaded_for_schema
+        {
             // The table no longer fits the mapping its statements were built for (another
             // primary key and a capture made afresh by `rowsync resync`, say, which the sweep's
             // look at the columns does not see): the next attempt reads the mapping again.
             info!(table = %table.name, "the table no longer fits its column mapping; reading it again");
             table.changed_from = table.sync.take().map(|sync| sync.mapping);
+            table.reloaded_for_schema = true;
             self.context.pools.evict_idle();
         }
         let (failures, delay) = table.failed();

@@ -335,29 +335,30 @@ impl SyncLoop {
         let Some(sync) = &mut table.sync else {
             return Ok(None);
         };
-        Ok(
-            match sync.run_batch(&self.context.pools, kind, look).await? {
-                BatchOutcome::Applied(report) => {
-                    debug!(
-                        table = %report.table,
-                        created = report.counts.created,
-                        updated = report.counts.updated,
-                        deleted = report.counts.deleted,
-                        unchanged = report.counts.unchanged,
-                        failed = report.counts.failed,
-                        duration_ms = report.duration.as_millis() as u64,
-                        "batch applied"
-                    );
-                    Some(report.counts.total())
-                }
-                BatchOutcome::Nothing => None,
-                BatchOutcome::ProgressMoved => {
-                    info!(table = %sync.name(), "progress was moved by another process; reloaded it");
-                    // Not idle: the table's batch runs again at once.
-                    Some(0)
-                }
-            },
-        )
+        let outcome = sync.run_batch(&self.context.pools, kind, look).await?;
+        // A batch went through on this mapping: a later schema failure may read it again.
+        table.reloaded_for_schema = false;
+        Ok(match outcome {
+            BatchOutcome::Applied(report) => {
+                debug!(
+                    table = %report.table,
+                    created = report.counts.created,
+                    updated = report.counts.updated,
+                    deleted = report.counts.deleted,
+                    unchanged = report.counts.unchanged,
+                    failed = report.counts.failed,
+                    duration_ms = report.duration.as_millis() as u64,
+                    "batch applied"
+                );
+                Some(report.counts.total())
+            }
+            BatchOutcome::Nothing => None,
+            BatchOutcome::ProgressMoved => {
+                info!(table = %sync.name(), "progress was moved by another process; reloaded it");
+                // Not idle: the table's batch runs again at once.
+                Some(0)
+            }
+        })
     }
 
     /// For each table, whether it is loaded and its journal holds no row at all, from one query

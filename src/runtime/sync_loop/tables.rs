@@ -29,6 +29,10 @@ pub(crate) struct Table {
     pub(super) changed_from: Option<TableMapping>,
     /// A reload added it and its setup failed: the setup (not a load) is tried again when due.
     pub(super) setup_failed: bool,
+    /// Unloaded after a schema failure, and no batch has gone through since: the next schema
+    /// failure backs off instead of reading the mapping again (which would load it, count as a
+    /// success, and start over every second).
+    pub(super) reloaded_for_schema: bool,
     retrying: Retrying,
     next_attempt: Instant,
 }
@@ -42,6 +46,7 @@ impl Table {
             earlier_name: None,
             changed_from: None,
             setup_failed: false,
+            reloaded_for_schema: false,
             retrying: Retrying::new(&context.settings.retry),
             next_attempt: Instant::now(),
         }
