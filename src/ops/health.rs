@@ -159,8 +159,9 @@ pub(crate) fn evaluate(
     }
 }
 
-/// Whether this process has its lock session on the target: without it, it holds and applies
-/// no table, whatever its role, and a standby cannot take over. Critical: nothing is applied by
+/// Whether this process has its lock session on the target (it opens none while it cannot reach
+/// the source either): without it, it holds and applies no table, whatever its role, and a
+/// standby cannot take over. Critical: nothing is applied by
 /// this process, and if it is the only one, by nobody.
 fn lock_session(figures: &Figures, now: SystemTime) -> Evaluated {
     let down_for = figures
@@ -175,16 +176,16 @@ fn lock_session(figures: &Figures, now: SystemTime) -> Evaluated {
             value: json!(down_for.map(|(d, _)| d.as_secs_f64())),
             threshold: json!(null),
             message: match down_for {
-                None => "connected to the target for the table locks".into(),
+                None => "holding its lock session on the target".into(),
                 Some((d, error)) => format!(
-                    "cannot reach the target for the table locks for {:.0} s: {error}",
+                    "no lock session for {:.0} s, so no table: {error}",
                     d.as_secs_f64()
                 ),
             },
         },
-        advice: "This process cannot reach the target database, so it applies nothing (and \
-                 cannot take over from another): check that the target server is up and \
-                 reachable; rowsync reconnects by itself."
+        advice: "This process applies nothing (and cannot take over from another) until it \
+                 reaches both databases: check that the server named in the check is up and \
+                 reachable and that rowsync's credentials work; it retries by itself."
             .into(),
     }
 }

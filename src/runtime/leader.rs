@@ -136,9 +136,16 @@ pub(crate) async fn acquire(
         // A process that cannot read the source would be counted in the share-out, take its
         // share of the tables and apply none of them, while the others handed them over.
         let mut retrying = Retrying::new(&settings.retry);
-        while let Err(err) = reach(&source.0, &source.1, limits).await {
+        loop {
+            let reached = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                reached = reach(&source.0, &source.1, limits) => reached,
+            };
+            let Err(err) = reached else { break };
             let (_, delay) = retrying.failed();
-            warn!(error = %crate::error::chain(&err), retry_in_ms = delay.as_millis() as u64, "cannot reach the source: taking no table until it can");
+            let error = crate::error::chain(&err);
+            warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot reach the source: taking no table until it can");
+            telemetry.lock_session(Some(format!("the source is out of reach: {error}")));
             if !pause(delay, shutdown).await {
                 return Ok(None);
             }
@@ -151,7 +158,7 @@ pub(crate) async fn acquire(
             |error, _, delay| {
                 let error = crate::error::chain(error);
                 warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot reach the target for the leader lock");
-                telemetry.lock_session(Some(error));
+                telemetry.lock_session(Some(format!("the target is out of reach: {error}")));
             },
         )
         .await?;
@@ -201,7 +208,7 @@ pub(crate) async fn acquire(
                 Err(err) => {
                     let error = crate::error::chain(&err);
                     warn!(error = %error, "the leader lock session failed; reconnecting");
-                    telemetry.lock_session(Some(error));
+                    telemetry.lock_session(Some(format!("the lock session failed: {error}")));
                     break;
                 }
             }
