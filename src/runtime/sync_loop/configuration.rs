@@ -38,10 +38,15 @@ impl SyncLoop {
             self.to_set_up.retain(|t| configured.contains(t));
             let (version, wanted) = self.ownership.applicable(&configured);
             let telemetry = &self.context.telemetry;
+            let to_set_up = &mut self.to_set_up;
             self.tables.retain(|table| {
                 let keep = wanted.contains(&table.reference);
                 if !keep {
                     if configured.contains(&table.reference) {
+                        if table.setup_failed {
+                            // Not set up yet: set up, not only loaded, if it comes back.
+                            to_set_up.push(table.reference.clone());
+                        }
                         info!(table = %table.name, "handed over: another rowsync process applies it now");
                     } else {
                         info!(table = %table.name, "removed from the configuration: no longer applied (its capture stays until `rowsync teardown`)");
