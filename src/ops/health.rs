@@ -161,8 +161,8 @@ pub(crate) fn evaluate(
 
 /// Whether this process has its lock session on the target (it opens none while it cannot reach
 /// the source either): without it, it holds and applies no table, whatever its role, and a
-/// standby cannot take over. Critical: nothing is applied by
-/// this process, and if it is the only one, by nobody.
+/// standby cannot take over. Critical: nothing is applied by this process, and if it is the
+/// only one, by nobody.
 fn lock_session(figures: &Figures, now: SystemTime) -> Evaluated {
     let down_for = figures
         .lock_unreachable

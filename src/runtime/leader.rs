@@ -645,7 +645,6 @@ impl Watched {
     }
 }
 
-/// Connects the lock session and learns which server session it is.
 /// Opens a session with `config` and ends it: the database answers.
 async fn reach(
     connector: &Connector,
@@ -663,6 +662,7 @@ async fn reach(
     Ok(())
 }
 
+/// Connects the lock session and learns which server session it is.
 async fn open_lock_session(
     connector: &Connector,
     config: &tokio_postgres::Config,

@@ -13,11 +13,12 @@
 use std::time::Instant;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use super::{SyncLoop, Table};
 use crate::commands::setup;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 impl SyncLoop {
     /// Applies a new table list, and takes in the tables whose setup finished.
@@ -55,13 +56,9 @@ impl SyncLoop {
                 }
                 keep
             });
-            let mut index = 0;
-            while index < self.adding.len() {
-                if wanted.contains(&self.adding[index].0.reference) {
-                    index += 1;
-                    continue;
-                }
-                let (table, setup) = self.adding.remove(index);
+            for (table, setup) in
+                take_where(&mut self.adding, |(t, _)| !wanted.contains(&t.reference))
+            {
                 telemetry.forget_table(&table.name);
                 if configured.contains(&table.reference) {
                     // Handed over: the setup finishes here (its copy moves the table's progress
@@ -75,18 +72,15 @@ impl SyncLoop {
             }
             // A setup finishing for another process stops when its table leaves the
             // configuration, and is this process's again when the table comes back to it.
-            let mut index = 0;
-            while index < self.finishing.len() {
-                let reference = &self.finishing[index].0;
-                if !configured.contains(reference) {
-                    self.finishing.remove(index).1.abort();
-                } else if wanted.contains(reference) {
-                    let (reference, setup) = self.finishing.remove(index);
+            for (reference, setup) in take_where(&mut self.finishing, |(r, _)| {
+                !configured.contains(r) || wanted.contains(r)
+            }) {
+                if configured.contains(&reference) {
                     info!(table = %reference, "taken back while its setup finishes: this process applies it once set up");
                     self.adding
                         .push((Table::new(reference, &self.context), setup));
                 } else {
-                    index += 1;
+                    setup.abort();
                 }
             }
             for reference in wanted {
@@ -118,24 +112,12 @@ impl SyncLoop {
         }
         self.finished_for_others().await;
         let now = Instant::now();
-        let mut index = 0;
-        while index < self.tables.len() {
-            if self.tables[index].setup_failed && self.tables[index].due(now) {
-                let table = self.tables.remove(index);
-                info!(table = %table.reference, "setting up the table added to the configuration again");
-                self.set_up(table);
-            } else {
-                index += 1;
-            }
+        for table in take_where(&mut self.tables, |t| t.setup_failed && t.due(now)) {
+            info!(table = %table.reference, "setting up the table added to the configuration again");
+            self.set_up(table);
         }
-        let mut index = 0;
-        while index < self.adding.len() {
-            if !self.adding[index].1.is_finished() {
-                index += 1;
-                continue;
-            }
-            let (mut table, task) = self.adding.remove(index);
-            let outcome = task.await.map_err(Error::Task).and_then(|outcome| outcome);
+        for (mut table, task) in take_where(&mut self.adding, |(_, task)| task.is_finished()) {
+            let outcome = ended(task).await;
             table.setup_failed = outcome.is_err();
             self.tables.push(table);
             let index = self.tables.len() - 1;
@@ -151,14 +133,8 @@ impl SyncLoop {
 
     /// Says how the setups of tables handed over while being set up ended.
     async fn finished_for_others(&mut self) {
-        let mut index = 0;
-        while index < self.finishing.len() {
-            if !self.finishing[index].1.is_finished() {
-                index += 1;
-                continue;
-            }
-            let (reference, task) = self.finishing.remove(index);
-            match task.await.map_err(Error::Task).and_then(|outcome| outcome) {
+        for (reference, task) in take_where(&mut self.finishing, |(_, task)| task.is_finished()) {
+            match ended(task).await {
                 Ok(()) => {
                     info!(table = %reference, "set up for the process that applies it now");
                 }
@@ -180,6 +156,20 @@ impl SyncLoop {
         });
         self.adding.push((table, task));
     }
+}
+
+/// Removes the items of `items` for which `taken` holds, and returns them, both in order.
+fn take_where<T>(items: &mut Vec<T>, mut taken: impl FnMut(&T) -> bool) -> Vec<T> {
+    let (out, kept) = std::mem::take(items)
+        .into_iter()
+        .partition(|item| taken(item));
+    *items = kept;
+    out
+}
+
+/// How a setup task ended (a panic or an abort is an error too).
+async fn ended(task: JoinHandle<Result<()>>) -> Result<()> {
+    task.await.map_err(Error::Task).and_then(|outcome| outcome)
 }
 
 /// Resolves when the configured table list (or the list of held tables) changes; never, once
