@@ -350,14 +350,17 @@ impl TableSync {
         }
         // Target rows holding values in the new columns (a default of a column the target added
         // first) must be written again too, and the source cannot tell which: then every row.
+        let any_value = |value: &dyn Fn(&Column) -> String| {
+            added
+                .iter()
+                .map(|c| format!("{} IS NOT NULL", value(c)))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
         let target_has_values = format!(
             "SELECT EXISTS (SELECT 1 FROM {} t WHERE {})",
             self.mapping.target.quoted(),
-            added
-                .iter()
-                .map(|c| format!("{} IS NOT NULL", c.target_ref("t")))
-                .collect::<Vec<_>>()
-                .join(" OR ")
+            any_value(&|c| c.target_ref("t"))
         );
         let target = pools.target().await?;
         let everything: bool = target
@@ -371,11 +374,7 @@ impl TableSync {
         let condition = if everything {
             "true".to_string()
         } else {
-            added
-                .iter()
-                .map(|c| format!("{} IS NOT NULL", c.source_ref("s")))
-                .collect::<Vec<_>>()
-                .join(" OR ")
+            any_value(&|c| c.source_ref("s"))
         };
         let journaled = self
             .journal_rows(pools, &condition, "with values in new columns")
@@ -833,22 +832,27 @@ async fn open_read<'a>(
         .start()
         .within(limit, SOURCE, || format!("starting a batch of {table}"))
         .await?;
-    // The lock first, then the snapshot (see ChangeQueries::lock). Before the snapshot query is
-    // even parsed: parsing a query takes the transaction's snapshot too.
-    stx.batch_execute(lock)
-        .within(limit, SOURCE, || format!("locking {table} for a batch"))
-        .await?;
     let taken_at = SystemTime::now();
-    // Statements of the hot path are prepared once per pooled session.
-    let current = stx
-        .prepare_cached(PgSnapshot::CURRENT)
-        .within(limit, SOURCE, || "preparing the snapshot query".into())
-        .await?;
-    let cur: PgSnapshot = stx
-        .query_one(&current, &[])
-        .within(limit, SOURCE, || "taking a snapshot".into())
-        .await?
-        .get(0);
+    // The lock first, then the snapshot (see ChangeQueries::lock), pipelined: polled in order
+    // (biased), the lock goes out first, so the server has it before the snapshot query, and before that query
+    // is even parsed (parsing takes the transaction's snapshot too). Statements of the hot path
+    // are prepared once per pooled session.
+    let snapshot = async {
+        let current = stx
+            .prepare_cached(PgSnapshot::CURRENT)
+            .within(limit, SOURCE, || "preparing the snapshot query".into())
+            .await?;
+        stx.query_one(&current, &[])
+            .within(limit, SOURCE, || "taking a snapshot".into())
+            .await
+    };
+    let ((), cur) = tokio::try_join!(
+        biased;
+        stx.batch_execute(lock)
+            .within(limit, SOURCE, || format!("locking {table} for a batch")),
+        snapshot,
+    )?;
+    let cur: PgSnapshot = cur.get(0);
     Ok(SourceRead { stx, cur, taken_at })
 }
 
