@@ -166,15 +166,7 @@ async fn a_target_out_of_reach_is_reported_unhealthy_not_standing_by() {
         ("RETRY_MAX_DELAY", "1000"),
     ]);
     daemon.wait_listening(&pair).await;
-    proxy.cut();
-    proxy.refuse();
-    pair.wait_logged(
-        &daemon,
-        "the lead to be lost",
-        "lost the leader lock",
-        Duration::from_secs(30),
-    )
-    .await;
+    pair.lose_the_target(&proxy, &daemon).await;
     pair.wait(
         "the lock_session check to fail",
         Duration::from_secs(20),

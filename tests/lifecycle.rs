@@ -265,15 +265,7 @@ async fn a_table_added_by_a_reload_while_the_target_is_out_of_reach_is_set_up_wh
     daemon.wait_listening(&pair).await;
     pair.wait_synced("a", Duration::from_secs(20)).await;
 
-    proxy.cut();
-    proxy.refuse();
-    pair.wait_logged(
-        &daemon,
-        "the lead to be lost",
-        "lost the leader lock",
-        Duration::from_secs(30),
-    )
-    .await;
+    pair.lose_the_target(&proxy, &daemon).await;
     write_dotenv(&pair, "a,b");
     daemon.signal(libc::SIGHUP);
     pair.wait_logged(

@@ -236,6 +236,20 @@ impl Pair {
             .await;
     }
 
+    /// Cuts and refuses `daemon`'s connections through `proxy` (its target) and waits until it
+    /// has lost its leader lock.
+    pub(crate) async fn lose_the_target(&self, proxy: &proxy::Proxy, daemon: &Daemon) {
+        proxy.cut();
+        proxy.refuse();
+        self.wait_logged(
+            daemon,
+            "the lead to be lost",
+            "lost the leader lock",
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+
     /// The last lines of every rowsync log of this pair, for failure messages.
     pub(crate) fn logs(&self) -> String {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
